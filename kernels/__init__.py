@@ -1,0 +1,11 @@
+"""zoo.kernels: each op is a PyTorch reference, a fast PyTorch path for the CPU and Triton
+kernels (forward and backward), behind one public function with `backend=`.
+
+This floor imports torch (and, lazily, triton) only.
+"""
+
+from .backend import BACKENDS, resolve_backend
+from .causal_conv1d import causal_conv1d
+from .rms_norm import rms_norm
+
+__all__ = ["BACKENDS", "causal_conv1d", "resolve_backend", "rms_norm"]
