@@ -1,0 +1,167 @@
+"""Softmax attention, the baseline: multi-head with grouped / multi-query KV heads, rotary
+positions as Llama computes them, PyTorch SDPA (FlashAttention on GPU), an optional sliding
+window, and the KV cache as its state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .base import Mixer, MixerState
+from .registry import register_mixer
+from .rotary import Rotary
+
+
+@dataclasses.dataclass
+class AttentionState(MixerState):
+    """The KV cache: preallocated buffers (B, capacity, H_kv, D), `length` slots filled.
+
+    Appending writes past `length` in place and returns a new state object that shares the
+    buffers, so decoding does not copy the cache each token. An older state object stays valid
+    (its slots are never overwritten) until a second branch appends from it.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+    position: int = 0  # absolute position of the next token (differs from length with a window)
+    window: int | None = None
+
+    def nbytes(self) -> int:
+        kept = self.length if self.window is None else min(self.length, self.window)
+        per_token = self.k.shape[2] * self.k.shape[3] * self.k.element_size()
+        return 2 * kept * per_token
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, : self.length], self.v[:, : self.length]
+
+
+@register_mixer("attention")
+class Attention(Mixer):
+    """Causal softmax attention. x: (B, T, d_model) -> (B, T, d_model); state: the KV cache."""
+
+    state_class = AttentionState
+    bounded = False
+    test_variants = [
+        {"n_heads": 4, "n_kv_heads": 2},
+        {"n_heads": 4, "n_kv_heads": 1, "window": 5},
+        {"n_heads": 2, "rope_theta": None, "qkv_bias": True},
+    ]
+
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int = 0,
+        *,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        rope_theta: float | None = 10000.0,
+        window: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+    ):
+        super().__init__(d_model, layer_idx)
+        n_heads = n_heads or max(1, d_model // 64)
+        n_kv_heads = n_kv_heads or n_heads
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(
+                    f"attention: d_model={d_model} is not divisible by n_heads={n_heads}; "
+                    "choose n_heads dividing d_model or set head_dim"
+                )
+            head_dim = d_model // n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(
+                f"attention: n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}"
+            )
+        if window is not None and window < 1:
+            raise ValueError(f"attention: window={window} must be a positive number of tokens")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.window = window
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.rotary = Rotary(head_dim, rope_theta) if rope_theta is not None else None
+
+    def init_state(self, batch_size, device=None, dtype=None, capacity: int = 0):
+        shape = (batch_size, capacity, self.n_kv_heads, self.head_dim)
+        dtype = dtype or self.q_proj.weight.dtype
+        device = device or self.q_proj.weight.device
+        return AttentionState(
+            torch.empty(shape, device=device, dtype=dtype),
+            torch.empty(shape, device=device, dtype=dtype),
+            window=self.window,
+        )
+
+    def state_size(self, seq_len, dtype=torch.float32):
+        kept = seq_len if self.window is None else min(seq_len, self.window)
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * kept * self.n_kv_heads * self.head_dim * element
+
+    def _append(self, state: AttentionState, k: torch.Tensor, v: torch.Tensor) -> AttentionState:
+        """Write k, v (B, T, H_kv, D) after the cached tokens, growing the buffers by doubling."""
+        T = k.shape[1]
+        length, buf_k, buf_v = state.length, state.k, state.v
+        if length + T > buf_k.shape[1]:
+            if self.window is not None and length >= self.window:
+                # the next queries see at most window - 1 earlier tokens: drop the rest
+                keep = self.window - 1
+                buf_k, buf_v = buf_k[:, length - keep : length], buf_v[:, length - keep : length]
+                length = keep
+            capacity = max(length + T, 2 * buf_k.shape[1], 16)
+            grown_k = k.new_empty(k.shape[0], capacity, *k.shape[2:])
+            grown_v = v.new_empty(v.shape[0], capacity, *v.shape[2:])
+            grown_k[:, :length] = buf_k[:, :length]
+            grown_v[:, :length] = buf_v[:, :length]
+            buf_k, buf_v = grown_k, grown_v
+        buf_k[:, length : length + T] = k
+        buf_v[:, length : length + T] = v
+        return AttentionState(buf_k, buf_v, length + T, state.position + T, self.window)
+
+    def _mask(self, T: int, past: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (T, past + T) mask, or None where SDPA's own causal flag or no mask fits."""
+        if self.window is None and (past == 0 or T == 1):
+            return None
+        query_index = past + torch.arange(T, device=device)[:, None]
+        key_index = torch.arange(past + T, device=device)[None, :]
+        allowed = key_index <= query_index
+        if self.window is not None:
+            allowed &= key_index > query_index - self.window
+        return allowed
+
+    def forward(self, x, state=None):
+        self.check_input(x, state)
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device, x.dtype)
+        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(state.position, T, q.dtype)
+            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        # the cache never joins the autograd graph; gradients stop at the carried state
+        new_state = self._append(state, k.detach(), v.detach())
+        past = new_state.length - T  # after a window's trim, fewer than state.length
+        if past == 0:
+            keys, values = k, v
+        elif k.requires_grad:
+            keys = torch.cat([new_state.k[:, :past], k], dim=1)
+            values = torch.cat([new_state.v[:, :past], v], dim=1)
+        else:
+            keys, values = new_state.keys_values()
+        mask = self._mask(T, past, x.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None and past == 0 and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        y = self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+        return y, new_state

@@ -1,0 +1,129 @@
+"""The state contract every sequence mixer obeys, and the small interface every FFN obeys.
+
+    y, state = mixer(x, state=None)      # x: (B, T, d_model) -> y: (B, T, d_model)
+
+`state=None` starts from the empty state; the returned state is the state after the last token
+of x. Running x whole, split at any point with the state carried, or one token at a time gives
+the same y. The mixer picks its parallel, chunked or recurrent form; the caller never does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class MixerState:
+    """Base of every mixer's state: a dataclass whose tensor fields all have batch first."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.tensors()[0].shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes held per sequence (the logical size, as `Mixer.state_size` reports it)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors()) // self.batch_size
+
+    def map_tensors(self, fn) -> MixerState:
+        """A new state of the same class with `fn` applied to every tensor field."""
+        changes = {
+            f.name: fn(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **changes)
+
+    def index_select(self, rows: torch.Tensor) -> MixerState:
+        """Keep (or reorder) the batch rows `rows`: beam search, finished sequences."""
+        return self.map_tensors(lambda t: t.index_select(0, rows))
+
+    def clone(self) -> MixerState:
+        return self.map_tensors(torch.clone)
+
+
+class Mixer(nn.Module):
+    """A causal sequence mixer behind the state contract (see the module docstring).
+
+    Subclasses set `state_class` and `bounded` (state size constant in the sequence length) and
+    implement `forward`, `init_state` and `state_size`. `test_variants` lists option sets that
+    tests/layers/test_contract.py runs besides the defaults.
+    """
+
+    state_class: ClassVar[type[MixerState]] = MixerState
+    bounded: ClassVar[bool] = True
+    test_variants: ClassVar[list[dict]] = []
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.d_model = d_model
+        self.layer_idx = layer_idx
+
+    def forward(
+        self, x: torch.Tensor, state: MixerState | None = None
+    ) -> tuple[torch.Tensor, MixerState]:
+        raise NotImplementedError
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MixerState:
+        raise NotImplementedError
+
+    def state_size(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of state per sequence after `seq_len` tokens."""
+        raise NotImplementedError
+
+    def check_input(self, x: torch.Tensor, state: MixerState | None) -> None:
+        """Clear errors for the two mistakes the contract cannot survive silently."""
+        name = type(self).__name__
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{name}: x must be (B, T, d_model={self.d_model}), got {tuple(x.shape)}"
+            )
+        if state is None:
+            return
+        if not isinstance(state, self.state_class):
+            raise TypeError(
+                f"{name} (layer {self.layer_idx}) needs a {self.state_class.__name__}, "
+                f"got a {type(state).__name__}: a state from another mixer"
+            )
+        if state.batch_size != x.shape[0]:
+            raise ValueError(
+                f"{name} (layer {self.layer_idx}): state batch size {state.batch_size} "
+                f"!= input batch size {x.shape[0]}"
+            )
+
+
+class FFN(nn.Module):
+    """A position-wise feed-forward layer with the mixer's calling convention.
+
+    Most FFNs keep no state across time and return None; RWKV's channel mixing carries one token
+    of token shift. FFNs with auxiliary losses (MoE) set `self.aux_loss` during forward; the model
+    adds it to the language-model loss.
+    """
+
+    state_class: ClassVar[type[MixerState] | None] = None
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.d_model = d_model
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(
+        self, x: torch.Tensor, state: MixerState | None = None
+    ) -> tuple[torch.Tensor, MixerState | None]:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MixerState | None:
+        return None
+
+    def state_size(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        return 0

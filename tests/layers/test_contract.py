@@ -1,0 +1,112 @@
+"""The state contract (DESIGN.md), checked for every registered mixer and each of its
+`test_variants`: registering a mixer is enough to have it tested here."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from zoo.layers import MIXERS, MixerState, build_mixer
+from zoo.testing import assert_close
+
+D_MODEL = 64
+CASES = [
+    pytest.param(name, options, id=f"{name}-{i}")
+    for name, cls in sorted(MIXERS.items())
+    for i, options in enumerate([{}] + list(cls.test_variants))
+]
+
+
+def _mixer(name, options):
+    torch.manual_seed(0)
+    mixer = build_mixer({"type": name, **options}, D_MODEL, layer_idx=0).eval()
+    return mixer
+
+
+def _run_split(mixer, x, cuts):
+    state, outputs = None, []
+    bounds = [0, *cuts, x.shape[1]]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        y, state = mixer(x[:, start:end], state)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), state
+
+
+@pytest.mark.parametrize("name,options", CASES)
+@torch.no_grad()
+def test_chunk_consistency(name, options):
+    mixer = _mixer(name, options)
+    x = torch.randn(2, 37, D_MODEL)
+    whole, _ = mixer(x)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        cuts = sorted(torch.randperm(35, generator=generator)[:3].add(1).tolist())
+        split, _ = _run_split(mixer, x, cuts)
+        assert_close(f"{name} split at {cuts}", whole, split, 1e-4)
+
+
+@pytest.mark.parametrize("name,options", CASES)
+@torch.no_grad()
+def test_step_consistency(name, options):
+    mixer = _mixer(name, options)
+    x = torch.randn(2, 19, D_MODEL)
+    whole, _ = mixer(x)
+    stepped, _ = _run_split(mixer, x, list(range(1, 19)))
+    assert_close(f"{name} token by token", whole, stepped, 1e-4)
+
+
+@pytest.mark.parametrize("name,options", CASES)
+@torch.no_grad()
+def test_init_state_equals_no_state(name, options):
+    mixer = _mixer(name, options)
+    x = torch.randn(3, 9, D_MODEL)
+    y_none, _ = mixer(x)
+    y_init, _ = mixer(x, mixer.init_state(3, x.device, x.dtype))
+    assert_close(name, y_none, y_init, 1e-6)
+
+
+@pytest.mark.parametrize("name,options", CASES)
+@torch.no_grad()
+def test_state_size_is_honest_and_grows_as_declared(name, options):
+    mixer = _mixer(name, options)
+    x = torch.randn(2, 37, D_MODEL)
+    _, state = mixer(x)
+    assert state.nbytes() == mixer.state_size(37), "state_size disagrees with the state held"
+    small, large = mixer.state_size(1024), mixer.state_size(65536)
+    if mixer.bounded:
+        assert small == large, f"{name} declares a bounded state but it grows"
+    elif getattr(mixer, "window", None) is None:
+        assert large > small, f"{name} declares an unbounded state but it does not grow"
+
+
+@pytest.mark.parametrize("name,options", CASES)
+def test_backward_reaches_every_parameter(name, options):
+    mixer = _mixer(name, options).train()
+    x = torch.randn(2, 11, D_MODEL, requires_grad=True)
+    y, _ = mixer(x)
+    y.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    missing = [n for n, p in mixer.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name}: no gradient reaches {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+@torch.no_grad()
+def test_state_from_another_batch_size_is_refused(name):
+    mixer = _mixer(name, {})
+    _, state = mixer(torch.randn(2, 5, D_MODEL))
+    with pytest.raises(ValueError, match="batch size"):
+        mixer(torch.randn(3, 1, D_MODEL), state)
+
+
+@dataclasses.dataclass
+class ForeignState(MixerState):
+    h: torch.Tensor
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+@torch.no_grad()
+def test_state_from_another_mixer_is_refused(name):
+    mixer = _mixer(name, {})
+    with pytest.raises(TypeError, match="another mixer"):
+        mixer(torch.randn(2, 1, D_MODEL), ForeignState(torch.zeros(2, 3)))
