@@ -6,6 +6,7 @@ This floor imports torch (and, lazily, triton) only.
 
 from .backend import BACKENDS, resolve_backend
 from .causal_conv1d import causal_conv1d
+from .moe import moe_experts
 from .rms_norm import rms_norm
 
-__all__ = ["BACKENDS", "causal_conv1d", "resolve_backend", "rms_norm"]
+__all__ = ["BACKENDS", "causal_conv1d", "moe_experts", "resolve_backend", "rms_norm"]

@@ -1,0 +1,55 @@
+"""The CPU path: sort the token slots by expert once, then one pair of matmuls per expert on the
+gathered rows (index_select) and a weighted scatter-add back (index_add_)."""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import expert_activation
+
+
+def sort_slots_by_expert(
+    expert_ids: torch.Tensor, n_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the N * K token slots by expert.
+
+    expert_ids: (N, K), -1 for a slot that goes nowhere (dropped by capacity).
+    Returns (order, counts): order (N * K,) the flat slot indices sorted by expert (stable, so
+    tokens keep their order within an expert; dropped slots last), counts (E,) slots per expert.
+    The token of slot s is s // K.
+    """
+    flat = expert_ids.reshape(-1)
+    # dropped slots sort after every expert; stable keeps the token order inside an expert
+    keys = torch.where(flat < 0, torch.full_like(flat, n_experts), flat)
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=n_experts + 1)[:n_experts]
+    return order, counts
+
+
+def moe_experts_torch(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """Same contract as `moe_experts_reference`; x: (N, D), expert_ids / weights: (N, K)."""
+    N, K = expert_ids.shape
+    E = gate_up_proj.shape[0]
+    order, counts = sort_slots_by_expert(expert_ids, E)
+    tokens = order // K
+    slot_weights = weights.reshape(-1).index_select(0, order)
+    y = torch.zeros_like(x)
+    start = 0
+    # one host sync for the counts; the per-expert loop is what CPU MoE code does (Mixtral's too)
+    for e, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        rows = tokens[start : start + count]
+        h = x.index_select(0, rows) @ gate_up_proj[e].t()
+        out = expert_activation(h, activation) @ down_proj[e].t()
+        w = slot_weights[start : start + count].to(out.dtype)
+        y.index_add_(0, rows, out * w.unsqueeze(-1))
+        start += count
+    return y
