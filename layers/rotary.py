@@ -14,8 +14,17 @@ class Rotary(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies (from_pretrained materialises non-persistent buffers empty)."""
+        self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
     def cos_sin(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos and sin for positions start .. start + length - 1, shaped (1, T, 1, D)."""

@@ -1,0 +1,106 @@
+"""ZooForCausalLM as a Hugging Face model: every tiny shipped config builds, round-trips through
+save_pretrained / AutoModelForCausalLM exactly, and generates through its recurrent cache."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import zoo
+
+TINY = [name for name in zoo.shipped_configs() if name.endswith("-tiny")]
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return zoo.ZooForCausalLM(zoo.load_config(name)).eval()
+
+
+def _ids(model, B=2, T=11):
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=generator)
+
+
+@pytest.mark.parametrize("name", TINY)
+@torch.no_grad()
+def test_save_and_auto_load_round_trip_exactly(name, tmp_path):
+    model = _model(name)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is zoo.ZooForCausalLM
+    ids = _ids(model)
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.parametrize("name", TINY)
+@torch.no_grad()
+def test_generate_equals_a_token_by_token_greedy_loop(name):
+    model = _model(name)
+    prompt = _ids(model, T=6)
+    generated = model.generate(prompt, max_new_tokens=8, do_sample=False)
+
+    out = model(prompt, use_cache=True)
+    tokens, cache = [prompt], out.cache
+    next_token = out.logits[:, -1:].argmax(-1)
+    for _ in range(8):
+        tokens.append(next_token)
+        out = model(next_token, cache=cache, use_cache=True)
+        cache, next_token = out.cache, out.logits[:, -1:].argmax(-1)
+    assert torch.equal(generated, torch.cat(tokens, dim=1))
+
+
+@pytest.mark.parametrize("name", TINY)
+@torch.no_grad()
+def test_cached_decoding_equals_the_full_forward(name):
+    model = _model(name)
+    ids = _ids(model, T=13)
+    full = model(ids).logits
+    out = model(ids[:, :5], use_cache=True)
+    pieces, cache = [out.logits], out.cache
+    for t in range(5, 13):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
+    assert cache.seen_tokens == 13
+    stepped = torch.cat(pieces, dim=1)
+    assert (full - stepped).abs().max() <= 1e-4 * full.abs().max()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_loss_is_next_token_cross_entropy_and_backpropagates(name):
+    model = _model(name).train()
+    ids = _ids(model)
+    out = model(ids, labels=ids)
+    logits = out.logits[:, :-1].reshape(-1, model.config.vocab_size)
+    expected = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1))
+    if out.aux_loss is not None:
+        expected = expected + out.aux_loss
+    assert torch.allclose(out.loss, expected)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_tied_embeddings_share_storage():
+    model = _model("attention-tiny")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_out_of_vocabulary_ids_are_a_clear_error():
+    model = _model("attention-tiny")
+    with pytest.raises(ValueError, match=r"token id 256, outside the vocabulary \[0, 256\)"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 3]]))
+
+
+def test_padding_and_foreign_caches_are_refused():
+    model = _model("attention-tiny")
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="zoo.infer.generate"):
+        model(ids, attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(TypeError, match="ZooCache"):
+        model(ids, cache=object())
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 2], [3, 4]]), use_cache=True).cache
+        with pytest.raises(ValueError, match="batch size"):
+            model(ids, cache=cache)
