@@ -6,7 +6,10 @@ This floor imports torch (and, lazily, triton) only.
 
 from .backend import BACKENDS, resolve_backend
 from .causal_conv1d import causal_conv1d
+from .linear_attention import linear_attention
 from .moe import moe_experts
 from .rms_norm import rms_norm
 
-__all__ = ["BACKENDS", "causal_conv1d", "moe_experts", "resolve_backend", "rms_norm"]
+__all__ = [
+    "BACKENDS", "causal_conv1d", "linear_attention", "moe_experts", "resolve_backend", "rms_norm",
+]

@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from zoo.kernels import linear_attention
+from zoo.testing import assert_close
+
+BACKENDS = ["torch"]
+DECAY_FORMS = ["none", "head", "step", "channel"]
+CHUNK = 16  # small chunks keep Triton's interpreter fast and still cross chunk boundaries
+
+
+def _decay(form, B, T, H, K, strength=1.0):
+    """Log-decays <= 0 of the given form, varied enough that each position weighs differently."""
+    shape = {"none": None, "head": (H,), "step": (B, T, H), "channel": (B, T, H, K)}[form]
+    if shape is None:
+        return None
+    return torch.nn.functional.logsigmoid(torch.randn(shape) + 2.0) * strength
+
+
+def _inputs(B, T, H, K, V, form, with_bonus, with_state, normalize=False, strength=1.0):
+    if normalize:  # positive features, as a feature map would give
+        q, k = torch.rand(B, T, H, K) + 0.1, torch.rand(B, T, H, K) + 0.1
+    else:
+        q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    inputs = {
+        "q": q, "k": k, "v": torch.randn(B, T, H, V),
+        "decay": _decay(form, B, T, H, K, strength),
+        "bonus": torch.randn(H, K) if with_bonus else None,
+        "initial_state": (torch.rand if normalize else torch.randn)(B, H, K, V + normalize)
+        if with_state else None,
+    }
+    return {name: t.requires_grad_() if t is not None else None for name, t in inputs.items()}
+
+
+def _run_and_grads(inputs, backend, dtype, do, dht, **options):
+    """o, final state and the gradient of (o * do).sum() + (ht * dht).sum() for every input."""
+    leaves = {name: t for name, t in inputs.items() if t is not None}
+    for t in leaves.values():
+        t.grad = None
+    cast = {name: t.to(dtype) if t is not None else None for name, t in inputs.items()}
+    o, ht = linear_attention(cast.pop("q"), cast.pop("k"), cast.pop("v"), **cast,
+                             output_final_state=True, backend=backend, **options)
+    ((o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()).backward()
+    grads = {"d" + name: t.grad.clone() for name, t in leaves.items()}
+    return o, ht, grads
+
+
+def _compare(inputs, backend, ratio, dtype=torch.float32, grad_ratio=None, **options):
+    o_ref = None
+    B, T, H, _ = inputs["q"].shape
+    V = inputs["v"].shape[-1] + options.get("normalize", False)
+    do = torch.randn(B, T, H, V - options.get("normalize", False))
+    dht = torch.randn(B, H, inputs["q"].shape[-1], V)
+    o_ref, ht_ref, grads_ref = _run_and_grads(inputs, "reference", torch.float64, do, dht,
+                                              **options)
+    o, ht, grads = _run_and_grads(inputs, backend, dtype, do, dht, chunk_size=CHUNK, **options)
+    assert o.dtype == dtype
+    assert_close("o", o_ref, o, ratio)
+    assert_close("final_state", ht_ref, ht, ratio)
+    for name, ref in grads_ref.items():
+        assert_close(name, ref, grads[name], grad_ratio or ratio)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 7), (2, CHUNK + 1), (1, 2 * CHUNK + 3)])
+@pytest.mark.parametrize("form", DECAY_FORMS)
+@pytest.mark.parametrize("with_bonus", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_reference_forward_and_backward(backend, B, T, form, with_bonus, with_state):
+    inputs = _inputs(B, T, 2, 16, 16, form, with_bonus, with_state)
+    _compare(inputs, backend, 2e-5, grad_ratio=5e-5, scale=0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", DECAY_FORMS)
+@pytest.mark.parametrize("with_bonus", [False, True])
+@pytest.mark.parametrize("B,T,with_state", [(1, 1, True), (2, CHUNK + 5, True),
+                                            (1, CHUNK + 5, False)])
+def test_normalized_matches_reference(backend, form, with_bonus, B, T, with_state):
+    inputs = _inputs(B, T, 2, 16, 16, form, with_bonus, with_state, normalize=True)
+    _compare(inputs, backend, 2e-5, grad_ratio=5e-5, normalize=True, scale=0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["head", "channel"])
+def test_bf16_close_to_reference(backend, form):
+    inputs = _inputs(2, CHUNK + 9, 2, 16, 16, form, form == "channel", True)
+    _compare(inputs, backend, 3e-2, dtype=torch.bfloat16, scale=0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["head", "step", "channel"])
+@pytest.mark.parametrize("with_bonus", [False, True])
+def test_strong_decay_long_sequence_is_finite_and_exact(backend, form, with_bonus):
+    # g down to -30 per step: exp(-G) over a chunk is far beyond float32's range, so any
+    # factorised exp(G_t) * exp(-G_s) would give inf / NaN here.
+    inputs = _inputs(1, 8 * CHUNK + 5, 2, 16, 16, form, with_bonus, True, strength=15.0)
+    _compare(inputs, backend, 1e-4, scale=0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", DECAY_FORMS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_split_with_carried_state_equals_whole(backend, form, normalize):
+    inputs = _inputs(2, 2 * CHUNK + 3, 2, 16, 16, form, form == "channel", False, normalize)
+    q, k, v, decay, bonus = (inputs[n] for n in ("q", "k", "v", "decay", "bonus"))
+    options = dict(bonus=bonus, normalize=normalize, chunk_size=CHUNK, backend=backend)
+
+    def part(a, b, state):
+        d = decay if decay is None or decay.dim() == 1 else decay[:, a:b]
+        return linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], decay=d, initial_state=state,
+                                output_final_state=True, **options)
+
+    whole, whole_state = part(0, None, None)
+    pieces, state = [], None
+    for a, b in [(0, 5), (5, 6), (6, CHUNK + 2), (CHUNK + 2, None)]:
+        o, state = part(a, b, state)
+        pieces.append(o)
+    assert_close("o", whole, torch.cat(pieces, 1), 1e-5)
+    assert_close("final_state", whole_state, state, 1e-5)
+
+
+def test_chunk_size_does_not_change_the_result():
+    inputs = _inputs(2, 45, 2, 8, 8, "channel", True, True)
+    cast = {n: t.detach() if t is not None else None for n, t in inputs.items()}
+    q, k, v = cast.pop("q"), cast.pop("k"), cast.pop("v")
+    o1, h1 = linear_attention(q, k, v, **cast, output_final_state=True, chunk_size=16,
+                              backend="torch")
+    o2, h2 = linear_attention(q, k, v, **cast, output_final_state=True, chunk_size=40,
+                              backend="torch")
+    assert_close("o", o1, o2, 1e-5)
+    assert_close("final_state", h1, h2, 1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    q, v = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 4)
+    with pytest.raises(ValueError, match="k must"):
+        linear_attention(q, torch.randn(2, 5, 3, 7), v)
+    with pytest.raises(ValueError, match="v must"):
+        linear_attention(q, q, torch.randn(2, 6, 3, 4))
+    with pytest.raises(ValueError, match="decay must"):
+        linear_attention(q, q, v, decay=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="decay is a log-decay"):
+        linear_attention(q, q, v, decay=torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="bonus"):
+        linear_attention(q, q, v, bonus=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="initial_state"):
+        linear_attention(q, q, v, initial_state=torch.zeros(2, 3, 8, 4), normalize=True)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_attention(q, q, v, chunk_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        linear_attention(q, q, v, backend="cuda")
