@@ -9,6 +9,7 @@ from .causal_conv1d import causal_conv1d
 from .linear_attention import linear_attention
 from .moe import moe_experts
 from .rms_norm import rms_norm
+from .wkv4 import wkv4
 
 __all__ = [
     "BACKENDS", "causal_conv1d", "linear_attention", "moe_experts", "resolve_backend", "rms_norm",
