@@ -6,7 +6,6 @@ This floor imports torch (and, lazily, triton) only.
 
 from .backend import BACKENDS, resolve_backend
 from .causal_conv1d import causal_conv1d
-from .fft_conv import fft_conv
 from .linear_attention import linear_attention
 from .moe import moe_experts
 from .rms_norm import rms_norm
