@@ -1,0 +1,97 @@
+"""Model-level benchmarks: a training step and per-token decoding of any config.
+
+The attention baseline is the first tenant; other families reuse `train_step_seconds` and
+`decode_seconds_per_token` with their own configs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.config import ZooConfig, load_config
+from zoo.model import ZooForCausalLM
+
+
+def build_model(config: ZooConfig | str, device: str, seed: int = 0) -> ZooForCausalLM:
+    torch.manual_seed(seed)
+    config = load_config(config) if isinstance(config, str) else config
+    return ZooForCausalLM(config).to(device)
+
+
+def train_step_seconds(model, batch: int, seq_len: int, options: BenchOptions) -> dict:
+    """Forward + backward + AdamW step on random tokens."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=options.device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    return measure(step, device=options.device, warmup=options.warmup,
+                   repeats=max(1, options.repeats // 2))
+
+
+@torch.no_grad()
+def decode_seconds_per_token(model, context: int, options: BenchOptions, steps: int = 16) -> dict:
+    """Prefill `context` tokens, then time single-token steps through the recurrent cache."""
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=options.device)
+    cache = model(ids, use_cache=True).cache
+    token = ids[:, -1:]
+
+    def decode():
+        nonlocal cache
+        for _ in range(steps):
+            cache = model(token, cache=cache, use_cache=True).cache
+
+    # Each repeat decodes `steps` more tokens: the context grows by steps * repeats, a small
+    # fraction of it, so the figure is the per-token cost at about `context`.
+    result = measure(decode, device=options.device, warmup=1, repeats=options.repeats)
+    return {**{k: v / steps for k, v in result.items()}, "state_bytes": cache.nbytes()}
+
+
+def _sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int]:
+    return quick if options.quick else full
+
+
+@register_bench(
+    "attention-train-step",
+    "training step (fwd+bwd+AdamW) of attention-tiny, batch 4, vs sequence length",
+    plot=lambda rows, path: line_plot(rows, path, x="seq_len", y="ms_per_token", series="config",
+                                      title="training step time per token"),
+)
+def bench_attention_train(options: BenchOptions) -> list[dict]:
+    rows, start = [], time.perf_counter()
+    model = build_model("attention-tiny", options.device)
+    for seq_len in _sizes(options, [64, 128], [256, 512, 1024, 2048, 4096]):
+        if time.perf_counter() - start > options.budget_s:
+            break
+        t = train_step_seconds(model, 4, seq_len, options)
+        rows.append({"config": "attention-tiny", "batch": 4, "seq_len": seq_len,
+                     "step_ms": 1e3 * t["median_s"],
+                     "ms_per_token": 1e3 * t["median_s"] / (4 * seq_len)})
+    return rows
+
+
+@register_bench(
+    "attention-decode",
+    "decode ms/token of attention-tiny through its KV cache vs context length",
+    plot=lambda rows, path: line_plot(rows, path, x="context", y="decode_ms_per_token",
+                                      series="config", title="decode cost per token"),
+)
+def bench_attention_decode(options: BenchOptions) -> list[dict]:
+    rows, start = [], time.perf_counter()
+    model = build_model("attention-tiny", options.device)
+    for context in _sizes(options, [32, 128], [128, 1024, 8192]):
+        if time.perf_counter() - start > options.budget_s:
+            break
+        t = decode_seconds_per_token(model, context, options)
+        rows.append({"config": "attention-tiny", "context": context,
+                     "decode_ms_per_token": 1e3 * t["median_s"],
+                     "state_bytes": t["state_bytes"]})
+    return rows

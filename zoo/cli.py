@@ -1,0 +1,143 @@
+"""The `zoo` command: one subcommand per job, each a small function over the library.
+
+    zoo info CONFIG            parameters, layers, state bytes per sequence
+    zoo bench NAME             run a registered benchmark (zoo bench --list)
+
+Subcommands live in COMMANDS: (name, help, add_arguments, run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable]] = []
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def add(run: Callable[[argparse.Namespace], int | None]):
+        COMMANDS.append((name, help, add_arguments, run))
+        return run
+
+    return add
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def model_info(config, dtype: torch.dtype = torch.float32) -> dict:
+    """Parameters, per-layer mixer/FFN and state bytes per sequence at 1k, 8k and 64k tokens."""
+    from zoo.model import ZooForCausalLM
+
+    with torch.device("meta"):
+        model = ZooForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight.numel()
+    state = {}
+    for seq_len in (1024, 8192, 65536):
+        total = 0
+        for block in model.model.layers:
+            total += block.mixer.state_size(seq_len, dtype)
+            if block.ffn is not None:
+                total += block.ffn.state_size(seq_len, dtype)
+        state[seq_len] = total
+    return {
+        "parameters": params,
+        "non_embedding_parameters": params - embedding,
+        "layers": config.describe_layers(),
+        "state_bytes": state,
+    }
+
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a shipped config name, a YAML path or a model directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def resolve_config(name: str):
+    """A shipped config name, a YAML file, or a save_pretrained directory."""
+    from zoo.config import ZooConfig, load_config
+
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").exists():
+        return ZooConfig.from_pretrained(path)
+    return load_config(name)
+
+
+@command("info", "parameters, layers and state bytes per sequence of a config", _info_arguments)
+def run_info(args: argparse.Namespace) -> int:
+    config = resolve_config(args.config)
+    info = model_info(config, getattr(torch, args.dtype))
+    print(f"config: {args.config}")
+    print(f"vocab_size {config.vocab_size}, d_model {config.d_model}, n_layers {config.n_layers}")
+    print(f"parameters: {info['parameters']:,} ({info['non_embedding_parameters']:,} "
+          "without the embedding)")
+    print("layers:")
+    for i, line in enumerate(info["layers"]):
+        print(f"  {i:3d}  {line}")
+    print(f"state per sequence ({args.dtype}):")
+    for seq_len, nbytes in info["state_bytes"].items():
+        print(f"  {seq_len // 1024:3d}k tokens: {human_bytes(nbytes)}")
+    return 0
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="benchmark name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the registered benchmarks")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="smallest sizes only")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=600.0, help="wall-time budget")
+    p.add_argument("--out", default="runs/bench", help="directory for JSON and PNG")
+    p.add_argument("--no-plot", action="store_true")
+
+
+@command("bench", "run a registered benchmark; JSON (+PNG) with the device", _bench_arguments)
+def run_bench_command(args: argparse.Namespace) -> int:
+    from zoo.bench import BENCHES, BenchOptions, format_rows, load_entries, run_bench
+
+    load_entries()
+    if args.list or not args.name:
+        for name, entry in sorted(BENCHES.items()):
+            print(f"{name:28s} {entry.help}")
+        return 0
+    options = BenchOptions(device=args.device, quick=args.quick, repeats=args.repeats,
+                           budget_s=args.budget_s, out_dir=Path(args.out))
+    record = run_bench(args.name, options, plot=not args.no_plot)
+    env = record["environment"]
+    print(f"{args.name} on {env['device']} (torch {env['torch']}, commit {env['commit']})")
+    print(format_rows(record["rows"]))
+    print(f"wrote {record['json']}" + (f" and {record['png']}" if record.get("png") else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help, add_arguments, run in COMMANDS:
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"zoo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
