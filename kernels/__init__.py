@@ -6,12 +6,13 @@ This floor imports torch (and, lazily, triton) only.
 
 from .backend import BACKENDS, resolve_backend
 from .causal_conv1d import causal_conv1d
+from .fft_conv import fft_conv
 from .linear_attention import linear_attention
 from .moe import moe_experts
 from .rms_norm import rms_norm
 from .wkv4 import wkv4
 
 __all__ = [
-    "BACKENDS", "causal_conv1d", "linear_attention", "moe_experts", "resolve_backend", "rms_norm",
-    "wkv4",
+    "BACKENDS", "causal_conv1d", "fft_conv", "linear_attention", "moe_experts", "resolve_backend",
+    "rms_norm", "wkv4",
 ]
