@@ -1,0 +1,146 @@
+"""Kernelised linear attention (Katharopoulos et al. 2020) with selectable feature maps.
+
+softmax(q k^T) v is replaced by phi(q) (sum_s phi(k_s) v_s^T), optionally divided by
+phi(q) . sum_s phi(k_s) (the normalised form of the paper, eq. 5). The running sum is the
+state: (F, D) numbers per KV head (plus the key sum z when normalised), whatever the length.
+Feature maps come from `feature_maps.py` by name. Projections are named q_proj, k_proj, v_proj,
+o_proj as in `attention.py`, so a softmax-attention layer's weights copy over by name when an
+attention model is linearised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from zoo.kernels.linear_attention import linear_attention
+
+from .base import Mixer, MixerState
+from .feature_maps import build_feature_map
+from .norms import RMSNorm
+from .registry import register_mixer
+
+
+@dataclasses.dataclass
+class LinearAttentionState(MixerState):
+    """sum_s phi(k_s) v_s^T per KV head: (B, H_kv, F, D), or (B, H_kv, F, D + 1) when
+    normalised (the last column is the key sum z). float32 (float64 for float64 activations)."""
+
+    memory: torch.Tensor
+
+
+@register_mixer("linear_attention")
+class LinearAttention(Mixer):
+    """Causal linear attention. x: (B, T, d_model) -> (B, T, d_model).
+
+    Grouped KV heads: queries have n_heads heads, keys and values n_kv_heads; with no decay the
+    memory of every query head in a group is the same sum, so the state is kept once per KV head
+    and shared out to the group's query heads on entry. Options: `feature_map` (one of
+    feature_maps.FEATURE_MAPS) and `feature_dim` (favor+ only); `normalize` (divide by
+    phi(q) . z); `output_norm` (RMSNorm over each head's output, as fla and TransNormer use to
+    replace or steady that division); `output_gate` (o * silu(g_proj(x)), per channel).
+    Training runs the op's chunked form, decoding (T = 1) its recurrent step.
+    """
+
+    state_class = LinearAttentionState
+    bounded = True
+    test_variants = [
+        {"feature_map": "relu", "n_heads": 4, "n_kv_heads": 2, "output_norm": True},
+        {"feature_map": "favor+", "feature_dim": 24, "n_heads": 4},
+        {"feature_map": "hedgehog", "n_heads": 2, "n_kv_heads": 1, "output_gate": True},
+        {"feature_map": "identity", "normalize": False, "output_norm": True,
+         "output_gate": True, "n_heads": 4, "chunk_size": 8},
+    ]
+
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int = 0,
+        *,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
+        feature_map: str = "elu+1",
+        feature_dim: int | None = None,
+        normalize: bool = True,
+        output_norm: bool = False,
+        output_gate: bool = False,
+        norm_eps: float = 1e-5,
+        qkv_bias: bool = False,
+        chunk_size: int = 64,
+    ):
+        super().__init__(d_model, layer_idx)
+        n_heads = n_heads or max(1, d_model // 64)
+        n_kv_heads = n_kv_heads or n_heads
+        if d_model % n_heads:
+            raise ValueError(
+                f"linear_attention: d_model={d_model} is not divisible by n_heads={n_heads}"
+            )
+        if n_heads % n_kv_heads:
+            raise ValueError(
+                f"linear_attention: n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}"
+            )
+        head_dim = d_model // n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.normalize, self.chunk_size = normalize, chunk_size
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.feature_map = build_feature_map(
+            feature_map, head_dim, n_heads, n_kv_heads, feature_dim=feature_dim
+        )
+        self.o_norm = RMSNorm(head_dim, norm_eps) if output_norm else None
+        self.g_proj = nn.Linear(d_model, n_heads * head_dim, bias=False) if output_gate else None
+
+    @property
+    def groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def _memory_shape(self, batch_size: int) -> tuple[int, ...]:
+        value_dim = self.head_dim + int(self.normalize)
+        return (batch_size, self.n_kv_heads, self.feature_map.feature_dim, value_dim)
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        device = device or self.q_proj.weight.device
+        # the op keeps its running sum in float32 (float64 for float64 inputs)
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return LinearAttentionState(
+            torch.zeros(self._memory_shape(batch_size), device=device, dtype=state_dtype)
+        )
+
+    def state_size(self, seq_len, dtype=torch.float32):
+        element = 8 if dtype == torch.float64 else 4
+        shape = self._memory_shape(1)
+        return element * shape[1] * shape[2] * shape[3]
+
+    def forward(self, x, state=None):
+        self.check_input(x, state)
+        split = "b t (h d) -> b t h d"
+        q = rearrange(self.q_proj(x), split, d=self.head_dim)
+        k = rearrange(self.k_proj(x), split, d=self.head_dim)
+        v = rearrange(self.v_proj(x), split, d=self.head_dim)
+        q, k = self.feature_map(q, "query"), self.feature_map(k, "key")
+        memory = None if state is None else state.memory
+        if self.groups > 1:
+            # query head h reads KV head h // groups, as attention's enable_gqa does
+            k = k.repeat_interleave(self.groups, dim=2)
+            v = v.repeat_interleave(self.groups, dim=2)
+            if memory is not None:
+                memory = memory.repeat_interleave(self.groups, dim=1)
+        o, final = linear_attention(
+            q, k, v, scale=self.feature_map.kernel_scale, normalize=self.normalize,
+            initial_state=memory, output_final_state=True, chunk_size=self.chunk_size,
+        )
+        if self.groups > 1:
+            final = final[:, :: self.groups]  # every head of a group holds the same sum
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        o = rearrange(o, "b t h d -> b t (h d)")
+        if self.g_proj is not None:
+            o = o * F.silu(self.g_proj(x))
+        # gradients stop at the carried state (the contract allows it; decoding needs no graph)
+        return self.o_proj(o), LinearAttentionState(final.detach())
