@@ -1,0 +1,219 @@
+"""Mixture-of-experts FFN: a router picks top_k of n_experts per token (Mixtral, Switch,
+DeepSeekMoE), the stacked experts run through `zoo.kernels.moe_experts`.
+
+Parameter names and shapes are those of transformers' Mixtral sparse block, so a Mixtral
+checkpoint maps by name (model.layers.i.mlp.* -> layers.i.ffn.*):
+    gate.weight                (E, D)       the router, no bias
+    experts.gate_up_proj       (E, 2I, D)   gate rows first, then up rows (swiglu experts)
+    experts.down_proj          (E, D, I)
+Options that are not Mixtral's: `mlp` experts (experts.up_proj (E, I, D), GELU), always-on shared
+experts (DeepSeekMoE; `shared_experts.*`, one dense FFN of n_shared_experts * I hidden units,
+which equals the sum of n_shared_experts separate experts), Switch's capacity factor, router
+jitter and the ST-MoE router z-loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.kernels import moe_experts
+
+from .base import FFN
+from .ffn import MLP, SwiGLU, swiglu_hidden_size
+from .registry import register_ffn
+
+EXPERT_TYPES = ("swiglu", "mlp")
+
+
+class Experts(nn.Module):
+    """n_experts FFNs with their weights stacked in one tensor per projection.
+
+    forward(x (N, D), expert_ids (N, K), weights (N, K)) -> (N, D).
+    """
+
+    def __init__(self, n_experts: int, d_model: int, hidden_size: int, expert_type: str,
+                 backend: str = "auto"):
+        super().__init__()
+        self.n_experts, self.hidden_size, self.expert_type = n_experts, hidden_size, expert_type
+        self.backend = backend
+        # nn.Linear's default init (uniform, bound 1/sqrt(fan_in)), expert by expert
+        in_bound, out_bound = 1 / math.sqrt(d_model), 1 / math.sqrt(hidden_size)
+        rows = 2 * hidden_size if expert_type == "swiglu" else hidden_size
+        up = nn.Parameter(torch.empty(n_experts, rows, d_model).uniform_(-in_bound, in_bound))
+        if expert_type == "swiglu":
+            self.gate_up_proj = up
+        else:
+            self.up_proj = up
+        self.down_proj = nn.Parameter(
+            torch.empty(n_experts, d_model, hidden_size).uniform_(-out_bound, out_bound)
+        )
+
+    @property
+    def in_proj(self) -> nn.Parameter:
+        return self.gate_up_proj if self.expert_type == "swiglu" else self.up_proj
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        activation = "swiglu" if self.expert_type == "swiglu" else "gelu"
+        return moe_experts(x, self.in_proj, self.down_proj, expert_ids, weights,
+                           activation=activation, backend=self.backend)
+
+
+def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (its eq. 4-6): E * sum_i f_i * P_i.
+
+    probs: (N, E) router probabilities; tokens_per_expert: (E,) slots routed to each expert.
+    f_i is the fraction of the N * K routed slots that chose expert i (not differentiable), P_i
+    the mean router probability of expert i (carries the gradient). Both sum to 1, so uniform
+    routing gives the minimum, 1, and everything on one expert gives E. (transformers' Mixtral
+    divides by N instead of N * K: its value is K times this one.)
+    """
+    E = probs.shape[-1]
+    f = tokens_per_expert.to(probs.dtype) / tokens_per_expert.sum().clamp(min=1)
+    return E * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss (its eq. 5): mean over tokens of logsumexp(logits)^2.
+
+    Keeps router logits small, so the softmax stays in the range where float32 and bf16 are
+    exact enough. logits: (N, E).
+    """
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def apply_capacity(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """Drop the slots beyond each expert's capacity; dropped slots get expert id -1.
+
+    expert_ids: (N, K). Every token's first choice is served before any second choice (GShard's
+    priority; for K = 1 this is Switch's first come, first served in token order).
+    """
+    N, K = expert_ids.shape
+    choice_major = expert_ids.t().reshape(-1)  # (K * N,): all first choices, then all second...
+    onehot = F.one_hot(choice_major, n_experts)
+    position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based place in its expert's queue
+    kept = (position <= capacity).view(K, N).t()
+    return torch.where(kept, expert_ids, -1)
+
+
+@register_ffn("moe")
+class MoE(FFN):
+    """Routed mixture of experts, plus optional shared experts. x: (B, T, d_model).
+
+    Forward sets `self.aux_loss` (aux_loss_coef * load-balancing loss + z_loss_coef * z-loss, a
+    scalar) and `self.last_stats` (detached, for logging): tokens_per_expert (E,) slots routed to
+    each expert, dropped_per_expert (E,) slots dropped by capacity, dropped_tokens (tokens that
+    lost every slot and so get only the shared experts' output, zero without them: the block's
+    residual passes them through), load_balancing_loss, z_loss.
+
+    Options:
+        n_experts, top_k: routed experts, and how many each token uses.
+        hidden_size: each expert's hidden size I (fine-grained experts: many small ones);
+            default that of the dense FFN of the same type.
+        expert_type: "swiglu" (Mixtral) or "mlp" (GELU, Switch).
+        n_shared_experts: always-on experts of the same size (DeepSeekMoE), 0 for none.
+        normalize_weights: renormalise the top_k probabilities to sum to 1 (Mixtral). Default:
+            True when top_k > 1; False for top-1, where it would make every weight 1 and leave
+            the router no gradient from the language-model loss (Switch uses the raw p).
+        capacity_factor: Switch's capacity, ceil(capacity_factor * N * top_k / n_experts) slots
+            per expert over the N tokens of a forward; None = unlimited. Applied in training
+            only: at inference every token reaches its experts, so decoding token by token gives
+            the same output as the whole sequence (capacity depends on how many tokens share a
+            forward).
+        jitter_noise: multiply the router's input by U(1 - eps, 1 + eps) in training (Switch).
+        aux_loss_coef, z_loss_coef: the losses' weights in aux_loss (Switch 0.01, ST-MoE 0.001).
+        backend: moe_experts backend ("auto", "torch", "triton", "reference").
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        n_experts: int = 8,
+        top_k: int = 2,
+        hidden_size: int | None = None,
+        expert_type: str = "swiglu",
+        n_shared_experts: int = 0,
+        normalize_weights: bool | None = None,
+        capacity_factor: float | None = None,
+        jitter_noise: float = 0.0,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        backend: str = "auto",
+    ):
+        super().__init__(d_model)
+        if expert_type not in EXPERT_TYPES:
+            raise ValueError(f"moe: expert_type={expert_type!r} is not one of {EXPERT_TYPES}")
+        if n_experts < 1:
+            raise ValueError(f"moe: n_experts={n_experts} must be >= 1")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"moe: top_k={top_k} must be in [1, n_experts={n_experts}]")
+        if n_shared_experts < 0:
+            raise ValueError(f"moe: n_shared_experts={n_shared_experts} must be >= 0")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"moe: capacity_factor={capacity_factor} must be > 0 or None")
+        if not 0.0 <= jitter_noise < 1.0:
+            raise ValueError(f"moe: jitter_noise={jitter_noise} must be in [0, 1)")
+        if hidden_size is None:
+            hidden_size = swiglu_hidden_size(d_model) if expert_type == "swiglu" else 4 * d_model
+        self.n_experts, self.top_k, self.hidden_size = n_experts, top_k, hidden_size
+        self.normalize_weights = top_k > 1 if normalize_weights is None else normalize_weights
+        self.capacity_factor, self.jitter_noise = capacity_factor, jitter_noise
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.experts = Experts(n_experts, d_model, hidden_size, expert_type, backend)
+        self.shared_experts: nn.Module | None = None
+        if n_shared_experts:
+            dense = SwiGLU if expert_type == "swiglu" else MLP
+            self.shared_experts = dense(d_model, hidden_size=n_shared_experts * hidden_size,
+                                        bias=False)
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def route(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, D) -> logits, probs (N, E) float32; expert_ids (N, K), weights (N, K) float32."""
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        # the softmax and top-k in float32, as Mixtral: bf16 ties and rounding flip choices
+        logits = self.gate(x).float()
+        probs = logits.softmax(-1)
+        weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        if self.normalize_weights:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, probs, expert_ids, weights
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Slots per expert for a forward over n_tokens; None when unlimited (inference too)."""
+        if self.capacity_factor is None or not self.training:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, None]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits, probs, expert_ids, weights = self.route(flat)
+        E = self.n_experts
+        routed = torch.bincount(expert_ids.reshape(-1), minlength=E)
+        capacity = self.capacity(flat.shape[0])
+        if capacity is not None:
+            expert_ids = apply_capacity(expert_ids, E, capacity)
+        kept = torch.bincount((expert_ids + 1).reshape(-1), minlength=E + 1)[1:]
+        y = self.experts(flat, expert_ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)[0]
+        lb_loss = load_balancing_loss(probs, routed)
+        z_loss = router_z_loss(logits)
+        self.aux_loss = self.aux_loss_coef * lb_loss + self.z_loss_coef * z_loss
+        self.last_stats = {
+            "tokens_per_expert": routed.detach(),
+            "dropped_per_expert": (routed - kept).detach(),
+            "dropped_tokens": (expert_ids < 0).all(-1).sum().detach(),
+            "load_balancing_loss": lb_loss.detach(),
+            "z_loss": z_loss.detach(),
+        }
+        return y.view(shape), None
