@@ -203,3 +203,57 @@ def test_registered_and_options_validated():
         MoE(16, capacity_factor=0.0)
     with pytest.raises(ValueError, match="no option"):
         build_ffn({"type": "moe", "experts": 4}, 16)
+
+
+# Through the model: the shipped MoE configs train (with the aux loss in the output) and decode.
+# (tests/zoo/test_model.py also runs every *-tiny config through save/load and generate.)
+MOE_CONFIGS = ["moe-tiny", "mixtral-tiny"]
+
+
+def _model(name):
+    import zoo
+
+    torch.manual_seed(0)
+    return zoo.ZooForCausalLM(zoo.load_config(name))
+
+
+@pytest.mark.parametrize("name", MOE_CONFIGS)
+def test_config_trains_with_aux_loss_in_the_output(name):
+    model = _model(name).train()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert moes, f"{name} has no moe layer"
+    # a learnable synthetic sequence: a repeating pattern of 7 tokens
+    ids = torch.arange(64).remainder(7).add(40).repeat(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        out = model(ids, labels=ids)
+        assert out.aux_loss is not None and out.aux_loss.item() > 0
+        aux = sum(m.aux_loss for m in moes)
+        assert_close("aux_loss = sum over moe layers", aux, out.aux_loss, 1e-6)
+        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
+                                               ids[:, 1:].flatten())
+        assert_close("loss = ce + aux_loss", ce + out.aux_loss, out.loss, 1e-5)
+        opt.zero_grad()
+        out.loss.backward()
+        assert moes[0].gate.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    stats = moes[0].last_stats
+    assert stats["tokens_per_expert"].sum().item() == ids.numel() * moes[0].top_k
+
+
+@pytest.mark.parametrize("name", MOE_CONFIGS)
+@torch.no_grad()
+def test_config_decodes_token_by_token_equal_to_full_forward(name):
+    model = _model(name).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    full = model(ids).logits
+    out = model(ids[:, :1], use_cache=True)
+    pieces, cache = [out.logits], out.cache
+    for t in range(1, 10):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
+    assert_close(f"{name} stepped logits", full, torch.cat(pieces, dim=1), 1e-4)
