@@ -3,7 +3,7 @@
 Importing this package registers every mixer and FFN below; a new mixer module adds one import.
 """
 
-from . import attention, ffn, linear_attention, linformer, moe  # noqa: F401  (registers the mixers and FFNs)
+from . import attention, ffn, linear_attention, linformer, moe, retnet  # noqa: F401  (registers the mixers and FFNs)
 from .base import FFN, Mixer, MixerState
 from .norms import RMSNorm, build_norm
 from .registry import (
