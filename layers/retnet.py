@@ -138,6 +138,12 @@ class MultiScaleRetention(Mixer):
             "log_gamma", retention_log_gammas(n_heads).float(), persistent=False
         )
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the gammas (from_pretrained materialises non-persistent buffers empty)."""
+        fresh = retention_log_gammas(self.n_heads)
+        self.log_gamma.copy_(fresh.to(self.log_gamma.device, self.log_gamma.dtype))
+
     def init_state(self, batch_size, device=None, dtype=None):
         device = device or self.q_proj.weight.device
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
