@@ -83,6 +83,13 @@ class LinearAttention(Mixer):
             raise ValueError(
                 f"linear_attention: n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}"
             )
+        if normalize and feature_map == "identity":
+            raise ValueError(
+                "linear_attention: normalize=True divides by phi(q) . sum phi(k), which the "
+                "signed features of feature_map='identity' can bring to zero; use "
+                "normalize=False (output_norm=True steadies the scale instead) or a "
+                "non-negative map ('elu+1', 'relu', 'favor+', 'hedgehog')"
+            )
         head_dim = d_model // n_heads
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.normalize, self.chunk_size = normalize, chunk_size

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+import zoo
 from zoo.layers import build_mixer
 from zoo.layers.attention import Attention
 from zoo.layers.linear_attention import LinearAttention
@@ -111,14 +112,14 @@ def test_bad_options_are_refused():
         build_mixer({"type": "linear_attention", "n_heads": 4, "n_kv_heads": 3}, D_MODEL)
     with pytest.raises(ValueError, match="d_model=64 is not divisible by n_heads=5"):
         build_mixer({"type": "linear_attention", "n_heads": 5}, D_MODEL)
+    with pytest.raises(ValueError, match="normalize=True .* feature_map='identity'"):
+        build_mixer({"type": "linear_attention", "feature_map": "identity"}, D_MODEL)
 
 
 @pytest.mark.parametrize("name", ["linear-attention-tiny", "retnet-tiny", "linformer-tiny"])
 def test_family_tiny_configs_train_and_decode_token_by_token(name):
     """Each tiny config of the family learns (loss falls over a few steps on repeating bytes)
     and, after training, decodes one token at a time to the full forward's logits."""
-    import zoo
-
     torch.manual_seed(0)
     model = zoo.ZooForCausalLM(zoo.load_config(name)).train()
     text = b"the quick brown fox jumps over the lazy dog. " * 4
