@@ -38,18 +38,21 @@ def moe_experts_torch(
     N, K = expert_ids.shape
     E = gate_up_proj.shape[0]
     order, counts = sort_slots_by_expert(expert_ids, E)
-    tokens = order // K
-    slot_weights = weights.reshape(-1).index_select(0, order)
-    y = torch.zeros_like(x)
-    start = 0
     # one host sync for the counts; the per-expert loop is what CPU MoE code does (Mixtral's too)
-    for e, count in enumerate(counts.tolist()):
-        if count == 0:
-            continue
-        rows = tokens[start : start + count]
-        h = x.index_select(0, rows) @ gate_up_proj[e].t()
-        out = expert_activation(h, activation) @ down_proj[e].t()
-        w = slot_weights[start : start + count].to(out.dtype)
-        y.index_add_(0, rows, out * w.unsqueeze(-1))
-        start += count
+    counts = counts.tolist()
+    n_routed = sum(counts)
+    tokens = order[:n_routed] // K
+    # gather every routed row once, in expert order: each expert then reads a contiguous slice
+    xs = x.index_select(0, tokens)
+    outs, start = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            h = xs[start : start + count] @ gate_up_proj[e].t()
+            outs.append(expert_activation(h, activation) @ down_proj[e].t())
+            start += count
+    y = torch.zeros_like(x)
+    if outs:
+        w = weights.reshape(-1).index_select(0, order[:n_routed])
+        out = torch.cat(outs) * w.to(outs[0].dtype).unsqueeze(-1)
+        y.index_add_(0, tokens, out.to(x.dtype))
     return y
