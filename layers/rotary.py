@@ -24,7 +24,10 @@ class Rotary(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute the frequencies (from_pretrained materialises non-persistent buffers empty)."""
-        self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
+        if self.inv_freq.is_meta:  # built on the meta device and loaded with assign=True
+            self.inv_freq = self._inv_freq()
+        else:
+            self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
     def cos_sin(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos and sin for positions start .. start + length - 1, shaped (1, T, 1, D)."""

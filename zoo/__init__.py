@@ -22,3 +22,7 @@ __all__ = [
     "ConfigError", "ZooCache", "ZooCausalLMOutput", "ZooConfig", "ZooForCausalLM", "ZooModel",
     "load_config", "shipped_configs",
 ]
+
+from zoo.hf_import import from_hf  # noqa: E402
+
+__all__ += ["from_hf"]

