@@ -2,8 +2,9 @@
 
 The direct form is what decoding (T = 1 against a long history) and short chunks want: one pass
 over the history, no FFT buffers. Costs O(T * (P + T) * D), so long T goes to the FFT path.
-Layout (B, T, D), channels contiguous. Each program owns a (BLOCK_T, BLOCK_D) tile of outputs and
-walks the inputs in BLOCK_S slices, forming the (t, s) lag tile and gathering k at those lags.
+Layout (B, T, D), channels contiguous. A forward program owns a (BLOCK_T, BLOCK_D) tile of outputs
+and one split of S_PER_PROGRAM inputs, walks them in BLOCK_S slices (forming the (t, s) lag tile
+and gathering k at those lags), and writes a partial sum; the host adds the splits.
 The history ("past", the P inputs before u) is read in place through its strides, so a decode
 step does not copy a growing cache.
 """
@@ -29,18 +30,22 @@ def _load_inputs(u_ptr, past_ptr, i_b, s, mask, d, mask_d, T, P, D, stride_pb, s
 
 @triton.jit
 def _direct_fwd_kernel(
-    u_ptr, past_ptr, k_ptr, bias_ptr, y_ptr, T, P, D,
+    u_ptr, past_ptr, k_ptr, y_partial_ptr, B, T, P, D, S_PER_PROGRAM,
     stride_pb, stride_pt, stride_kd, stride_kl,
-    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_b, i_t, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # program (split, b) sums inputs [split * S_PER_PROGRAM, (split + 1) * S_PER_PROGRAM): a
+    # decode step (T = 1) against a long history would otherwise leave B * D / BLOCK_D programs
+    # walking the whole history alone; the host adds the splits' partial sums
+    i_sb, i_t, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_split, i_b = i_sb // B, i_sb % B
     t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_t, mask_d = t < T, d < D
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     # inputs after this tile's last output never reach it
-    s_end = P + tl.minimum(i_t * BLOCK_T + BLOCK_T, T)
-    for s0 in range(0, s_end, BLOCK_S):
+    s_end = tl.minimum(P + tl.minimum(i_t * BLOCK_T + BLOCK_T, T), (i_split + 1) * S_PER_PROGRAM)
+    for s0 in range(i_split * S_PER_PROGRAM, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask_s = s < s_end
         xv = _load_inputs(u_ptr, past_ptr, i_b, s[:, None], mask_s[:, None], d[None, :],
@@ -50,13 +55,8 @@ def _direct_fwd_kernel(
         kv = tl.load(k_ptr + d[None, None, :] * stride_kd + lag[:, :, None] * stride_kl,
                      mask=valid[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
         acc += tl.sum(kv * xv[None, :, :], axis=1)
-    mask = mask_t[:, None] & mask_d[None, :]
-    if HAS_BIAS:
-        uv = tl.load(u_ptr + i_b * T * D + t[:, None] * D + d[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        acc += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[None, :] * uv
-    tl.store(y_ptr + i_b * T * D + t[:, None] * D + d[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(y_partial_ptr + ((i_split * B + i_b) * T + t[:, None]) * D + d[None, :], acc,
+             mask=mask_t[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -114,6 +114,10 @@ def _direct_bwd_filter_kernel(
              mask=mask_j[:, None] & mask_d[None, :])
 
 
+# inputs per forward program: BLOCK_S-slices walked by one program before the splits are summed
+S_PER_PROGRAM = 512
+
+
 def _blocks(T: int, D: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_S, BLOCK_D): 3-D (T, S, D) tiles of at most 16 * 16 * 32 values."""
     return min(16, triton.next_power_of_2(max(T, 1))), 16, min(32, triton.next_power_of_2(D))
@@ -133,14 +137,21 @@ class DirectConvFunction(torch.autograd.Function):
             P, stride_pb, stride_pt = past.shape[1], past.stride(0), past.stride(1)
         else:
             past, P, stride_pb, stride_pt = u, 0, 0, 0  # never read: every s >= P = 0
-        y = torch.empty_like(u)
         block_t, block_s, block_d = _blocks(T, D)
-        grid = (B, triton.cdiv(T, block_t), triton.cdiv(D, block_d))
+        S = P + T
+        per_program = max(S_PER_PROGRAM, block_s)
+        n_splits = triton.cdiv(S, per_program)
+        y_partial = torch.empty(n_splits, B, T, D, device=u.device, dtype=torch.float32)
+        grid = (n_splits * B, triton.cdiv(T, block_t), triton.cdiv(D, block_d))
         _direct_fwd_kernel[grid](
-            u, past, k, bias if bias is not None else u, y, T, P, D,
+            u, past, k, y_partial, B, T, P, D, per_program,
             stride_pb, stride_pt, k.stride(0), k.stride(1),
-            HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d,
+            BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d,
         )
+        y = y_partial.sum(0) if n_splits > 1 else y_partial[0]
+        if bias is not None:
+            y = y + bias.float() * u.float()
+        y = y.to(u.dtype)
         ctx.save_for_backward(u, past, k, bias)
         ctx.P, ctx.has_state = P, has_state
         ctx.strides = (stride_pb, stride_pt)
