@@ -7,9 +7,10 @@ import torch
 
 # At or below this many new outputs the direct form wins on the CPU: a decode step costs one
 # O(P * D) multiply-sum instead of three FFTs of about P + T points per channel. Measured with
-# `zoo bench fft-conv` (1 thread, D = 384): at P = 1024 a step is ~0.7 ms direct vs ~5 ms FFT,
-# the two cross between T = 4 and T = 8 for P from 128 to 4096.
-DIRECT_MAX_T = 4
+# `zoo bench fft-conv` (D = 384, 1 thread, a shared 2-core machine, so rough): at P = 1024 a
+# step is ~0.6 ms direct against several ms of FFT; the two cross between T = 8 and T = 16 for
+# P from 128 to 4096.
+DIRECT_MAX_T = 8
 
 
 def fft_conv_fft(
@@ -31,8 +32,9 @@ def fft_conv_fft(
     x = u if initial_state is None else torch.cat([initial_state.to(u.dtype), u], dim=1)
     S = x.shape[1]
     n = 1 << max(S + T - 2, 1).bit_length()  # next power of two >= S + T - 1
-    x32 = x.float().transpose(1, 2)  # (B, D, S): FFT along the last dim
-    k32 = k[:, :S].float()
+    # (B, D, S) and (D, S) contiguous: pocketfft along a strided dim runs ~3x slower
+    x32 = x.float().transpose(1, 2).contiguous()
+    k32 = k[:, :S].float().contiguous()
     y = torch.fft.irfft(torch.fft.rfft(x32, n=n) * torch.fft.rfft(k32, n=n), n=n)[..., S - T : S]
     y = y.transpose(1, 2)
     if bias is not None:
