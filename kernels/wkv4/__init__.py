@@ -57,7 +57,8 @@ def wkv4(
             f"got {tuple(initial_state.shape)}"
         )
     backend = resolve_backend(backend, k, "wkv4")
-    if backend == "reference":
+    # one token (decoding): the recurrent step is the whole computation, and the cheapest
+    if backend == "reference" or (backend == "torch" and T == 1):
         return wkv4_reference(w, u, k, v, initial_state, output_final_state)
     if backend == "torch":
         return wkv4_torch(w, u, k, v, initial_state, output_final_state)

@@ -28,7 +28,7 @@ def wkv4_torch(
     v: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 32,
+    chunk_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as `wkv4_reference`; k, v: (B, T, C), w, u: (C,), state (B, 3, C)."""
     B, T, C = k.shape
@@ -40,20 +40,21 @@ def wkv4_torch(
     u = u.to(acc)
     out_dtype = v.dtype
     k, v = k.to(acc), v.to(acc)
+    # Log-weights that depend only on (decay, u) are built once for a full chunk; a shorter
+    # last chunk uses their top-left corner (pairs) or tail (token_to_end).
+    n = min(chunk_size, T)
+    pos = torch.arange(n, device=k.device)
+    dist = (pos[:, None] - 1 - pos[None, :]).to(acc)[..., None]  # (t, i, 1): t - 1 - i
+    future = torch.full_like(dist * decay, float("-inf"))
+    pairs = torch.where(dist >= 0, dist * decay, torch.where(dist == -1, u + 0 * decay, future))
+    state_to_row = pos[:, None].to(acc) * decay  # (n, C): the state decayed t steps
+    token_to_end = (n - 1 - pos)[:, None].to(acc) * decay  # (n, C): token i to the chunk's end
     ys = []
-    for start in range(0, T, chunk_size):
-        kc, vc = k[:, start : start + chunk_size], v[:, start : start + chunk_size]
-        n = kc.shape[1]
-        pos = torch.arange(n, device=k.device)
-        dist = (pos[:, None] - 1 - pos[None, :]).to(acc)  # (t, i): t - 1 - i
-        past = (dist >= 0)[..., None]
-        same = (dist == -1)[..., None]
-        keys = kc[:, None]  # (B, 1, n_i, C): broadcast over rows t
-        logw = torch.where(
-            past, keys + dist[..., None] * decay,
-            torch.where(same, keys + u, torch.full_like(keys, float("-inf"))),
-        )  # (B, n_t, n_i, C)
-        state_log = mx[:, None] + pos[:, None].to(acc) * decay  # (B, n_t, C)
+    # split, not slice: a slice's backward writes a zero tensor of the whole sequence per chunk
+    for kc, vc in zip(k.split(chunk_size, dim=1), v.split(chunk_size, dim=1)):
+        m = kc.shape[1]
+        logw = kc[:, None] + pairs[:m, :m]  # (B, t, i, C)
+        state_log = mx[:, None] + state_to_row[:m]  # (B, t, C)
         # the output does not depend on the stabiliser: no gradient through it
         p = torch.maximum(logw.amax(2), state_log).detach()
         weights = torch.exp(logw - p[:, :, None])
@@ -62,9 +63,9 @@ def wkv4_torch(
             (carried * num[:, None] + (weights * vc[:, None]).sum(2))
             / (carried * den[:, None] + weights.sum(2))
         )
-        # carry: decay the state n steps and add every token of the chunk
-        token_log = kc + (n - 1 - pos)[:, None].to(acc) * decay  # (B, n, C)
-        state_log = mx + n * decay
+        # carry: decay the state m steps and add every token of the chunk
+        token_log = kc + token_to_end[n - m :]  # (B, m, C)
+        state_log = mx + m * decay
         new_max = torch.maximum(token_log.amax(1), state_log)
         weights = torch.exp(token_log - new_max[:, None])
         carried = torch.exp(state_log - new_max)
