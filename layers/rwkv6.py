@@ -142,13 +142,11 @@ class Rwkv6TimeMix(Mixer):
         delta = token_shift(x, state.shift) - x
         # ddlerp: the five interpolation weights, each static + a low-rank function of the token
         lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1)
-        lora = rearrange(lora, "b t (f r) -> f b t r", f=5)
-        mw, mk, mv, mr, mg = torch.einsum("fbtr,frc->fbtc", lora, self.time_maa_w2).unbind(0)
-        xw = x + delta * (self.time_maa_w + mw)
-        xk = x + delta * (self.time_maa_k + mk)
-        xv = x + delta * (self.time_maa_v + mv)
-        xr = x + delta * (self.time_maa_r + mr)
-        xg = x + delta * (self.time_maa_g + mg)
+        lora = rearrange(lora, "b t (f r) -> f (b t) r", f=5)
+        mix = torch.bmm(lora, self.time_maa_w2).view(5, *x.shape)  # (5, B, T, C)
+        static = torch.stack([self.time_maa_w, self.time_maa_k, self.time_maa_v,
+                              self.time_maa_r, self.time_maa_g])  # (5, 1, 1, C)
+        xw, xk, xv, xr, xg = (x + delta * (static + mix)).unbind(0)
         heads = dict(d=self.head_size)
         r = rearrange(self.receptance(xr), "b t (h d) -> b t h d", **heads)
         k = rearrange(self.key(xk), "b t (h d) -> b t h d", **heads)
