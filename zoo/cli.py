@@ -130,7 +130,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     record = run_bench(args.name, options, plot=not args.no_plot)
     env = record["environment"]
     print(f"{args.name} on {env['device']} (torch {env['torch']}, commit {env['commit']})")
-    print(format_rows(record["rows"]))
+    print(record.get("report") or format_rows(record["rows"]))
     print(f"wrote {record['json']}" + (f" and {record['png']}" if record.get("png") else ""))
     return 0
 

@@ -38,18 +38,28 @@ class BenchEntry:
     run: Callable[[BenchOptions], list[dict]]
     help: str
     plot: Callable[[list[dict], Path], None] | None = None
+    # rows -> markdown (tables derived from the rows, e.g. fitted exponents); written as .md
+    report: Callable[[list[dict]], str] | None = None
 
 
 BENCHES: dict[str, BenchEntry] = {}
 
 
-def register_bench(name: str, help: str, plot: Callable[[list[dict], Path], None] | None = None):
-    """Decorator: `@register_bench("attention-model", "what it measures")`."""
+def register_bench(
+    name: str,
+    help: str,
+    plot: Callable[[list[dict], Path], None] | None = None,
+    report: Callable[[list[dict]], str] | None = None,
+):
+    """Decorator: `@register_bench("attention-model", "what it measures")`.
+
+    `plot(rows, png_path)` may write more PNGs beside png_path (same stem, a suffix each).
+    """
 
     def add(fn: Callable[[BenchOptions], list[dict]]):
         if name in BENCHES:
             raise ValueError(f"bench {name!r} is registered twice")
-        BENCHES[name] = BenchEntry(name, fn, help, plot)
+        BENCHES[name] = BenchEntry(name, fn, help, plot, report)
         return fn
 
     return add
@@ -129,6 +139,9 @@ def run_bench(name: str, options: BenchOptions, plot: bool = True) -> dict[str, 
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
     record["json"] = str(path)
+    if entry.report is not None and rows:
+        record["report"] = entry.report(rows)
+        (out_dir / f"{name}.md").write_text(record["report"] + "\n")
     if plot and entry.plot is not None and rows:
         try:
             entry.plot(rows, out_dir / f"{name}.png")

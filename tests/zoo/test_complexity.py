@@ -1,0 +1,28 @@
+import math
+
+from zoo.bench.complexity import complexity_report, exponents, fit_exponent
+
+
+def test_fit_exponent_recovers_known_powers():
+    ns = [256, 512, 1024, 2048]
+    assert math.isclose(fit_exponent(ns, [n**2 * 3.0 for n in ns]), 2.0, rel_tol=1e-9)
+    assert math.isclose(fit_exponent(ns, [5.0 for _ in ns]), 0.0, abs_tol=1e-9)
+    # only the largest three points count: a constant overhead at small n is ignored
+    assert math.isclose(fit_exponent(ns, [100.0, 512, 1024, 2048]), 1.0, rel_tol=1e-9)
+
+
+def test_report_flags_disagreement_with_theory_and_with_the_survey():
+    rows = []
+    for n in (256, 512, 1024):
+        rows.append({"family": "attention", "n": n, "train_s": n**2 * 1e-9,
+                     "prefill_s": n**2 * 1e-9, "decode_s_per_token": n * 1e-6,
+                     "state_bytes": n * 100, "train_peak_bytes": n * 1000})
+        rows.append({"family": "mamba", "n": n, "train_s": n * 1e-6, "prefill_s": n**2 * 1e-9,
+                     "decode_s_per_token": 1e-4, "state_bytes": 4096, "train_peak_bytes": 1})
+    fits = exponents(rows)
+    assert round(fits["attention"]["decode"], 6) == 1.0 and round(fits["mamba"]["state"], 6) == 0
+    report = complexity_report(rows)
+    attention_line = next(line for line in report.splitlines() if line.startswith("| attention |"))
+    assert "1.00 / 1 / 2 survey≠" in attention_line  # KV-cache decode is O(n d), not O(n^2 d)
+    mamba_line = next(line for line in report.splitlines() if line.startswith("| mamba |"))
+    assert "2.00 ! / 1" in mamba_line  # a quadratic prefill in a bounded mixer is flagged
