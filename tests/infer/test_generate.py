@@ -1,0 +1,173 @@
+"""zoo.infer.generate against transformers' generate and the full forward, on every tiny config:
+ragged batches, stop tokens, seeded sampling and streaming."""
+
+import pytest
+import torch
+
+import zoo
+from zoo.infer import generate, stream
+from zoo.infer.generate import decode_step, prefill, states_mergeable
+
+TINY = [name for name in zoo.shipped_configs() if name.endswith("-tiny")]
+
+
+def _prompts(lengths, seed=0, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_greedy_equals_transformers_generate(name, make_model):
+    model = make_model(name)
+    prompts = _prompts([7, 7])
+    result = generate(model, prompts, max_new_tokens=10)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(prompts), max_new_tokens=10, do_sample=False)
+    assert result.tokens == expected[:, 7:].tolist()
+    assert result.finish_reasons == ["length", "length"]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_greedy_equals_full_forward_argmax_at_every_position(name, make_model):
+    model = make_model(name)
+    prompt = _prompts([6])[0]
+    tokens = generate(model, prompt, max_new_tokens=14).tokens[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0]
+    # position t predicts token t + 1: the prompt's last position predicts the first new token
+    assert logits[len(prompt) - 1 : -1].argmax(-1).tolist() == tokens
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_ragged_batch_equals_one_by_one(name, make_model):
+    model = make_model(name)
+    prompts = _prompts([5, 9, 2, 9, 1], seed=1)
+    batch = generate(model, prompts, max_new_tokens=9)
+    alone = [generate(model, [p], max_new_tokens=9).tokens[0] for p in prompts]
+    assert batch.tokens == alone
+    assert [len(t) for t in batch.tokens] == [9] * 5
+    assert batch.stats.merged_prefill == states_mergeable(model)
+
+
+@pytest.mark.parametrize("name", TINY)
+@torch.no_grad()
+def test_ragged_prefill_leaves_each_row_the_state_it_has_alone(name, make_model, caches_equal):
+    """Merged rows (bounded states) or the common prefix plus the row's own tail (catch-up):
+    either way a row's state is the state of its prompt alone, padding never enters it."""
+    model = make_model(name)
+    prompts = _prompts([4, 8, 1, 8], seed=2)
+    start = prefill(model, prompts)
+    for row, prompt in enumerate(prompts):
+        own = start.cache.index_select(torch.tensor([row]))
+        if start.tails[row]:
+            decode_step(model, torch.tensor([start.tails[row]]), own)
+        alone = model.new_cache()
+        decode_step(model, torch.tensor([prompt]), alone)
+        caches_equal(own, alone)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_rows_stop_at_their_stop_token_and_the_rest_go_on(name, make_model):
+    model = make_model(name)
+    prompts = _prompts([6, 3, 8], seed=3)
+    free = generate(model, prompts, max_new_tokens=12)
+    stop = free.tokens[0][4]  # row 0 generates it as its 5th token
+    batch = generate(model, prompts, max_new_tokens=12, stop_tokens=[stop])
+    alone = [generate(model, [p], max_new_tokens=12, stop_tokens=stop).tokens[0]
+             for p in prompts]
+    assert batch.tokens == alone
+    first = free.tokens[0].index(stop)
+    assert batch.tokens[0] == free.tokens[0][: first + 1]
+    assert batch.finish_reasons[0] == "stop"
+    for row, tokens in enumerate(batch.tokens):
+        expected = free.tokens[row]
+        if stop in expected:
+            expected = expected[: expected.index(stop) + 1]
+        assert tokens == expected
+        assert batch.finish_reasons[row] == ("stop" if stop in tokens else "length")
+
+
+@pytest.mark.parametrize("name", ["attention-tiny", "linear-attention-tiny"])
+def test_eos_stops_as_in_transformers(name, make_model):
+    model = make_model(name)
+    prompt = _prompts([5], seed=4)[0]
+    eos = generate(model, prompt, max_new_tokens=10).tokens[0][3]
+    ours = generate(model, prompt, max_new_tokens=10, eos_token_id=eos).tokens[0]
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                eos_token_id=eos, pad_token_id=eos)[0, 5:].tolist()
+    assert ours == theirs and ours[-1] == eos and len(ours) <= 4
+
+
+def test_the_config_eos_is_the_default_stop(make_model):
+    model = make_model("attention-tiny")
+    prompt = _prompts([5], seed=4)[0]
+    eos = generate(model, prompt, max_new_tokens=10).tokens[0][2]
+    model.config.eos_token_id = eos
+    assert generate(model, prompt, max_new_tokens=10).tokens[0][-1] == eos
+    assert len(generate(model, prompt, max_new_tokens=10, stop_tokens=[]).tokens[0]) == 10
+
+
+@pytest.mark.parametrize("name", ["attention-tiny", "rwkv6-tiny"])
+def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng(name, make_model):
+    model = make_model(name)
+    prompts = _prompts([4, 6], seed=5)
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.95,
+                  repetition_penalty=1.1)
+    rng = torch.get_rng_state()
+    a = generate(model, prompts, seed=7, **kwargs).tokens
+    assert torch.equal(rng, torch.get_rng_state())
+    assert a == generate(model, prompts, seed=7, **kwargs).tokens
+    assert a != generate(model, prompts, seed=8, **kwargs).tokens
+    # (one generator serves the batch: a row's draws depend on its batch, not on the run)
+    assert a != generate(model, prompts, max_new_tokens=16).tokens
+
+
+def test_repetition_penalty_discourages_repeats(make_model):
+    model = make_model("attention-tiny")
+    prompt = _prompts([4], seed=6)[0]
+    plain = generate(model, prompt, max_new_tokens=40).tokens[0]
+    penalised = generate(model, prompt, max_new_tokens=40, repetition_penalty=5.0).tokens[0]
+    assert len(set(penalised)) > len(set(plain))
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                                  repetition_penalty=5.0)[0, 4:].tolist()
+    assert penalised == expected
+
+
+def test_stream_yields_the_tokens_of_generate_in_order(make_model):
+    model = make_model("rwkv4-tiny")
+    prompts = _prompts([3, 7], seed=7)
+    expected = generate(model, prompts, max_new_tokens=6)
+    run = stream(model, prompts, max_new_tokens=6)
+    seen = {0: [], 1: []}
+    for row, token in run:
+        seen[row].append(token)
+    assert [seen[0], seen[1]] == expected.tokens
+    assert run.result.tokens == expected.tokens
+
+
+def test_stats_and_cache(make_model):
+    model = make_model("linear-attention-tiny")
+    result = generate(model, _prompts([5, 5]), max_new_tokens=8, return_cache=True)
+    stats = result.stats
+    assert stats.batch_size == 2 and stats.prompt_tokens == 10 and stats.generated_tokens == 16
+    assert stats.decode_steps == 7 and stats.prefill_tokens_per_s > 0
+    assert stats.decode_tokens_per_s > 0
+    assert stats.state_bytes == result.cache.nbytes() > 0
+    layer = model.model.layers[0]
+    assert stats.state_bytes == model.config.n_layers * layer.mixer.state_size(13)
+
+
+def test_generate_restores_training_mode(make_model):
+    model = make_model("moe-tiny").train()
+    generate(model, [1, 2, 3], max_new_tokens=2)
+    assert model.training
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([], "empty"), ([[1, 2], []], r"prompts\[1\] is empty"), ([[1, 256]], "token id 256"),
+])
+def test_bad_prompts_are_named(prompts, match, make_model):
+    with pytest.raises(ValueError, match=match):
+        generate(make_model("attention-tiny"), prompts, max_new_tokens=2)
