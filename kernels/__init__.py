@@ -10,9 +10,10 @@ from .fft_conv import fft_conv
 from .linear_attention import linear_attention
 from .moe import moe_experts
 from .rms_norm import rms_norm
+from .selective_scan import selective_scan
 from .wkv4 import wkv4
 
 __all__ = [
     "BACKENDS", "causal_conv1d", "fft_conv", "linear_attention", "moe_experts", "resolve_backend",
-    "rms_norm", "wkv4",
+    "rms_norm", "selective_scan", "wkv4",
 ]
