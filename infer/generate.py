@@ -429,7 +429,8 @@ def _run(model, rows, plan, stream, return_cache):
     was_training = model.training
     model.eval()  # dropout, MoE jitter and capacity are training-only behaviours
     try:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: a returned cache must stay usable for more decoding
+        with torch.no_grad():
             start_time = time.perf_counter()
             start = prefill(model, rows)
             _sync(device)
