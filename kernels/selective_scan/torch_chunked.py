@@ -63,11 +63,11 @@ class SelectiveScanChunked(torch.autograd.Function):
         groups = 1 if B.dim() == 3 else B.shape[1]
         per = dim // groups
         dtype = u.dtype
-        u4, dt4 = u.view(batch, groups, per, T), dt.view(batch, groups, per, T)
-        A4 = A.view(groups, per, 1, n)
+        u4, dt4 = u.reshape(batch, groups, per, T), dt.reshape(batch, groups, per, T)
+        A4 = A.reshape(groups, per, 1, n)
         Bt, Ct = _as_groups(B, dtype), _as_groups(C, dtype)
         x = dt4 * u4
-        state = (h0.view(batch, groups, per, n) if h0 is not None
+        state = (h0.reshape(batch, groups, per, n) if h0 is not None
                  else u.new_zeros(batch, groups, per, n))
         L = max(1, min(chunk_size, T))
         mask = torch.ones(L, L, dtype=torch.bool, device=u.device).triu(1)[:, :, None]
@@ -83,7 +83,7 @@ class SelectiveScanChunked(torch.autograd.Function):
             state = states[..., -1, :]
         ctx.save_for_backward(u, dt, A, B, C, torch.stack(starts))
         ctx.chunk, ctx.has_h0 = L, h0 is not None
-        return y.view(batch, dim, T), state.reshape(batch, dim, n)
+        return y.reshape(batch, dim, T), state.reshape(batch, dim, n)
 
     @staticmethod
     def backward(ctx, dy, dhT):
@@ -93,11 +93,11 @@ class SelectiveScanChunked(torch.autograd.Function):
         groups = 1 if B.dim() == 3 else B.shape[1]
         per = dim // groups
         dtype = u.dtype
-        u4, dt4 = u.view(batch, groups, per, T), dt.view(batch, groups, per, T)
-        A4 = A.view(groups, per, 1, n)
+        u4, dt4 = u.reshape(batch, groups, per, T), dt.reshape(batch, groups, per, T)
+        A4 = A.reshape(groups, per, 1, n)
         Bt, Ct = _as_groups(B, dtype), _as_groups(C, dtype)
         x = dt4 * u4
-        dy4 = (dy.to(dtype) if dy is not None else u.new_zeros(batch, dim, T)).view(
+        dy4 = (dy.to(dtype) if dy is not None else u.new_zeros(batch, dim, T)).reshape(
             batch, groups, per, T)
         # g_carry = dL/dh at the end of the current chunk coming from later steps
         g_carry = (dhT.to(dtype).reshape(batch, groups, per, n) if dhT is not None
@@ -136,7 +136,7 @@ class SelectiveScanChunked(torch.autograd.Function):
         if B.dim() == 3:
             dB, dC = dB[:, 0], dC[:, 0]
         dh0 = g_carry.reshape(batch, dim, n) if ctx.has_h0 else None
-        return (du.view(batch, dim, T), ddt.view(batch, dim, T), dA.view(dim, n), dB, dC, dh0,
+        return (du.reshape(batch, dim, T), ddt.reshape(batch, dim, T), dA.reshape(dim, n), dB, dC, dh0,
                 None)
 
 
