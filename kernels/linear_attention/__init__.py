@@ -49,7 +49,8 @@ def linear_attention(
         initial_state: (B, H, K, V) (or (B, H, K, V + 1) with `normalize`), the state before q.
         output_final_state: also return the state after the last token.
         chunk_size: tokens per chunk of the chunked forms (the Triton backend needs a power of
-            two >= 16); any T works, not only multiples of it.
+            two >= 16); any T works, not only multiples of it. The Triton backend takes
+            K <= 256 and any V.
         backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch", "triton" or "reference".
     Returns:
         (o, final_state): o (B, T, H, V) in q's dtype; final_state (B, H, K, V[+1]) in float32

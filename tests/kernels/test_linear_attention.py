@@ -55,6 +55,7 @@ def _compare(inputs, backend, ratio, dtype=torch.float32, grad_ratio=None, **opt
                                               **options)
     o, ht, grads = _run_and_grads(inputs, backend, dtype, do, dht, chunk_size=CHUNK, **options)
     assert o.dtype == dtype
+    assert ht.dtype == torch.float32, "the state accumulates in float32 whatever the inputs"
     assert_close("o", o_ref, o, ratio)
     assert_close("final_state", ht_ref, ht, ratio)
     for name, ref in grads_ref.items():
@@ -169,3 +170,12 @@ def test_cuda_auto_backend_matches_reference(form):
     assert_close("final_state", ht_ref, ht, 1e-4)
     for name, ref in grads_ref.items():
         assert_close(name, ref, grads[name], 1e-4)
+
+
+def test_triton_limits_are_clear_errors():
+    q, v = torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 4)
+    with pytest.raises(ValueError, match="chunk_size a power of two"):
+        linear_attention(q, q, v, chunk_size=24, backend="triton")
+    big = torch.randn(1, 5, 1, 300)
+    with pytest.raises(ValueError, match="K <= 256"):
+        linear_attention(big, big, v, backend="triton")
