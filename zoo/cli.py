@@ -2,6 +2,7 @@
 
     zoo info CONFIG            parameters, layers, state bytes per sequence
     zoo bench NAME             run a registered benchmark (zoo bench --list)
+    zoo generate MODEL --prompt TEXT   generate text (zoo.infer), --stream to print as it comes
 
 Subcommands live in COMMANDS: (name, help, add_arguments, run).
 """
@@ -133,6 +134,20 @@ def run_bench_command(args: argparse.Namespace) -> int:
     print(record.get("report") or format_rows(record["rows"]))
     print(f"wrote {record['json']}" + (f" and {record['png']}" if record.get("png") else ""))
     return 0
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    from zoo.infer.text import add_generate_arguments
+
+    add_generate_arguments(p)
+
+
+@command("generate", "generate text from a checkpoint, a config (untrained) or smollm2-135m",
+         _generate_arguments)
+def run_generate(args: argparse.Namespace) -> int:
+    from zoo.infer.text import run_generate_command
+
+    return run_generate_command(args)
 
 
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
