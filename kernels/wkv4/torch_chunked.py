@@ -45,8 +45,8 @@ def wkv4_torch(
     n = min(chunk_size, T)
     pos = torch.arange(n, device=k.device)
     dist = (pos[:, None] - 1 - pos[None, :]).to(acc)[..., None]  # (t, i, 1): t - 1 - i
-    future = torch.full_like(dist * decay, float("-inf"))
-    pairs = torch.where(dist >= 0, dist * decay, torch.where(dist == -1, u + 0 * decay, future))
+    future = torch.full((n, n, C), float("-inf"), device=k.device, dtype=acc)
+    pairs = torch.where(dist >= 0, dist * decay, torch.where(dist == -1, u, future))  # (t, i, C)
     state_to_row = pos[:, None].to(acc) * decay  # (n, C): the state decayed t steps
     token_to_end = (n - 1 - pos)[:, None].to(acc) * decay  # (n, C): token i to the chunk's end
     ys = []
