@@ -263,3 +263,23 @@ def test_tiny_model_trains(name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("name,rows", [("rwkv-train-step", 6), ("rwkv-decode", 6),
+                                       ("wkv4-op", 4)])
+def test_bench_entries_run_quick(name, rows, tmp_path):
+    from zoo.bench import BenchOptions, load_entries, run_bench
+
+    load_entries()
+    options = BenchOptions(quick=True, repeats=1, warmup=0, out_dir=tmp_path)
+    record = run_bench(name, options, plot=False)
+    assert len(record["rows"]) == rows
+    timings = [v for row in record["rows"] for k, v in row.items() if k.endswith("ms")
+               or k.endswith("ms_per_token")]
+    assert timings and all(t > 0 for t in timings)
+    if name == "rwkv-decode":  # bounded states do not grow with the context; attention's does
+        by_config = {}
+        for row in record["rows"]:
+            by_config.setdefault(row["config"], set()).add(row["state_bytes"])
+        assert len(by_config["rwkv4-tiny"]) == len(by_config["rwkv6-tiny"]) == 1
+        assert len(by_config["attention-tiny"]) == 2
