@@ -1,0 +1,146 @@
+"""Mamba benchmarks: a training step of a 4-layer d_model 256 Mamba against transformers'
+MambaForCausalLM of the same shape (same machine, same run), and per-token decoding against
+the context length (flat: the state is a fixed-size (conv, ssm) pair per layer).
+
+transformers' CPU fallback scans token by token in Python (its fast path needs mamba_ssm's CUDA
+kernels), so its step takes minutes; it is timed once, after a short-sequence probe predicts
+that the full step fits the remaining budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.config import ZooConfig
+from zoo.model import ZooForCausalLM
+
+BATCH, SEQ_LEN, D_MODEL, N_LAYERS = 4, 512, 256, 4
+QUICK = {"batch": 2, "seq_len": 64, "d_model": 64, "n_layers": 2}
+VOCABS = (256, 50280)  # byte-level as zoo's tiny configs; GPT-NeoX's as mamba-130m
+
+
+def zoo_mamba(vocab: int, d_model: int, n_layers: int, mixer: str = "mamba") -> ZooForCausalLM:
+    torch.manual_seed(0)
+    config = ZooConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers,
+                       mixer={"type": mixer}, ffn=None, norm="rms", norm_eps=1e-5)
+    return ZooForCausalLM(config)
+
+
+def hf_mamba(vocab: int, d_model: int, n_layers: int):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    return MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=d_model,
+                                        num_hidden_layers=n_layers, state_size=16, expand=2,
+                                        conv_kernel=4))
+
+
+def _step_fn(model, batch: int, seq_len: int, device: str):
+    """One training step: forward, backward and an AdamW update, on random tokens."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@register_bench(
+    "mamba-train-step",
+    "training step (fwd+bwd+AdamW) of a 4-layer d_model 256 Mamba, 4 x 512 tokens: zoo vs "
+    "transformers' MambaForCausalLM (timed once, budget permitting)",
+    plot=lambda rows, path: line_plot(rows, path, x="vocab", y="step_s", series="impl",
+                                      title="Mamba training step, 4 x 512 tokens"),
+)
+def bench_mamba_train(options: BenchOptions) -> list[dict]:
+    shape = QUICK if options.quick else {"batch": BATCH, "seq_len": SEQ_LEN, "d_model": D_MODEL,
+                                         "n_layers": N_LAYERS}
+    batch, seq_len = shape["batch"], shape["seq_len"]
+    vocabs = VOCABS[:1] if options.quick else VOCABS
+    rows, start = [], time.perf_counter()
+    for vocab in vocabs:
+        common = {"vocab": vocab, **shape}
+        for mixer in ("mamba", "mamba2"):
+            model = zoo_mamba(vocab, shape["d_model"], shape["n_layers"], mixer)
+            t = measure(_step_fn(model, batch, seq_len, options.device), device=options.device,
+                        warmup=options.warmup, repeats=max(1, options.repeats // 2))
+            rows.append({"impl": f"zoo {mixer}", **common, "step_s": t["median_s"],
+                         "measured": True})
+        if options.quick:
+            continue  # the transformers baseline takes minutes
+        zoo_s = rows[-2]["step_s"]
+        # probe at 1/8 of the length; the fallback's cost is linear in it (one Python step a token)
+        hf = hf_mamba(vocab, shape["d_model"], shape["n_layers"])
+        probe = _once(_step_fn(hf, batch, seq_len // 8, options.device))
+        predicted = probe * 8
+        left = options.budget_s - (time.perf_counter() - start)
+        if predicted < left:
+            hf_s, measured = _once(_step_fn(hf, batch, seq_len, options.device)), True
+        else:
+            hf_s, measured = predicted, False  # not run: reported as the probe's prediction
+        rows.append({"impl": "transformers MambaForCausalLM", **common, "step_s": hf_s,
+                     "measured": measured, "probe_seq_len": seq_len // 8, "probe_s": probe,
+                     "zoo_speedup": hf_s / zoo_s})
+    return rows
+
+
+@torch.no_grad()
+def _decode_per_token(model, context: int, steps: int, options: BenchOptions) -> dict:
+    """Prefill `context` tokens once, then time single-token steps from that state."""
+    model.to(options.device).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=options.device)
+    cache = model(ids, use_cache=True).cache
+    token = ids[:, -1:]
+
+    def decode():
+        # every repeat restarts from a copy of the prefilled state (a few kB per layer), so the
+        # context is `context` tokens each time; the cache object is updated in place
+        state = copy.deepcopy(cache)
+        for _ in range(steps):
+            state = model(token, cache=state, use_cache=True).cache
+        return state
+
+    result = measure(decode, device=options.device, warmup=1, repeats=options.repeats)
+    return {"median_s": result["median_s"] / steps, "state_bytes": cache.nbytes()}
+
+
+@register_bench(
+    "mamba-decode",
+    "decode ms/token of a 4-layer d_model 256 Mamba (and Mamba-2) vs context length, 128 to 8k",
+    plot=lambda rows, path: line_plot(rows, path, x="context", y="decode_ms_per_token",
+                                      series="impl", title="decode cost per token", logy=False),
+)
+def bench_mamba_decode(options: BenchOptions) -> list[dict]:
+    d_model, n_layers = (64, 2) if options.quick else (D_MODEL, N_LAYERS)
+    contexts = [16, 64] if options.quick else [128, 512, 2048, 8192]
+    steps = 4 if options.quick else 32
+    rows, start = [], time.perf_counter()
+    for mixer in ("mamba", "mamba2"):
+        model = zoo_mamba(256, d_model, n_layers, mixer)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for context in contexts:
+            if time.perf_counter() - start > options.budget_s:
+                break
+            t = _decode_per_token(model, context, steps, options)
+            rows.append({
+                "impl": f"zoo {mixer}", "d_model": d_model, "n_layers": n_layers,
+                "context": context, "decode_ms_per_token": 1e3 * t["median_s"],
+                "state_bytes": t["state_bytes"],
+                # every step reads the weights and the state once (and writes the state)
+                "achieved_GB_per_s": (weight_bytes + 2 * t["state_bytes"]) / t["median_s"] / 1e9,
+            })
+    return rows
