@@ -1,0 +1,346 @@
+"""Decoding benchmarks of zoo.infer: the lean loop against transformers' generate.
+
+    zoo bench decode              ms/token at 128, 1k, 8k context, every shipped tiny config,
+                                  next to transformers' generate on the matching HF model
+    zoo bench decode-smollm2      SmolLM2-135M: ms/token at 128 context vs the weight-read bound
+    zoo bench speculative         SmolLM2-135M with a layer-truncated copy of itself as draft
+
+Per-token times are medians of the intervals between consecutive decode steps (a
+LogitsProcessor stamps transformers' steps, the loop's own steps stamp zoo's), so the prefill
+is never mixed in and one slow step on a shared machine does not move the figure.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from zoo.bench.harness import BenchOptions, format_rows, line_plot, register_bench
+from zoo.config import ZooConfig, load_config, shipped_configs
+from zoo.model import ZooForCausalLM
+
+NEW_TOKENS = 24
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+class _StepClock:
+    """A transformers logits processor that only records when each step reached it."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _median_interval_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(b - a for a, b in zip(times, times[1:]))
+
+
+@torch.no_grad()
+def hf_generate_ms_per_token(model, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> float:
+    """transformers' generate (greedy): the median time between consecutive steps."""
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                   do_sample=False, pad_token_id=0,
+                   eos_token_id=None, logits_processor=LogitsProcessorList([clock]))
+    return _median_interval_ms(clock.times)
+
+
+@torch.no_grad()
+def zoo_ms_per_token(model: ZooForCausalLM, ids: torch.Tensor, new_tokens: int = NEW_TOKENS,
+                     compile: bool = False) -> tuple[float, int]:
+    """zoo.infer's decode loop (greedy): median step time, and state bytes per sequence.
+    compile=True runs the step under torch.compile (warm it up first: the first steps compile)."""
+    from zoo.infer.generate import DecodePlan, decode_steps, prefill
+    from zoo.infer.sampling import SamplingConfig
+
+    model.eval()
+    rows = ids.tolist()
+    plan = DecodePlan(SamplingConfig(), new_tokens, None, 0, None, 1, compile=compile)
+    start = prefill(model, rows)
+    times = [time.perf_counter() for _ in decode_steps(model, start, rows, plan)]
+    return _median_interval_ms(times), start.cache.nbytes()
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- the transformers model of the same shape -------------------------------------------------
+
+def _plain_layers(config: ZooConfig) -> bool:
+    return not config.layers
+
+
+def transformers_peer(config: ZooConfig):
+    """(label, a transformers model of the same shape with random weights), or None."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        MambaConfig,
+        MambaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        RwkvConfig,
+        RwkvForCausalLM,
+    )
+
+    from zoo.layers.ffn import swiglu_hidden_size
+
+    mixer, ffn = dict(config.mixer), dict(config.ffn or {})
+    kind, ffn_kind = mixer.get("type"), ffn.get("type")
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model,
+                  num_hidden_layers=config.n_layers,
+                  tie_word_embeddings=config.tie_word_embeddings)
+    if not _plain_layers(config):
+        return None
+    if kind == "attention" and ffn_kind in ("swiglu", "moe"):
+        heads = mixer.get("n_heads") or max(1, config.d_model // 64)
+        attention = dict(num_attention_heads=heads,
+                         num_key_value_heads=mixer.get("n_kv_heads") or heads,
+                         rms_norm_eps=config.norm_eps, max_position_embeddings=16384,
+                         rope_theta=mixer.get("rope_theta", 10000.0))
+        if ffn_kind == "swiglu":
+            hidden = ffn.get("hidden_size") or swiglu_hidden_size(config.d_model)
+            return "LlamaForCausalLM", LlamaForCausalLM(
+                LlamaConfig(**common, **attention, intermediate_size=hidden))
+        if ffn.get("expert_type") == "swiglu" and not ffn.get("n_shared_experts"):
+            return "MixtralForCausalLM", MixtralForCausalLM(MixtralConfig(
+                **common, **attention, intermediate_size=ffn["hidden_size"],
+                num_local_experts=ffn["n_experts"], num_experts_per_tok=ffn["top_k"]))
+        return None
+    if kind == "mamba" and config.ffn is None:
+        return "MambaForCausalLM", MambaForCausalLM(MambaConfig(
+            **common, state_size=mixer.get("d_state", 16), expand=mixer.get("expand", 2),
+            conv_kernel=mixer.get("d_conv", 4), layer_norm_epsilon=config.norm_eps))
+    if kind == "mamba2" and config.ffn is None:
+        expand, head_dim = mixer.get("expand", 2), mixer.get("head_dim", 64)
+        return "Mamba2ForCausalLM", Mamba2ForCausalLM(Mamba2Config(
+            **common, state_size=mixer.get("d_state", 128), expand=expand, head_dim=head_dim,
+            num_heads=expand * config.d_model // head_dim, n_groups=mixer.get("n_groups", 1),
+            conv_kernel=mixer.get("d_conv", 4), layer_norm_epsilon=config.norm_eps))
+    if kind == "rwkv4" and ffn_kind == "rwkv4_cmix":
+        return "RwkvForCausalLM", RwkvForCausalLM(RwkvConfig(
+            **common, attention_hidden_size=mixer.get("attention_hidden_size") or config.d_model,
+            intermediate_size=ffn.get("hidden_size") or 4 * config.d_model,
+            layer_norm_epsilon=config.norm_eps, rescale_every=0))
+    return None
+
+
+# --- decode: every tiny config ------------------------------------------------------------------
+
+def _tiny_configs() -> list[str]:
+    return [name for name in shipped_configs() if name.endswith("-tiny")]
+
+
+def decode_report(rows: list[dict]) -> str:
+    lines = [format_rows(rows), ""]
+    for name in dict.fromkeys(r["config"] for r in rows):
+        mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["context"])
+        growth = mine[-1]["zoo_ms_per_token"] / mine[0]["zoo_ms_per_token"]
+        line = (f"{name}: {mine[0]['context']} -> {mine[-1]['context']} context, zoo ms/token "
+                f"x{growth:.2f}")
+        if mine[0]["bounded"]:
+            line += " (bounded state: flat within 10%: " + ("yes" if growth <= 1.10 else "NO") + ")"
+        speedups = [r["speedup_vs_peer"] for r in mine if r.get("speedup_vs_peer")]
+        if speedups:
+            line += (f"; vs {mine[0]['peer']}: x{min(speedups):.1f} to x{max(speedups):.1f} "
+                     "faster per token (target x5)")
+        compiled = [r["peer_ms_per_token"] / r["zoo_compiled_ms"] for r in mine
+                    if r.get("zoo_compiled_ms") and r.get("peer_ms_per_token")]
+        if compiled:
+            line += f" (compiled step: x{min(compiled):.1f} to x{max(compiled):.1f})"
+        loop = [r["speedup_vs_hf_loop"] for r in mine]
+        line += f"; vs transformers' generate on the same zoo model: x{statistics.median(loop):.1f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@register_bench(
+    "decode",
+    "zoo.infer decode ms/token at 128/1k/8k context, every tiny config, vs transformers' generate",
+    plot=lambda rows, path: line_plot(rows, path, x="context", y="zoo_ms_per_token",
+                                      series="config", title="zoo.infer decode cost per token"),
+    report=decode_report,
+)
+def bench_decode(options: BenchOptions) -> list[dict]:
+    contexts = [32, 128] if options.quick else [128, 1024, 8192]
+    new_tokens = 8 if options.quick else NEW_TOKENS
+    rows, start = [], time.perf_counter()
+    for name in _tiny_configs():
+        if time.perf_counter() - start > options.budget_s:
+            break
+        config = load_config(name)
+        torch.manual_seed(0)
+        model = ZooForCausalLM(config).to(options.device).eval()
+        peer = transformers_peer(config)
+        if peer is not None:
+            torch.manual_seed(0)
+            peer = (peer[0], peer[1].to(options.device).eval())
+        bounded = all(block.mixer.bounded for block in model.model.layers)
+        for context in contexts:
+            ids = torch.randint(0, config.vocab_size, (1, context), device=options.device)
+            zoo_ms, state_bytes = zoo_ms_per_token(model, ids, new_tokens)
+            compiled_ms = None
+            if not options.quick:  # compiling costs 10-60 s a model on this CPU
+                zoo_ms_per_token(model, ids, 4, compile=True)  # warm-up: (re)compiles
+                compiled_ms = zoo_ms_per_token(model, ids, new_tokens, compile=True)[0]
+            loop_ms = hf_generate_ms_per_token(model, ids, new_tokens)
+            row = {"config": name, "context": context, "zoo_ms_per_token": zoo_ms,
+                   "zoo_compiled_ms": compiled_ms, "hf_generate_on_zoo_ms": loop_ms,
+                   "speedup_vs_hf_loop": loop_ms / zoo_ms,
+                   "peer": None, "peer_ms_per_token": None, "speedup_vs_peer": None,
+                   "zoo_params": _params(model), "peer_params": None,
+                   "state_bytes": state_bytes, "bounded": bounded}
+            if peer is not None:
+                peer_ms = hf_generate_ms_per_token(peer[1], ids, new_tokens)
+                row.update(peer=peer[0], peer_ms_per_token=peer_ms,
+                           speedup_vs_peer=peer_ms / zoo_ms, peer_params=_params(peer[1]))
+            rows.append(row)
+    return rows
+
+
+# --- SmolLM2-135M: the weight-read bound ----------------------------------------------------------
+
+def read_bandwidth(device: str, nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
+    """Bytes per second of reading a large fp32 tensor once (a sum), best of `repeats`: the
+    bandwidth a decode step that reads every weight once is bound by."""
+    x = torch.ones(nbytes // 4, device=device)
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x.sum().item()
+        times.append(time.perf_counter() - t)
+    return nbytes / min(times)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters a decode step reads (tied weights once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+@torch.no_grad()
+def gemv_floor_ms(model, repeats: int = 5) -> float:
+    """The model's matrix-vector products alone (every nn.Linear on one token, the tied head
+    included): what the BLAS library makes of the weight reads, with no other work."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device)
+              for m in layers]
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for m, x in zip(layers, inputs):
+            m(x)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _smollm2(dtype: torch.dtype = torch.float32):
+    from zoo.hf_import import from_hf
+
+    return from_hf("smollm2-135m", dtype=dtype)
+
+
+@register_bench(
+    "decode-smollm2",
+    "SmolLM2-135M decode ms/token at 128 context vs reading its weights once per token",
+    report=lambda rows: format_rows(rows),
+)
+def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
+    from zoo.hf_import import _load_source, smollm2_path
+
+    context = 32 if options.quick else 128
+    new_tokens = 8 if options.quick else 32
+    bandwidth = read_bandwidth(options.device)
+    rows = []
+    hf_model, _ = _load_source(str(smollm2_path()), torch.float32)
+    hf_model = hf_model.to(options.device).eval()
+    ids = torch.randint(0, 49152, (1, context), device=options.device)
+    hf_ms = hf_generate_ms_per_token(hf_model, ids, new_tokens)
+    del hf_model
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _smollm2(dtype).to(options.device).eval()
+        nbytes = weight_bytes(model)
+        zoo_ms, state_bytes = zoo_ms_per_token(model, ids, new_tokens)
+        bound_ms = 1e3 * nbytes / bandwidth  # bf16 weights: half the bytes at the same bandwidth
+        rows.append({
+            "model": "smollm2-135m", "dtype": str(dtype).replace("torch.", ""),
+            "context": context, "weight_MB": nbytes / 1e6,
+            "read_GB_per_s": bandwidth / 1e9, "bound_ms": bound_ms,
+            "zoo_ms_per_token": zoo_ms, "x_bound": zoo_ms / bound_ms,
+            "achieved_GB_per_s": nbytes / zoo_ms / 1e6,
+            "gemv_floor_ms": gemv_floor_ms(model),
+            "transformers_fp32_ms_per_token": hf_ms if dtype == torch.float32 else None,
+            "state_bytes": state_bytes, "threads": torch.get_num_threads(),
+        })
+        del model
+    return rows
+
+
+# --- speculative decoding -------------------------------------------------------------------------
+
+def truncated_draft(model: ZooForCausalLM, n_layers: int) -> ZooForCausalLM:
+    """The model's first n_layers with its own final norm and head: a draft that needs no
+    training (self-speculative decoding by layer skipping), sharing the tokenizer."""
+    config = ZooConfig(**{**model.config.to_dict(), "n_layers": n_layers})
+    with torch.device("meta"):
+        draft = ZooForCausalLM(config)
+    keep = {k: v for k, v in model.state_dict().items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layers}
+    draft.load_state_dict(keep, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        draft.tie_weights()
+    for module in draft.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    return draft.eval()
+
+
+@register_bench(
+    "speculative",
+    "speculative decoding on SmolLM2-135M with its first layers as draft: acceptance, speed-up",
+    report=lambda rows: format_rows(rows),
+)
+def bench_speculative(options: BenchOptions) -> list[dict]:
+    from zoo.infer import generate, speculative_generate
+
+    target = _smollm2().to(options.device).eval()
+    tokenizer = target.tokenizer
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "List the planets of the solar system in order."}],
+        add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    new_tokens = 16 if options.quick else 64
+    plain = generate(target, prompt, max_new_tokens=new_tokens, stop_tokens=[])
+    plain_s = plain.stats.decode_seconds / max(plain.stats.generated_tokens, 1)
+    rows = []
+    for layers, k in ([(10, 4)] if options.quick else [(6, 3), (10, 4), (15, 4)]):
+        draft = truncated_draft(target, layers)
+        result = speculative_generate(target, draft, prompt, max_new_tokens=new_tokens, k=k,
+                                      stop_tokens=[])
+        spec_s = result.stats.decode_seconds / result.stats.generated_tokens
+        rows.append({
+            "target": "smollm2-135m (30 layers)", "draft_layers": layers, "k": k,
+            "acceptance_rate": result.stats.acceptance_rate,
+            "tokens_per_round": result.stats.tokens_per_round,
+            "plain_ms_per_token": 1e3 * plain_s, "speculative_ms_per_token": 1e3 * spec_s,
+            "speedup": plain_s / spec_s,
+            "identical_to_plain": result.tokens == plain.tokens[0],
+        })
+    return rows
