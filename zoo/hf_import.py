@@ -56,7 +56,45 @@ def _llama(cfg) -> tuple[dict, list[tuple[str, str]]]:
     return fields, names
 
 
-LAYOUTS: dict[str, Callable] = {"llama": _llama}
+def _rwkv(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    hidden = cfg.hidden_size
+    fields = dict(
+        vocab_size=cfg.vocab_size, d_model=hidden, n_layers=cfg.num_hidden_layers,
+        mixer={"type": "rwkv4", "n_layers": cfg.num_hidden_layers,
+               "attention_hidden_size": cfg.attention_hidden_size or hidden},
+        ffn={"type": "rwkv4_cmix", "hidden_size": cfg.intermediate_size or 4 * hidden},
+        norm="layer", norm_eps=float(cfg.layer_norm_epsilon), embed_norm=True,
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
+    )
+    names = [
+        (r"rwkv\.embeddings\.", "model.embed_tokens."),
+        (r"rwkv\.blocks\.0\.pre_ln\.", "model.embed_norm."),  # RWKV's ln0
+        (r"rwkv\.blocks\.(\d+)\.ln1\.", r"model.layers.\1.mixer_norm."),
+        (r"rwkv\.blocks\.(\d+)\.ln2\.", r"model.layers.\1.ffn_norm."),
+        (r"rwkv\.blocks\.(\d+)\.attention\.", r"model.layers.\1.mixer."),
+        (r"rwkv\.blocks\.(\d+)\.feed_forward\.", r"model.layers.\1.ffn."),
+        (r"rwkv\.ln_out\.", "model.norm."),
+        (r"head\.", "lm_head."),
+    ]
+    return fields, names
+
+
+def _undo_rwkv_rescale(hf_model, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """transformers' RWKV halves two weights every `rescale_every` blocks, in place, when it
+    first runs in eval mode (an fp16 overflow guard); zoo keeps the trained weights."""
+    rescale_every = getattr(hf_model.config, "rescale_every", 0)
+    backbone = getattr(hf_model, "rwkv", None)
+    if not rescale_every or not getattr(backbone, "layers_are_rescaled", False):
+        return tensor
+    match = re.match(r"rwkv\.blocks\.(\d+)\.(attention\.output|feed_forward\.value)\.weight", name)
+    if match is None:
+        return tensor
+    return tensor * 2 ** (int(match.group(1)) // rescale_every)
+
+
+LAYOUTS: dict[str, Callable] = {"llama": _llama, "rwkv": _rwkv}
+# per-layout tensor fixes applied before the copy: (hf_model, source name, tensor) -> tensor
+TENSOR_FIXES: dict[str, Callable] = {"rwkv": _undo_rwkv_rescale}
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -181,6 +219,9 @@ def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
                 f"tensor {name!r}: shape {tuple(tensor.shape)} in the source, "
                 f"{tuple(targets[target].shape)} in zoo's {target!r}"
             )
+        fix = TENSOR_FIXES.get(hf_model.config.model_type)
+        if fix is not None:
+            tensor = fix(hf_model, name, tensor)
         mapped[target] = tensor.to(dtype)
     model.load_state_dict(mapped, strict=False, assign=True)
     if config.tie_word_embeddings:

@@ -95,3 +95,40 @@ def test_info_on_smollm2_prints_its_shape_and_kv_cache(capsys):
     assert "vocab_size 49152, d_model 576, n_layers 30" in out
     # 30 layers x 3 KV heads x 64 dims x (k, v) x 4 bytes = 45 KiB per token
     assert "1k tokens: 45.0 MiB" in out and "0-29  attention + swiglu" in out
+
+
+def _rwkv(rescale_every=0):
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(0)
+    config = RwkvConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2,
+                        attention_hidden_size=64, intermediate_size=256,
+                        rescale_every=rescale_every, tie_word_embeddings=False)
+    return RwkvForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def test_rwkv4_directory_imports_with_equal_logits_and_generation(tmp_path):
+    hf = _rwkv()
+    hf.save_pretrained(tmp_path)
+    model = zoo.from_hf(str(tmp_path))
+    assert model.config.mixer["type"] == "rwkv4" and model.config.embed_norm
+    ids = torch.randint(0, 120, (2, 17))
+    assert relative_error(hf(ids).logits, model(ids).logits) <= 1e-5
+    prompt = ids[:1, :5]
+    expected = hf.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), expected)
+
+
+@torch.no_grad()
+def test_rwkv4_weights_rescaled_in_place_by_transformers_are_restored():
+    hf = _rwkv(rescale_every=1)
+    ids = torch.randint(0, 120, (1, 9))
+    theirs = hf(ids).logits  # eval forward: transformers halves weights per block, in place
+    assert hf.rwkv.layers_are_rescaled
+    model = zoo.from_hf(hf)
+    # zoo runs the unrescaled weights; transformers' rescaling only moves layer-norm epsilons
+    assert relative_error(theirs, model(ids).logits) <= 2e-3
+    hf.train()  # transformers undoes its rescaling when leaving eval mode
+    again = zoo.from_hf(hf)
+    assert torch.equal(model(ids).logits, again(ids).logits)
