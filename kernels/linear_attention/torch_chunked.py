@@ -23,6 +23,14 @@ from einops import rearrange
 
 from .reference import expand_log_decay
 
+
+def log_decay_floor(dtype: torch.dtype) -> float:
+    """Where exp underflows to exactly 0 in `dtype`: flooring g there changes no weight, while
+    g = -inf (a gate of exactly 0) would make -inf - (-inf) = NaN in the differences of G. The
+    floor is as high as that allows because G's rounding error grows with |G|."""
+    return -745.5 if dtype == torch.float64 else -104.0
+
+
 SUB_CHUNK = 8  # measured fastest on CPU (vs 4, 16, 32) at K = 64
 
 
@@ -55,6 +63,8 @@ def linear_attention_chunked(
     dtype = compute_dtype(q)
     output_dtype = output_dtype or q.dtype
     g = expand_log_decay(decay, B, T, H, K, dtype)
+    if g is not None:
+        g = g.clamp(min=log_decay_floor(dtype))
     if T == 1:
         o, state = _recurrent_step(q, k, v, g, bonus, scale, initial_state, dtype)
         return o.to(output_dtype), (state if output_final_state else None)

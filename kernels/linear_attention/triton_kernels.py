@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .reference import expand_log_decay
-from .torch_chunked import _bonus_term, compute_dtype
+from .torch_chunked import _bonus_term, compute_dtype, log_decay_floor
 
 MAX_K = 256
 NO_DECAY, SCALAR_DECAY, CHANNEL_DECAY = 0, 1, 2
@@ -420,6 +420,7 @@ def linear_attention_triton(
                          f">= 16, got {chunk_size}")
     g = expand_log_decay(decay, B, T, H, K, torch.float32)
     if g is not None:
+        g = g.clamp(min=log_decay_floor(torch.float32))
         # the scalar forms stay (B, T, H): one decay per token and head, not K copies
         g = (g[..., 0] if g.shape[-1] == 1 else g).contiguous()
     o, final_state = LinearAttentionFunction.apply(q, k, v, g, initial_state, scale,

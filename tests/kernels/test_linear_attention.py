@@ -102,6 +102,17 @@ def test_strong_decay_long_sequence_is_finite_and_exact(backend, form, with_bonu
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["step", "channel"])
+def test_gates_of_exactly_zero_are_finite(backend, form):
+    # log-decay -inf (a gate of 0, e.g. Mamba-2's dt * A overflowing) resets the state
+    inputs = _inputs(2, CHUNK + 7, 2, 16, 16, form, True, True)
+    with torch.no_grad():
+        inputs["decay"][:, 3] = -torch.inf
+        inputs["decay"][:, CHUNK + 2] = -torch.inf
+    _compare(inputs, backend, 2e-5, grad_ratio=5e-5, scale=0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", DECAY_FORMS)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_split_with_carried_state_equals_whole(backend, form, normalize):
