@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import compute_dtype
+from .reference import compute_dtype, expand_groups
 
 DEFAULT_CHUNK = 4
 
@@ -136,8 +136,19 @@ class SelectiveScanChunked(torch.autograd.Function):
         if B.dim() == 3:
             dB, dC = dB[:, 0], dC[:, 0]
         dh0 = g_carry.reshape(batch, dim, n) if ctx.has_h0 else None
-        return (du.reshape(batch, dim, T), ddt.reshape(batch, dim, T), dA.reshape(dim, n), dB, dC, dh0,
-                None)
+        return (du.reshape(batch, dim, T), ddt.reshape(batch, dim, T), dA.reshape(dim, n), dB, dC,
+                dh0, None)
+
+
+def _single_step(u, dt, A, B, C, h0):
+    """T = 1, the decoding step: the recurrence once, in autograd-visible ops (no chunk set-up).
+    u, dt: (b, d, 1); B, C: (b, n, 1) or (b, g, n, 1). Returns y (b, d, 1), state (b, d, n)."""
+    dim = u.shape[1]
+    Bd, Cd = expand_groups(B, dim)[..., 0], expand_groups(C, dim)[..., 0]  # (b, d, n)
+    if h0 is None:  # zeros rather than a skip, so that A still gets its (zero) gradient
+        h0 = u.new_zeros(Bd.shape)
+    state = torch.exp(dt * A) * h0 + (dt * u) * Bd
+    return (state * Cd).sum(-1, keepdim=True), state
 
 
 def selective_scan_chunked(
@@ -163,8 +174,11 @@ def selective_scan_chunked(
         dt = F.softplus(dt)
     uf = u.to(dtype)
     h0 = initial_state.to(dtype) if initial_state is not None else None
-    y, final_state = SelectiveScanChunked.apply(uf, dt, A.to(dtype), B.to(dtype), C.to(dtype), h0,
-                                                chunk_size)
+    if u.shape[-1] == 1:
+        y, final_state = _single_step(uf, dt, A.to(dtype), B.to(dtype), C.to(dtype), h0)
+    else:
+        y, final_state = SelectiveScanChunked.apply(uf, dt, A.to(dtype), B.to(dtype),
+                                                    C.to(dtype), h0, chunk_size)
     if D is not None:
         y = y + D.to(dtype)[:, None] * uf
     if z is not None:
