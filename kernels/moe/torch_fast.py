@@ -44,12 +44,15 @@ def moe_experts_torch(
     tokens = order[:n_routed] // K
     # gather every routed row once, in expert order: each expert then reads a contiguous slice
     xs = x.index_select(0, tokens)
-    outs, start = [], 0
-    for e, count in enumerate(counts):
-        if count:
-            h = xs[start : start + count] @ gate_up_proj[e].t()
-            outs.append(expert_activation(h, activation) @ down_proj[e].t())
-            start += count
+    # split / unbind rather than slicing and indexing: their backward assembles the gradient
+    # once (cat / stack), where each slice's or index's backward would write a zero-filled
+    # gradient of the whole tensor, E times over
+    gate_up, down = gate_up_proj.unbind(0), down_proj.unbind(0)
+    outs = []
+    for e, rows in enumerate(xs.split(counts)):
+        if rows.shape[0]:
+            h = rows @ gate_up[e].t()
+            outs.append(expert_activation(h, activation) @ down[e].t())
     y = torch.zeros_like(x)
     if outs:
         w = weights.reshape(-1).index_select(0, order[:n_routed])
