@@ -103,3 +103,18 @@ def test_130m_config_has_the_parameter_count_of_transformers_mamba_130m():
     count = sum(p.numel() for p in ours.parameters())
     assert count == sum(p.numel() for p in hf.parameters())
     assert 125e6 < count < 135e6
+
+
+def test_bench_entries_run_quick_and_decode_state_is_flat(tmp_path):
+    from zoo.bench import BenchOptions, load_entries, run_bench
+
+    load_entries()
+    options = BenchOptions(quick=True, repeats=2, out_dir=tmp_path)
+    train = run_bench("mamba-train-step", options, plot=False)["rows"]
+    assert {row["impl"] for row in train} == {"zoo mamba", "zoo mamba2"}
+    assert all(row["step_s"] > 0 for row in train)
+    decode = run_bench("mamba-decode", options, plot=False)["rows"]
+    for impl in ("zoo mamba", "zoo mamba2"):
+        sizes = {row["state_bytes"] for row in decode if row["impl"] == impl}
+        assert len(sizes) == 1, f"{impl}: state grows with the context: {sizes}"
+    assert (tmp_path / "mamba-decode.json").exists()
