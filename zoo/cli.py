@@ -3,6 +3,7 @@
     zoo info CONFIG            parameters, layers, state bytes per sequence
     zoo bench NAME             run a registered benchmark (zoo bench --list)
     zoo generate MODEL --prompt TEXT   generate text (zoo.infer), --stream to print as it comes
+    zoo distill RUN            distil a teacher into a student (linearise, transfer, KD)
 
 Subcommands live in COMMANDS: (name, help, add_arguments, run).
 """
@@ -168,6 +169,41 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {model.config.n_layers} layers, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
           f"tokenizer {'saved' if model.tokenizer is not None else 'absent'}")
+    return 0
+
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    # dest must not be "run": set_defaults(run=...) holds the subcommand's function
+    p.add_argument("run_config", metavar="RUN",
+                   help="a distillation run config: a YAML path or a shipped run name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config field, dotted (distill.temperature=1.5)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue KD from the newest checkpoint in out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an out_dir that already holds a run")
+    p.add_argument("--report", metavar="STEM",
+                   help="also time decoding and write STEM.md / .json / .png")
+    p.add_argument("--contexts", default="128,8192",
+                   help="decode contexts for --report (comma-separated tokens)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("distill", "distil a teacher into a zoo student (linearise, attention transfer, KD)",
+         _distill_arguments)
+def run_distill(args: argparse.Namespace) -> int:
+    from zoo.train.distill import distill_cli
+
+    contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    summary = distill_cli(args.run_config, args.set, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress, report=args.report, contexts=contexts)
+    print(f"done in {summary['seconds']:.0f} s: teacher ppl {summary['teacher_val_ppl']:.3f}, "
+          f"student ppl {summary['student_val_ppl']:.3f} "
+          f"({summary['student_val_ppl'] / summary['teacher_val_ppl']:.2f}x) on "
+          f"{summary['val_tokens']:,} held-out tokens; {summary['tokens_seen']:,} tokens seen")
+    print(f"final weights: {summary['final']}; curves: {summary['plot']}")
+    if "report" in summary:
+        print(f"report: {summary['report']['md']}")
     return 0
 
 

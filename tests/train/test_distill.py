@@ -1,0 +1,343 @@
+"""Distillation: every loss decreases on a tiny teacher/student pair, the run config names its
+bad fields, a vocabulary mismatch is refused, and `zoo distill` runs both stages end to end
+(teacher logits online and from the memory-mapped cache)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import zoo
+from zoo.train import losses as L
+from zoo.train.config import RunConfigError
+from zoo.train.distill import (
+    Distiller,
+    TeacherLogitsCache,
+    load_distill_config,
+    load_teacher,
+    teacher_generate,
+)
+
+TEXT = "".join(
+    f"def function_{i}(x, y={i}):\n    '''Return x times {i} plus y.'''\n"
+    f"    return x * {i} + y  # line {i}\n\n" for i in range(400)
+)
+
+
+def _model(d_model=32, n_layers=2, vocab=256, seed=0):
+    torch.manual_seed(seed)
+    config = zoo.load_config("attention-tiny", d_model=d_model, n_layers=n_layers,
+                             vocab_size=vocab, mixer={"type": "attention", "n_heads": 2})
+    return zoo.ZooForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def teacher_model():
+    """A small attention teacher with a little training on the text, so it has opinions."""
+    model = _model(d_model=48, n_layers=2, seed=1)
+    data = torch.tensor(list(TEXT.encode()))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(40):
+        starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
+        ids = torch.stack([data[s: s + 64] for s in starts])
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _batch(n=4, t=48, seed=3):
+    data = torch.tensor(list(TEXT.encode()))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - t - 1, (n,), generator=gen)
+    return torch.stack([data[s: s + t] for s in starts])
+
+
+@pytest.mark.parametrize("loss_name", ["forward_kl", "forward_kl_topk", "reverse_kl", "ce",
+                                       "hidden", "seq_kd"])
+def test_each_loss_decreases_on_a_tiny_pair(teacher_model, loss_name):
+    teacher = load_teacher(teacher_model)
+    student = _model(d_model=32, n_layers=2, seed=5)  # narrower: hidden needs a projection
+    ids = _batch()
+    with torch.no_grad():
+        t_logits, t_hidden = teacher.forward(ids, hidden=True)
+    projection = L.HiddenProjection(L.parse_layer_map(None, 2, 2), 32, 48)
+    assert len(projection.maps) == 2
+    if loss_name == "seq_kd":
+        generated = teacher_generate(teacher, ids[:, :16], 48, temperature=1.0,
+                                     generator=torch.Generator().manual_seed(0))
+        assert generated.shape == (4, 48) and torch.equal(generated[:, :16], ids[:, :16])
+        seq_labels = generated.clone()
+        seq_labels[:, :16] = L.IGNORE
+    params = list(student.parameters()) + list(projection.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+
+    def compute():
+        out = student(ids, use_cache=False, output_hidden_states=True)
+        if loss_name == "forward_kl":
+            return L.forward_kl(out.logits, t_logits, temperature=2.0)
+        if loss_name == "forward_kl_topk":
+            values, indices = t_logits.topk(8, dim=-1)
+            return L.forward_kl(out.logits, (indices, values), temperature=2.0)
+        if loss_name == "reverse_kl":
+            return L.reverse_kl(out.logits, t_logits, temperature=2.0)
+        if loss_name == "ce":
+            return L.cross_entropy(out.logits, ids)
+        if loss_name == "hidden":
+            return L.hidden_mse(out.hidden_states, t_hidden, projection)
+        return L.cross_entropy(student(generated, use_cache=False).logits, seq_labels)
+
+    first = float(compute().detach())
+    for _ in range(25):
+        loss = compute()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = float(compute().detach())
+    assert last < 0.7 * first, (loss_name, first, last)
+
+
+def test_kl_properties():
+    torch.manual_seed(0)
+    z = torch.randn(2, 5, 11)
+    w = torch.randn(2, 5, 11)
+    assert float(L.forward_kl(z, z)) == pytest.approx(0.0, abs=1e-6)
+    assert float(L.reverse_kl(z, z)) == pytest.approx(0.0, abs=1e-6)
+    # top-k with k = the whole vocabulary is the full forward KL
+    values, indices = w.topk(11, dim=-1)
+    assert float(L.forward_kl(z, (indices, values), temperature=3.0)) == pytest.approx(
+        float(L.forward_kl(z, w, temperature=3.0)), rel=1e-5)
+    # the T^2 factor: a temperature-T KL equals T^2 times the plain KL of the softened logits
+    assert float(L.forward_kl(z, w, temperature=2.0)) == pytest.approx(
+        4.0 * float(L.forward_kl(z / 2, w / 2)), rel=1e-5)
+    # the mask scores only the chosen positions
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, :2] = True
+    assert float(L.forward_kl(z, w, mask=mask)) == pytest.approx(
+        float(L.forward_kl(z[:, :2], w[:, :2])), rel=1e-5)
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        L.forward_kl(z, torch.randn(2, 5, 12))
+    with pytest.raises(ValueError, match="full distribution"):
+        L.reverse_kl(z, (indices, values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configs and the distiller
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"doc{i}.py").write_text(TEXT[i * 3000: (i + 1) * 3000 + 2000])
+    return folder
+
+
+def _run(tmp_path, corpus, **sections):
+    base = {
+        "name": "t", "out_dir": str(tmp_path / "out"),
+        "teacher": {"source": "unused-when-passed"},
+        "student": {"linearize": {"mixer": {"type": "linear_attention",
+                                            "feature_map": "hedgehog"},
+                                  "keep_attention": [1]}},
+        "distill": {"forward_kl": 1.0, "ce": 0.5, "temperature": 2.0},
+        "transfer": {"steps": 4, "batch_size": 2},
+        "data": {"paths": [str(corpus)], "tokenizer": "teacher", "val_fraction": 0.25,
+                 "cache_dir": str(tmp_path / "tokens")},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {"steps": 6, "batch_size": 4, "seq_len": 32, "eval_interval": 3,
+                  "eval_batches": 1, "device": "cpu"},
+        "checkpoint": {"interval": 0, "keep_last": 1},
+    }
+    for key, value in sections.items():
+        merge = isinstance(value, dict) and isinstance(base.get(key), dict) and key != "student"
+        base[key] = {**base[key], **value} if merge else value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def test_distill_runs_both_stages_and_writes_its_outputs(tmp_path, corpus, teacher_model):
+    run = load_distill_config(_run(tmp_path, corpus))
+    distiller = Distiller(run, teacher=teacher_model, progress=False)
+    assert distiller.report.replaced == [0] and distiller.report.kept == [1]
+    summary = distiller.fit()
+    out = tmp_path / "out"
+    assert (out / "final" / "config.json").exists() and (out / "distill.png").exists()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["kd_steps"] == 6 and saved["kd_tokens"] == 6 * 4 * 32
+    assert saved["tokens_seen"] == 6 * 4 * 32 + 4 * 2 * 32
+    assert summary["teacher_val_ppl"] > 1 and summary["student_val_ppl"] > 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert {"teacher_eval", "transfer", "transfer_end", "train", "eval", "end"} <= kinds
+    train = [r for r in records if r["kind"] == "train"]
+    assert {"forward_kl", "ce", "loss"} <= set(train[0])
+    # the saved student loads as a hybrid zoo model
+    loaded = zoo.ZooForCausalLM.from_pretrained(out / "final")
+    assert loaded.config.describe_layers() == ["linear_attention + swiglu", "attention + swiglu"]
+
+
+def test_teacher_logits_cache_is_filled_once_and_reused(tmp_path, corpus, teacher_model):
+    cache_dir = tmp_path / "logits"
+    run = load_distill_config(_run(
+        tmp_path, corpus, transfer={"steps": 0},
+        distill={"teacher_logits": "cache", "cache_top_k": 16, "cache_dir": str(cache_dir),
+                 "ce": 0.0}))
+    distiller = Distiller(run, teacher=teacher_model, progress=False)
+    cache = distiller.logits_cache
+    assert cache.filled_fraction == 0.0
+    distiller.fit()
+    filled = int(cache.filled.sum())
+    assert filled > 0
+    # cached top-k equals the teacher's own top-k (float16 storage)
+    window = int(cache.filled.nonzero()[0][0])
+    ids = torch.from_numpy(
+        distiller.dataset.cache.train[window * 32: (window + 1) * 32].astype("int64"))[None]
+    with torch.no_grad():
+        values, _ = teacher_model(ids, use_cache=False).logits.topk(16, dim=-1)
+    cached = torch.from_numpy(cache.values[window].astype("float32"))
+    assert torch.allclose(cached, values[0], atol=2e-2)
+    # a second student (another mixer) on the same teacher and data finds the cache filled
+    run2 = load_distill_config(_run(
+        tmp_path, corpus, out_dir=str(tmp_path / "out2"), transfer={"steps": 0},
+        student={"linearize": {"mixer": "retnet"}},
+        distill={"teacher_logits": "cache", "cache_top_k": 16, "cache_dir": str(cache_dir),
+                 "ce": 0.0}))
+    second = Distiller(run2, teacher=teacher_model, progress=False)
+    assert second.logits_cache.folder == cache.folder
+    assert int(second.logits_cache.filled.sum()) == filled
+
+
+def test_full_logits_cache_round_trips(tmp_path):
+    cache = TeacherLogitsCache(tmp_path, {"k": 1}, num_windows=3, seq_len=4, top_k=0,
+                               vocab_size=10)
+    logits = torch.randn(2, 4, 10)
+    calls = []
+
+    def compute(rows):
+        calls.append(rows)
+        return logits[rows]
+
+    import numpy as np
+
+    first = cache.get(np.array([2, 0]), compute)
+    again = cache.get(np.array([2, 0]), compute)
+    assert calls == [[0, 1]]
+    assert torch.allclose(first, logits, atol=1e-2) and torch.equal(first, again)
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tmp_path, corpus, teacher_model):
+    run = load_distill_config(_run(
+        tmp_path, corpus, student={"config": "attention-tiny",
+                                   "overrides": {"vocab_size": 512}},
+        transfer={"steps": 0}))
+    with pytest.raises(RunConfigError, match="vocabulary mismatch.*vocab_size=512.*256"):
+        Distiller(run, teacher=teacher_model, progress=False)
+
+
+def test_a_tokenizer_other_than_the_teachers_is_refused(tmp_path, corpus, teacher_model):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(c): c - 32 for c in range(32, 127)} | {"[UNK]": 95}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    run = load_distill_config(_run(tmp_path, corpus, data={"tokenizer": str(path)}))
+    with pytest.raises(RunConfigError, match="not the teacher's tokenizer"):
+        Distiller(run, teacher=teacher_model, progress=False)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("distill.temperature=0", "distill.temperature"),
+    ("distill.teacher_logits=disk", "distill.teacher_logits"),
+    ("distill.forward_kl=-1", "distill.forward_kl"),
+    ("distill.forward_kl=0;distill.ce=0", "at least one positive loss weight"),
+    ("distill.bogus=1", "distill.bogus"),
+    ("student.config=attention-tiny", "exactly one of student.config"),
+    ("student.linearize.keep=[1]", "student.linearize.keep"),
+    ("student.linearize.keep_attention=one", "student.linearize.keep_attention"),
+    ("transfer.steps=-1", "transfer.steps"),
+    ("train.seq_len=0", "train.seq_len"),
+    ("teacher.source=", "teacher.source"),
+    ("teacher.dtype=int8", "teacher.dtype"),
+    ("distill.trainable=some", "distill.trainable"),
+    ("distill.seq_kd=1;distill.seq_kd_prompt_tokens=32", "distill.seq_kd_prompt_tokens"),
+])
+def test_bad_run_config_fields_are_named(tmp_path, corpus, override, field):
+    path = _run(tmp_path, corpus)
+    overrides = override.split(";")
+    with pytest.raises(RunConfigError, match=field.replace("[", r"\[")):
+        load_distill_config(path, overrides)
+
+
+def test_cache_refuses_losses_that_need_the_live_teacher(tmp_path, corpus):
+    path = _run(tmp_path, corpus)
+    with pytest.raises(RunConfigError, match="distill.hidden"):
+        load_distill_config(path, ["distill.teacher_logits=cache", "distill.hidden=1"])
+    with pytest.raises(RunConfigError, match="distill.reverse_kl"):
+        load_distill_config(path, ["distill.teacher_logits=cache", "distill.reverse_kl=1"])
+
+
+def test_teacher_from_a_zoo_directory_and_a_missing_source(tmp_path, teacher_model):
+    teacher_model.save_pretrained(tmp_path / "zoo-teacher")
+    teacher = load_teacher(str(tmp_path / "zoo-teacher"))
+    assert teacher.is_zoo and teacher.vocab_size == 256
+    with pytest.raises(RunConfigError, match="teacher.source='nowhere'"):
+        load_teacher("nowhere")
+
+
+def test_hf_directory_teacher_of_another_layout_distils_into_a_config(tmp_path, corpus):
+    """A transformers causal LM zoo cannot convert (GPT-2) is still a KD teacher."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=1,
+                                    n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "gpt2")
+    path = _run(tmp_path, corpus, teacher={"source": str(tmp_path / "gpt2")},
+                student={"config": "attention-tiny"}, transfer={"steps": 0},
+                data={"tokenizer": "byte"},
+                distill={"forward_kl": 1.0, "ce": 0.0, "hidden": 0.5},
+                train={"steps": 2})
+    run = load_distill_config(path)
+    distiller = Distiller(run, progress=False)
+    assert not distiller.teacher.is_zoo
+    summary = distiller.fit()
+    assert summary["kd_steps"] == 2
+    with pytest.raises(RunConfigError, match="not an attention model zoo can convert"):
+        load = load_distill_config(_run(tmp_path, corpus, out_dir=str(tmp_path / "o3"),
+                                        teacher={"source": str(tmp_path / "gpt2")},
+                                        data={"tokenizer": "byte"}))
+        Distiller(load, progress=False)
+
+
+def test_cli_distill(tmp_path, corpus, teacher_model, capsys):
+    from zoo.cli import main
+
+    teacher_model.save_pretrained(tmp_path / "teacher")
+    path = _run(tmp_path, corpus, teacher={"source": str(tmp_path / "teacher")},
+                data={"tokenizer": "byte"}, train={"steps": 2}, transfer={"steps": 2})
+    code = main(["distill", str(path), "--no-progress", "--set", "distill.seq_kd=0.5",
+                 "--set", "distill.seq_kd_prompt_tokens=8", "--report",
+                 str(tmp_path / "report" / "r"), "--contexts", "16,64"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "teacher ppl" in printed and "student ppl" in printed
+    report = (tmp_path / "report" / "r.md").read_text()
+    assert "decode ms/token at 64 context" in report and "Gap" in report
+    data = json.loads((tmp_path / "report" / "r.json").read_text())
+    assert {(r["model"], r["context"]) for r in data["decode"]} == {
+        ("student", 16), ("student", 64), ("teacher", 16), ("teacher", 64)}
+    train = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text()
+             .splitlines() if '"train"' in line]
+    assert "seq_kd" in train[0]
+    # bad fields through the CLI: exit code 2 and the field in the message
+    assert main(["distill", str(path), "--set", "distill.temperature=-1"]) == 2
+    assert "distill.temperature" in capsys.readouterr().err
