@@ -57,7 +57,8 @@ def _activation(gu_ptr, rows, cols, mask, I, SWIGLU: tl.constexpr):
 @triton.jit
 def _up_kernel(
     x_ptr, w_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_stop_ptr, gu_ptr, D, I, K,
-    SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    SWIGLU: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     e, rows, mask_m, slots, tok = _tile_rows(tile_expert_ptr, tile_start_ptr, tile_stop_ptr,
                                              order_ptr, tl.program_id(0), K, BLOCK_M)
@@ -74,10 +75,10 @@ def _up_kernel(
                      other=0.0).to(tl.float32)
         w_mask = mask_d[:, None] & mask_i[None, :]
         wg = tl.load(w_e + cols[None, :] * D + d[:, None], mask=w_mask, other=0.0).to(tl.float32)
-        acc_g = tl.dot(xb, wg, acc_g, input_precision="ieee")
+        acc_g = tl.dot(xb.to(DOT), wg.to(DOT), acc_g, input_precision="ieee")
         if SWIGLU:
             wu = tl.load(w_e + (cols + I)[None, :] * D + d[:, None], mask=w_mask, other=0.0)
-            acc_u = tl.dot(xb, wu.to(tl.float32), acc_u, input_precision="ieee")
+            acc_u = tl.dot(xb.to(DOT), wu.to(DOT), acc_u, input_precision="ieee")
     out_mask = mask_m[:, None] & mask_i[None, :]
     out = gu_ptr + rows[:, None] * GU + cols[None, :]
     tl.store(out, acc_g.to(gu_ptr.dtype.element_ty), mask=out_mask)
@@ -89,7 +90,8 @@ def _up_kernel(
 def _down_kernel(
     gu_ptr, w_ptr, weights_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_stop_ptr,
     y_slots_ptr, D, I, K,
-    SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    SWIGLU: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     e, rows, mask_m, slots, tok = _tile_rows(tile_expert_ptr, tile_start_ptr, tile_stop_ptr,
                                              order_ptr, tl.program_id(0), K, BLOCK_M)
@@ -103,7 +105,7 @@ def _down_kernel(
         h = _activation(gu_ptr, rows, i, mask_m[:, None] & mask_i[None, :], I, SWIGLU)
         wd = tl.load(w_e + d[None, :] * I + i[:, None], mask=mask_i[:, None] & mask_d[None, :],
                      other=0.0).to(tl.float32)
-        acc = tl.dot(h, wd, acc, input_precision="ieee")
+        acc = tl.dot(h.to(DOT), wd.to(DOT), acc, input_precision="ieee")
     gate_weight = tl.load(weights_ptr + slots, mask=mask_m, other=0.0).to(tl.float32)
     acc = acc * gate_weight[:, None]
     tl.store(y_slots_ptr + slots[:, None] * D + d[None, :],
@@ -114,7 +116,8 @@ def _down_kernel(
 def _dgu_kernel(
     dy_ptr, gu_ptr, w_ptr, weights_ptr, order_ptr, tile_expert_ptr, tile_start_ptr,
     tile_stop_ptr, dgu_ptr, dweight_partial_ptr, D, I, K, NK,
-    SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    SWIGLU: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_i = tl.program_id(1)
     e, rows, mask_m, slots, tok = _tile_rows(tile_expert_ptr, tile_start_ptr, tile_stop_ptr,
@@ -130,7 +133,7 @@ def _dgu_kernel(
                       mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         wd = tl.load(w_e + d[:, None] * I + i[None, :], mask=mask_d[:, None] & mask_i[None, :],
                      other=0.0).to(tl.float32)
-        g = tl.dot(dyb, wd, g, input_precision="ieee")
+        g = tl.dot(dyb.to(DOT), wd.to(DOT), g, input_precision="ieee")
     mask = mask_m[:, None] & mask_i[None, :]
     h = _activation(gu_ptr, rows, i, mask, I, SWIGLU)
     # y_s = w_s * h @ W^T, so dL/dw_s = <dy, h @ W^T> = <dy @ W, h>: no second matmul needed;
@@ -158,7 +161,8 @@ def _dgu_kernel(
 @triton.jit
 def _dx_kernel(
     dgu_ptr, w_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_stop_ptr, dx_slots_ptr,
-    D, GU, K, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    D, GU, K, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     e, rows, mask_m, slots, tok = _tile_rows(tile_expert_ptr, tile_start_ptr, tile_stop_ptr,
                                              order_ptr, tl.program_id(0), K, BLOCK_M)
@@ -173,7 +177,7 @@ def _dx_kernel(
                     mask=mask_m[:, None] & mask_j[None, :], other=0.0)
         w = tl.load(w_e + j[:, None] * D + d[None, :], mask=mask_j[:, None] & mask_d[None, :],
                     other=0.0).to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+        acc = tl.dot(a.to(DOT), w.to(DOT), acc, input_precision="ieee")
     tl.store(dx_slots_ptr + slots[:, None] * D + d[None, :], acc,
              mask=mask_m[:, None] & mask_d[None, :])
 
@@ -181,7 +185,7 @@ def _dx_kernel(
 @triton.jit
 def _dgate_up_weight_kernel(
     dgu_ptr, x_ptr, order_ptr, offsets_ptr, dw_ptr, D, GU, K,
-    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # dG[e] = dgu_e^T @ x[tok_e]: one program per (expert, J tile, D tile), looping over the
     # expert's rows, whose count is only known on the device
@@ -200,7 +204,7 @@ def _dgate_up_weight_kernel(
                       mask=mask_j[:, None] & mask_m[None, :], other=0.0)  # (J, M)
         xb = tl.load(x_ptr + tok[:, None] * D + d[None, :],
                      mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(a_t, xb, acc, input_precision="ieee")
+        acc = tl.dot(a_t.to(DOT), xb.to(DOT), acc, input_precision="ieee")
     tl.store(dw_ptr + e.to(tl.int64) * GU * D + j[:, None] * D + d[None, :],
              acc.to(dw_ptr.dtype.element_ty), mask=mask_j[:, None] & mask_d[None, :])
 
@@ -208,7 +212,8 @@ def _dgate_up_weight_kernel(
 @triton.jit
 def _ddown_weight_kernel(
     dy_ptr, gu_ptr, weights_ptr, order_ptr, offsets_ptr, dw_ptr, D, I, K,
-    SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    SWIGLU: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # dW[e] = (weight * dy[tok_e])^T @ act(gu_e)
     e = tl.program_id(0)
@@ -227,7 +232,8 @@ def _ddown_weight_kernel(
         dy_t = tl.load(dy_ptr + tok[None, :] * D + d[:, None],
                        mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
         h = _activation(gu_ptr, rows, i, mask_m[:, None] & mask_i[None, :], I, SWIGLU)
-        acc = tl.dot(dy_t * gate_weight[None, :], h, acc, input_precision="ieee")
+        acc = tl.dot((dy_t * gate_weight[None, :]).to(DOT), h.to(DOT), acc,
+                     input_precision="ieee")
     tl.store(dw_ptr + e.to(tl.int64) * D * I + d[:, None] * I + i[None, :],
              acc.to(dw_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_i[None, :])
 
@@ -263,6 +269,15 @@ def _tile_schedule(counts: torch.Tensor, block_m: int, n_slots: int):
     return expert.contiguous(), start.contiguous(), stop.contiguous(), offsets
 
 
+def _dot_dtype(dtype: torch.dtype):
+    """Operand type of tl.dot: bf16 / fp16 inputs go to the tensor cores as they are (fp32
+    accumulation); fp32 stays exact fp32 ("ieee", not tf32). The interpreter always gets fp32:
+    numpy has no bf16 arithmetic."""
+    if triton_interpreted() or dtype not in (torch.bfloat16, torch.float16):
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
 def _blocks(D: int, I: int) -> tuple[int, int, int]:
     if triton_interpreted():
         return 16, _block(I, 32), _block(D, 32)  # the interpreter pays per element, not per tile
@@ -281,18 +296,19 @@ class MoEExpertsFunction(torch.autograd.Function):
         flat_weights = weights.reshape(-1).contiguous()
         order, counts = sort_slots_by_expert(expert_ids, E)
         block_m, block_i, block_d = _blocks(D, I)
+        dot = _dot_dtype(x.dtype)
         tile_expert, tile_start, tile_stop, offsets = _tile_schedule(counts, block_m, N * K)
         n_tiles = tile_expert.shape[0]
         gu = torch.empty(N * K, GU, device=x.device, dtype=x.dtype)
         _up_kernel[(n_tiles, triton.cdiv(I, block_i))](
             x, gate_up_proj, order, tile_expert, tile_start, tile_stop, gu, D, I, K,
-            SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_D=block_d,
+            SWIGLU=swiglu, DOT=dot, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_D=block_d,
         )
         # slot rows of dropped slots (id -1) are never written, so they stay zero
         y_slots = torch.zeros(N * K, D, device=x.device, dtype=x.dtype)
         _down_kernel[(n_tiles, triton.cdiv(D, block_d))](
             gu, down_proj, flat_weights, order, tile_expert, tile_start, tile_stop, y_slots,
-            D, I, K, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_D=block_d,
+            D, I, K, SWIGLU=swiglu, DOT=dot, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_D=block_d,
         )
         ctx.save_for_backward(x, gate_up_proj, down_proj, flat_weights, order, tile_expert,
                               tile_start, tile_stop, offsets, gu)
@@ -310,6 +326,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         I = down_proj.shape[2]
         dy = dy.contiguous()
         block_m, block_i, block_d = _blocks(D, I)
+        dot = _dot_dtype(x.dtype)
         n_tiles = tile_expert.shape[0]
         n_i_tiles = triton.cdiv(I, block_i)
         dgu = torch.zeros(N * K, GU, device=x.device, dtype=torch.float32)
@@ -317,23 +334,23 @@ class MoEExpertsFunction(torch.autograd.Function):
         _dgu_kernel[(n_tiles, n_i_tiles)](
             dy, gu, down_proj, flat_weights, order, tile_expert, tile_start, tile_stop, dgu,
             dweight_partial, D, I, K, N * K,
-            SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_D=block_d,
+            SWIGLU=swiglu, DOT=dot, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_D=block_d,
         )
         dx_slots = torch.zeros(N * K, D, device=x.device, dtype=torch.float32)
         block_j = _block(GU, 64 if not triton_interpreted() else 32)
         _dx_kernel[(n_tiles, triton.cdiv(D, block_d))](
             dgu, gate_up_proj, order, tile_expert, tile_start, tile_stop, dx_slots, D, GU, K,
-            BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_D=block_d,
+            DOT=dot, BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_D=block_d,
         )
         dgate_up = torch.empty_like(gate_up_proj)
         _dgate_up_weight_kernel[(E, triton.cdiv(GU, block_j), triton.cdiv(D, block_d))](
             dgu, x, order, offsets, dgate_up, D, GU, K,
-            BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_D=block_d,
+            DOT=dot, BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_D=block_d,
         )
         ddown = torch.empty_like(down_proj)
         _ddown_weight_kernel[(E, triton.cdiv(D, block_d), n_i_tiles)](
             dy, gu, flat_weights, order, offsets, ddown, D, I, K,
-            SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_D=block_d,
+            SWIGLU=swiglu, DOT=dot, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_D=block_d,
         )
         dx = dx_slots.view(N, K, D).sum(1).to(x.dtype)
         dweights = dweight_partial.sum(0).view(ctx.weights_shape).to(ctx.weights_dtype)
