@@ -3,6 +3,7 @@
     zoo info CONFIG            parameters, layers, state bytes per sequence
     zoo bench NAME             run a registered benchmark (zoo bench --list)
     zoo generate MODEL --prompt TEXT   generate text (zoo.infer), --stream to print as it comes
+    zoo train RUN              train from a run config (zoo train --list; --plot RUN_DIR)
     zoo distill RUN            distil a teacher into a student (linearise, transfer, KD)
 
 Subcommands live in COMMANDS: (name, help, add_arguments, run).
@@ -169,6 +170,58 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {model.config.n_layers} layers, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
           f"tokenizer {'saved' if model.tokenizer is not None else 'absent'}")
+    return 0
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_config", nargs="?", metavar="RUN",
+                   help="a run config: a YAML path or a shipped run name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config field, dotted for nesting (train.steps=100)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in out_dir (or from CHECKPOINT)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an out_dir that already holds a run")
+    p.add_argument("--plot", metavar="RUN_DIR", help="only draw RUN_DIR/loss.png from its metrics")
+    p.add_argument("--list", action="store_true", help="list the shipped run configs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("train", "train a model from a run config; checkpoints, metrics, loss curves",
+         _train_arguments)
+def run_train(args: argparse.Namespace) -> int:
+    import signal
+
+    if args.plot:
+        from zoo.train.metrics import plot_losses
+
+        print(f"wrote {plot_losses(Path(args.plot))}")
+        return 0
+    from zoo.train import CheckpointError, Trainer, load_run_config, shipped_runs
+    from zoo.train.distributed import world_size_from_env
+
+    if args.list or not args.run_config:
+        print("shipped run configs (zoo train NAME):", ", ".join(shipped_runs()))
+        return 0 if args.list else 2
+    run = load_run_config(args.run_config, args.set, world_size=world_size_from_env())
+    try:
+        trainer = Trainer(run, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+        try:
+            summary = trainer.fit()
+        finally:
+            trainer.close()
+    except CheckpointError as error:
+        print(f"zoo train: error: {error}", file=sys.stderr)
+        return 2
+    if summary["interrupted"]:
+        return 128 + signal.Signals[summary["interrupted"]].value
+    if trainer.dist.is_main:
+        shown = {k: summary[k] for k in ("val_loss", "val_ppl", "val_accuracy") if k in summary}
+        print(f"done: step {summary['step']} in {summary['seconds']:.0f} s; "
+              + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        print(f"final weights: {summary['final']} (AutoModelForCausalLM.from_pretrained)")
+        print(f"metrics: {summary['out_dir']}/metrics.jsonl; loss curves: {summary['plot']}")
     return 0
 
 

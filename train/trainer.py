@@ -1,0 +1,491 @@
+"""`Trainer(run_config).fit()`: the training loop, assembled from the components beside it.
+
+    from zoo.train import Trainer, load_run_config
+    summary = Trainer(load_run_config("demo", ["train.steps=100"])).fit()
+
+One optimizer step = `optim.grad_accum` micro-batches over every rank, `train.batch_size`
+sequences in all. The loss is summed over the scored tokens of the whole step and divided by
+their global count, so one process and N processes (DDP or FSDP) compute the same gradient, and
+a run resumed from a checkpoint continues the very same sequence of batches: the sequence at
+global sample position p is a pure function of (seed, p).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from zoo.config import ConfigError, load_config
+from zoo.model import ZooForCausalLM
+from zoo.train import distributed
+from zoo.train.checkpoint import (
+    CheckpointError,
+    check_model_tensors,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    save_final,
+)
+from zoo.train.config import RunConfig, RunConfigError
+from zoo.train.data import build_dataset
+from zoo.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
+
+IGNORE = -100
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning-rate factor at `step` (0-based): linear warm-up, then cosine to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: norms' gains and biases are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    o = run.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    )
+
+
+def _stats_to_json(stats: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, value in stats.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().cpu()
+            out[name] = value.item() if value.numel() == 1 else value.tolist()
+        else:
+            out[name] = value
+    return out
+
+
+class Trainer:
+    """Builds the model, data, optimizer and schedule from a RunConfig; `fit()` trains.
+
+    resume: True continues from the newest checkpoint in `<out_dir>/checkpoints`; a path
+    continues from that checkpoint folder. overwrite: start again in an out_dir that already
+    holds a run (its metrics, checkpoints and final weights are deleted first).
+    """
+
+    def __init__(
+        self, run: RunConfig, *, resume: bool | str | Path = False, overwrite: bool = False,
+        progress: bool = True,
+    ):
+        self.dist = distributed.setup(run.train.device)
+        self.run = run.check(self.dist.world_size)
+        self.progress = progress and self.dist.is_main
+        if run.train.threads:
+            torch.set_num_threads(run.train.threads)
+        self.device = self.dist.device
+        self.out_dir = Path(run.out_dir)
+        try:
+            self.model_config = load_config(run.model.config, **dict(run.model.overrides))
+        except ConfigError as error:
+            raise RunConfigError(f"model (config {run.model.config!r}): {error}") from None
+        resume_from = self._prepare_out_dir(resume, overwrite)
+        self.metrics = MetricsLog(self.out_dir, enabled=self.dist.is_main)
+
+        # The same seed on every rank: every replica starts from the same weights.
+        seed_everything(run.train.seed)
+        self.model = ZooForCausalLM(self.model_config).to(self.device)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+        # Rank 0 tokenises the corpus (once, cached) while the others wait for it.
+        if not self.dist.is_main:
+            distributed.barrier(self.dist)
+        self.dataset, self.tokenizer = build_dataset(
+            run.data, run.train.seq_len, run.train.seed, self.model_config.vocab_size,
+            progress=self.progress,
+        )
+        if self.dist.is_main:
+            distributed.barrier(self.dist)
+
+        self.step = 0
+        self.samples_seen = 0
+        checkpoint = None
+        if resume_from is not None:
+            checkpoint = load_checkpoint(resume_from, self.model_config)
+            check_model_tensors(resume_from, checkpoint.model, self.model.state_dict())
+            self.model.load_state_dict(checkpoint.model)
+        self.train_model = distributed.parallelize(
+            self.model, run.strategy, self.dist, run.train.compile
+        )
+        if isinstance(self.train_model, nn.parallel.DistributedDataParallel) and any(
+            hasattr(b.ffn, "last_stats") for b in self.model.model.layers
+        ):
+            # MoE: an expert no token was routed to in a step has no gradient.
+            self.train_model.find_unused_parameters = True
+        self.optimizer = build_optimizer(self.train_model, run)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(step, warmup=run.optim.warmup_steps,
+                                       total=run.train.steps, min_ratio=run.optim.min_lr_ratio),
+        )
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.resumed_from = checkpoint.path if checkpoint is not None else None
+        self._stop_signal = 0
+
+    # -----------------------------------------------------------------------------------------
+    # set-up
+
+    def _prepare_out_dir(self, resume: bool | str | Path, overwrite: bool) -> Path | None:
+        ckpt_root = self.out_dir / "checkpoints"
+        holds_run = (self.out_dir / METRICS_FILE).exists() or bool(list_checkpoints(ckpt_root))
+        resume_from = None
+        if resume:
+            resume_from = Path(resume) if not isinstance(resume, bool) else latest_checkpoint(
+                ckpt_root)
+            if resume_from is None:
+                raise CheckpointError(
+                    f"--resume: no checkpoint in {ckpt_root} to resume from; run without "
+                    "--resume to start"
+                )
+        elif holds_run and not overwrite:
+            raise RunConfigError(
+                f"out_dir={str(self.out_dir)!r} already holds a run ({METRICS_FILE} or "
+                "checkpoints); pass --resume to continue it, --overwrite to start again, or "
+                "--set out_dir=... for a new folder"
+            )
+        if self.dist.is_main:
+            self._lock_out_dir()
+            if overwrite and not resume:
+                import shutil
+
+                for name in (METRICS_FILE, PLOT_FILE):
+                    (self.out_dir / name).unlink(missing_ok=True)
+                for name in ("checkpoints", "final"):
+                    shutil.rmtree(self.out_dir / name, ignore_errors=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "run.yaml").write_text(
+                yaml.safe_dump(self.run.to_dict(), sort_keys=False)
+            )
+        distributed.barrier(self.dist)
+        return resume_from
+
+    def _lock_out_dir(self) -> None:
+        """One run per out_dir: two writers would interleave checkpoints and metrics. The lock
+        dies with the process, SIGKILL included."""
+        import fcntl
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.out_dir / ".lock", "a+")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunConfigError(
+                f"out_dir={str(self.out_dir)!r} is in use by another running zoo train; wait "
+                "for it or choose another out_dir"
+            ) from None
+
+    def _restore(self, checkpoint) -> None:
+        distributed.load_full_state_dicts(
+            self.train_model, self.optimizer, checkpoint.model, checkpoint.optimizer
+        )
+        self.scheduler.load_state_dict(dict(checkpoint.scheduler, lr_lambdas=[None]))
+        restore_rng(checkpoint.rng)
+        self.step = checkpoint.step
+        self.samples_seen = int(checkpoint.train_state["samples_seen"])
+        saved = checkpoint.run_config
+        current = self.run.to_dict()
+        changed = [k for k in ("data", "optim") if saved.get(k) != current.get(k)]
+        changed += [f"train.{k}" for k in ("batch_size", "seq_len", "seed", "precision")
+                    if saved.get("train", {}).get(k) != current["train"][k]]
+        if changed and self.dist.is_main:
+            tqdm.write(f"warning: resuming with changed {', '.join(changed)}; the continuation "
+                       "will differ from the uninterrupted run")
+        self.metrics.truncate_after(self.step)
+
+    # -----------------------------------------------------------------------------------------
+    # one step
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16,
+            enabled=self.run.train.precision == "bfloat16",
+        )
+
+    def _rank_slice(self, start: int, global_count: int) -> np.ndarray:
+        per_rank = global_count // self.dist.world_size
+        first = start + self.dist.rank * per_rank
+        return np.arange(first, first + per_rank)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `batch_size` sequences; returns the step's metrics."""
+        run, info = self.run, self.dist
+        accum, micro = run.optim.grad_accum, run.micro_batch_size
+        batches = []
+        for m in range(accum):
+            ids, labels = self.dataset.train_batch(
+                self._rank_slice(self.samples_seen + m * micro, micro))
+            batches.append((ids.to(self.device), labels.to(self.device)))
+        count = torch.tensor(
+            float(sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels in batches)),
+            device=self.device,
+        )
+        count = distributed.all_reduce_sum(count, info).clamp_min(1.0)
+        self.train_model.train()
+        ce_total = torch.zeros((), device=self.device)
+        aux_total = torch.zeros((), device=self.device)
+        has_aux = False
+        is_ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
+        for m, (ids, labels) in enumerate(batches):
+            last = m == accum - 1  # DDP all-reduces the gradients on the last micro-batch only
+            skip_sync = is_ddp and not last
+            context = self.train_model.no_sync() if skip_sync else contextlib.nullcontext()
+            with context:
+                with self.autocast():
+                    out = self.train_model(input_ids=ids, use_cache=False)
+                ce = F.cross_entropy(
+                    out.logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                    ignore_index=IGNORE, reduction="sum",
+                )
+                # DDP and FSDP average gradients over ranks; x world_size makes that a sum.
+                loss = ce * (info.world_size / count)
+                if out.aux_loss is not None:
+                    has_aux = True
+                    loss = loss + out.aux_loss.float() / accum
+                    aux_total += out.aux_loss.detach().float()
+                loss.backward()
+            ce_total += ce.detach()
+        totals = distributed.all_reduce_sum(torch.stack([ce_total, aux_total]), info)
+        max_norm = run.optim.grad_clip if run.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += run.train.batch_size
+        record: dict[str, Any] = {
+            "loss": float(totals[0] / count), "lr": lr, "grad_norm": float(grad_norm),
+        }
+        if has_aux:
+            record["aux_loss"] = float(totals[1]) / (accum * info.world_size)
+            moe = {f"layer{i}": _stats_to_json(block.ffn.last_stats)
+                   for i, block in enumerate(self.model.model.layers)
+                   if getattr(block.ffn, "last_stats", None)}
+            if moe:
+                record["moe"] = moe  # this rank's last micro-batch
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity (and answer accuracy for synthetic tasks) on the held-out split:
+        `eval_batches` x `batch_size` sequences (fewer if the split is smaller), the same ones
+        every time.
+        """
+        run, info = self.run, self.dist
+        total = min(run.train.eval_batches * run.train.batch_size, self.dataset.num_val)
+        total = max(info.world_size, total - total % info.world_size)
+        indices = self._rank_slice(0, total)
+        chunk = max(1, run.micro_batch_size // info.world_size)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.train_model.eval()
+        for i in range(0, len(indices), chunk):
+            ids, labels = self.dataset.val_batch(indices[i: i + chunk])
+            ids, labels = ids.to(self.device), labels.to(self.device)
+            with self.autocast():
+                logits = self.train_model(input_ids=ids, use_cache=False).logits
+            logits, targets = logits[:, :-1].float(), labels[:, 1:]
+            scored = targets != IGNORE
+            sums[0] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                       ignore_index=IGNORE, reduction="sum").double()
+            sums[1] += scored.sum()
+            sums[2] += ((logits.argmax(-1) == targets) & scored).sum()
+        self.train_model.train()
+        sums = distributed.all_reduce_sum(sums, info)
+        loss = float(sums[0] / sums[1].clamp_min(1))
+        result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0))}
+        if self.dataset.has_accuracy:
+            result["val_accuracy"] = float(sums[2] / sums[1].clamp_min(1))
+        return result
+
+    # -----------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save(self) -> Path | None:
+        """A checkpoint of this step (collective; rank 0 writes). Returns its folder on rank 0."""
+        model_state, optim_state = distributed.full_state_dicts(self.train_model, self.optimizer)
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.out_dir, self.step, model=model_state, optimizer=optim_state,
+                scheduler=self.scheduler.state_dict(),
+                train_state={"samples_seen": self.samples_seen,
+                             "tokens_seen": self.samples_seen * self.run.train.seq_len},
+                model_config=self.model_config, run_config=self.run.to_dict(),
+                keep_last=self.run.checkpoint.keep_last,
+            )
+            self.metrics.write({"kind": "checkpoint", "step": self.step, "path": str(path)})
+        distributed.barrier(self.dist)
+        return path
+
+    def save_final(self) -> Path | None:
+        """`<out>/final`: a save_pretrained folder (collective; rank 0 writes)."""
+        state = distributed.full_model_state_dict(self.train_model)
+        path = None
+        if self.dist.is_main:
+            path = save_final(ZooForCausalLM, self.model_config, state, self.out_dir / "final")
+        distributed.barrier(self.dist)
+        return path
+
+    # -----------------------------------------------------------------------------------------
+    # the loop
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGTERM and Ctrl-C ask for a checkpoint at the end of the current step; a second
+        Ctrl-C interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.dist.is_main:
+                tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                           "(Ctrl-C again to abort without saving)")
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _describe(self) -> str:
+        run = self.run
+        data = run.data.source
+        if data == "text":
+            cache = self.dataset.cache
+            where = "the Python standard library" if not run.data.paths else ", ".join(
+                run.data.paths)
+            data = (f"{cache.meta['train_tokens']:,} training tokens "
+                    f"({cache.meta['train_documents']} files of {where}, "
+                    f"tokenizer {run.data.tokenizer})")
+        tokens = run.train.steps * run.train.batch_size * run.train.seq_len
+        return (f"{run.name}: {run.model.config} ({self.n_params:,} parameters) on {data}; "
+                f"{run.train.steps} steps x {run.train.batch_size} x {run.train.seq_len} tokens "
+                f"= {tokens:,} tokens, strategy {run.strategy} on {self.dist.world_size} x "
+                f"{self.device.type}, {run.train.precision}")
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.steps`; returns a summary (final losses, paths, `interrupted`)."""
+        run, info = self.run, self.dist
+        t = run.train
+        start_time = time.perf_counter()
+        last_eval: dict[str, float] = {}
+        interrupted = None
+        if info.is_main:
+            tqdm.write(self._describe())
+            event = {"kind": "resume", "step": self.step, "path": str(self.resumed_from)} if (
+                self.resumed_from) else {"kind": "start", "step": 0}
+            self.metrics.write({**event, "world_size": info.world_size,
+                                "parameters": self.n_params})
+        if self.step == 0 and t.eval_interval:
+            last_eval = self._log_eval()
+        bar = tqdm(total=t.steps, initial=self.step, desc=run.name, unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        tokens_per_step = t.batch_size * t.seq_len
+        window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+        with self._signals():
+            while self.step < t.steps:
+                record = self.train_step()
+                window_steps += 1
+                window_loss += record["loss"]
+                now = time.perf_counter()
+                tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{tokens_per_s:,.0f}")
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self.metrics.write({
+                        "kind": "train", "step": self.step, **record,
+                        "loss": window_loss / window_steps,
+                        "tokens": self.samples_seen * t.seq_len,
+                        "tokens_per_s": tokens_per_s,
+                        "elapsed_s": now - start_time,
+                    })
+                    window_start, window_steps, window_loss = now, 0, 0.0
+                if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+                    last_eval = self._log_eval()
+                if (run.checkpoint.interval and self.step % run.checkpoint.interval == 0
+                        and self.step < t.steps):
+                    self.save()
+                stop = distributed.all_reduce_max(self._stop_signal, info)
+                if stop and self.step < t.steps:
+                    interrupted = signal.Signals(stop).name
+                    break
+            bar.close()
+            if interrupted:
+                path = self.save()
+                if info.is_main:
+                    self.metrics.write({"kind": "stop", "step": self.step, "signal": interrupted})
+                    tqdm.write(f"{interrupted}: stopped at step {self.step}; checkpoint {path}; "
+                               "continue with --resume")
+                return {"interrupted": interrupted, "step": self.step, "checkpoint": path,
+                        "out_dir": self.out_dir}
+            last_eval = self._log_eval()
+            checkpoint = self.save()
+            final = self.save_final()
+        summary: dict[str, Any] = {
+            "interrupted": None, "step": self.step, "out_dir": self.out_dir,
+            "checkpoint": checkpoint, "final": final,
+            "seconds": time.perf_counter() - start_time, **last_eval,
+        }
+        if info.is_main:
+            summary["plot"] = plot_losses(self.out_dir, title=self._plot_title())
+            self.metrics.write({"kind": "end", "step": self.step, "seconds": summary["seconds"]})
+        return summary
+
+    def _log_eval(self) -> dict[str, float]:
+        result = self.evaluate()
+        if self.dist.is_main:
+            self.metrics.write({"kind": "eval", "step": self.step, **result,
+                                "tokens": self.samples_seen * self.run.train.seq_len})
+        return result
+
+    def _plot_title(self) -> str:
+        return f"{self.run.name}: {self.run.model.config} on {self.run.data.source}"
+
+    def close(self) -> None:
+        """Leave the process group and release the out_dir lock."""
+        distributed.teardown(self.dist)
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
