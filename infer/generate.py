@@ -102,10 +102,6 @@ def forward_logits(model: ZooForCausalLM, ids: torch.Tensor, cache: ZooCache) ->
     return model.lm_head(hidden)
 
 
-# keyed by the model itself (weakly): an id() could be reused by a later model
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def compiled_decode_step(model: ZooForCausalLM):
     """`decode_step` under torch.compile, once per model.
 
@@ -115,15 +111,18 @@ def compiled_decode_step(model: ZooForCausalLM):
     mode fuses the step's many small ops; it pays off for bounded mixers (fixed state shapes),
     less for attention, whose cache length changes every step.
     """
-    if model not in _COMPILED:
+    compiled = getattr(model, "_zoo_compiled_decode_step", None)
+    if compiled is None:
         on_cuda = next(model.parameters()).device.type == "cuda"
         mode = "reduce-overhead" if on_cuda else None
 
         def step(ids: torch.Tensor, cache: ZooCache) -> torch.Tensor:
             return decode_step(model, ids, cache)
 
-        _COMPILED[model] = torch.compile(step, mode=mode, dynamic=True)
-    return _COMPILED[model]
+        # kept on the model (a plain attribute, not a submodule): it lives and dies with it
+        compiled = torch.compile(step, mode=mode, dynamic=True)
+        object.__setattr__(model, "_zoo_compiled_decode_step", compiled)
+    return compiled
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,3 +171,11 @@ def test_generate_restores_training_mode(make_model):
 def test_bad_prompts_are_named(prompts, match, make_model):
     with pytest.raises(ValueError, match=match):
         generate(make_model("attention-tiny"), prompts, max_new_tokens=2)
+
+
+def test_compiled_decode_step_generates_the_same_tokens(make_model):
+    """torch.compile of the step (inductor on CPU; CUDA graphs on a GPU, not run here)."""
+    model = make_model("rwkv4-tiny")
+    prompts = _prompts([5, 5], seed=8)
+    eager = generate(model, prompts, max_new_tokens=6)
+    assert generate(model, prompts, max_new_tokens=6, compile=True).tokens == eager.tokens
