@@ -92,7 +92,54 @@ def _undo_rwkv_rescale(hf_model, name: str, tensor: torch.Tensor) -> torch.Tenso
     return tensor * 2 ** (int(match.group(1)) // rescale_every)
 
 
-LAYOUTS: dict[str, Callable] = {"llama": _llama, "rwkv": _rwkv}
+MAMBA_NAMES = [
+    (r"backbone\.embeddings\.", "model.embed_tokens."),
+    (r"backbone\.layers\.(\d+)\.norm\.", r"model.layers.\1.mixer_norm."),
+    (r"backbone\.layers\.(\d+)\.mixer\.", r"model.layers.\1.mixer."),
+    (r"backbone\.norm_f\.", "model.norm."),
+    (r"lm_head\.", "lm_head."),
+]
+
+
+def _mamba(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    d_inner = cfg.intermediate_size
+    if d_inner != cfg.expand * cfg.hidden_size:
+        raise ImportErrorHF(f"mamba: intermediate_size={d_inner} != expand * hidden_size")
+    fields = dict(
+        vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
+        mixer={"type": "mamba", "d_state": cfg.state_size, "d_conv": cfg.conv_kernel,
+               "expand": cfg.expand, "dt_rank": cfg.time_step_rank,
+               "conv_bias": bool(cfg.use_conv_bias), "bias": bool(cfg.use_bias)},
+        ffn=None, norm="rms", norm_eps=float(cfg.layer_norm_epsilon),
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
+    )
+    return fields, MAMBA_NAMES
+
+
+def _mamba2(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    d_inner = int(cfg.expand * cfg.hidden_size)
+    if cfg.num_heads * cfg.head_dim != d_inner:
+        raise ImportErrorHF(
+            f"mamba2: num_heads * head_dim = {cfg.num_heads * cfg.head_dim} != "
+            f"expand * hidden_size = {d_inner}"
+        )
+    low, high = cfg.time_step_limit
+    dt_limit = None if (low, high) == (0.0, float("inf")) else [float(low), float(high)]
+    fields = dict(
+        vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
+        mixer={"type": "mamba2", "d_state": cfg.state_size, "d_conv": cfg.conv_kernel,
+               "expand": cfg.expand, "head_dim": cfg.head_dim, "n_groups": cfg.n_groups,
+               "dt_limit": dt_limit, "conv_bias": bool(cfg.use_conv_bias),
+               "bias": bool(cfg.use_bias), "norm_eps": float(cfg.layer_norm_epsilon)},
+        ffn=None, norm="rms", norm_eps=float(cfg.layer_norm_epsilon),
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
+    )
+    return fields, MAMBA_NAMES
+
+
+LAYOUTS: dict[str, Callable] = {
+    "llama": _llama, "mamba": _mamba, "mamba2": _mamba2, "rwkv": _rwkv,
+}
 # per-layout tensor fixes applied before the copy: (hf_model, source name, tensor) -> tensor
 TENSOR_FIXES: dict[str, Callable] = {"rwkv": _undo_rwkv_rescale}
 

@@ -132,3 +132,43 @@ def test_rwkv4_weights_rescaled_in_place_by_transformers_are_restored():
     hf.train()  # transformers undoes its rescaling when leaving eval mode
     again = zoo.from_hf(hf)
     assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def _perturbed(module, scale=0.05):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return module
+
+
+def _mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    hf = MambaForCausalLM(MambaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2,
+                                      state_size=16, tie_word_embeddings=True)).eval()
+    _perturbed(hf.backbone.layers)  # A_log, D, dt biases away from their initial values
+    return hf
+
+
+@pytest.mark.parametrize("layout", ["mamba", "mamba2"])
+@torch.no_grad()
+def test_mamba_layouts_import_with_equal_logits_and_generation(tmp_path, layout):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    if layout == "mamba":
+        hf = _mamba()
+    else:
+        torch.manual_seed(0)
+        hf = Mamba2ForCausalLM(Mamba2Config(
+            vocab_size=120, hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=32,
+            num_heads=4, n_groups=2, chunk_size=8, tie_word_embeddings=False)).eval()
+        _perturbed(hf.backbone.layers)
+    hf.save_pretrained(tmp_path)
+    model = zoo.from_hf(str(tmp_path))
+    assert model.config.mixer["type"] == layout and model.config.ffn is None
+    ids = torch.randint(0, 120, (2, 19))
+    assert relative_error(hf(ids).logits, model(ids).logits) <= 1e-5
+    prompt = ids[:1, :5]
+    expected = hf.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=10, do_sample=False), expected)
