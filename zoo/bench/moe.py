@@ -10,6 +10,7 @@ load-balancing loss; the fraction of routed slots per expert and its coefficient
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -39,21 +40,29 @@ def _mixtral_block(moe: MoE, experts_implementation: str):
     return block
 
 
-def _throughput(fn, x: torch.Tensor, backward: bool, options: BenchOptions) -> dict:
+def _pass_fn(module, x: torch.Tensor, backward: bool):
     def run():
         if backward:
-            out = fn(x)
+            out = module(x)
             out = out[0] if isinstance(out, tuple) else out
             out.sum().backward()
         else:
             with torch.no_grad():
-                fn(x)
+                module(x)
 
-    t = measure(run, device=options.device, warmup=options.warmup, repeats=options.repeats)
-    n_tokens = x.shape[0] * x.shape[1]
-    # tokens/s from the fastest repeat: on a shared CPU the median mostly measures the neighbours
-    return {"ms_median": 1e3 * t["median_s"], "ms_min": 1e3 * t["min_s"],
-            "tokens_per_s": n_tokens / t["min_s"]}
+    return run
+
+
+def _interleaved(fns: dict, options: BenchOptions) -> dict[str, dict[str, float]]:
+    """Time every fn once per round, rounds interleaved, so that a busy neighbour on a shared
+    machine slows all of them alike; per fn the median and the min over rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        measure(fn, device=options.device, warmup=options.warmup, repeats=1)  # warm-up
+    for _ in range(options.repeats):
+        for name, fn in fns.items():
+            times[name].append(measure(fn, device=options.device, warmup=0, repeats=1)["min_s"])
+    return {name: {"median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
 
 
 @register_bench(
@@ -81,12 +90,15 @@ def bench_moe_ffn(options: BenchOptions) -> list[dict]:
             break
         x = torch.randn(1, n_tokens, d_model, device=options.device)
         for backward in (False, True):
-            for name, module in impls.items():
-                xi = x.clone().requires_grad_(backward)
-                r = _throughput(module, xi, backward, options)
+            fns = {name: _pass_fn(module, x.clone().requires_grad_(backward), backward)
+                   for name, module in impls.items()}
+            for name, t in _interleaved(fns, options).items():
+                # tokens/s from the fastest round: on a shared CPU the median mostly measures
+                # the neighbours
                 rows.append({"impl": name, "pass": "fwd+bwd" if backward else "fwd",
                              "tokens": n_tokens, "d_model": d_model, "expert_hidden": hidden,
-                             "n_experts": E, "top_k": K, **r})
+                             "n_experts": E, "top_k": K, "ms_median": 1e3 * t["median_s"],
+                             "ms_min": 1e3 * t["min_s"], "tokens_per_s": n_tokens / t["min_s"]})
     return rows
 
 
