@@ -34,13 +34,15 @@ def _llama(cfg) -> tuple[dict, list[tuple[str, str]]]:
     if rope_type != "default":
         raise ImportErrorHF(f"llama: rope_type={rope_type!r} is not supported (only 'default')")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    bias = bool(getattr(cfg, "attention_bias", False))  # Mixtral's config has no such field
     fields = dict(
         vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
         mixer={"type": "attention", "n_heads": cfg.num_attention_heads,
                "n_kv_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
                "head_dim": head_dim, "rope_theta": float(rope.get("rope_theta", 10000.0)),
-               "qkv_bias": bool(cfg.attention_bias), "out_bias": bool(cfg.attention_bias)},
-        ffn={"type": "swiglu", "hidden_size": cfg.intermediate_size, "bias": bool(cfg.mlp_bias)},
+               "qkv_bias": bias, "out_bias": bias},
+        ffn={"type": "swiglu", "hidden_size": cfg.intermediate_size,
+             "bias": bool(getattr(cfg, "mlp_bias", False))},
         norm="rms", norm_eps=float(cfg.rms_norm_eps),
         tie_word_embeddings=bool(cfg.tie_word_embeddings),
     )
@@ -92,6 +94,19 @@ def _undo_rwkv_rescale(hf_model, name: str, tensor: torch.Tensor) -> torch.Tenso
     return tensor * 2 ** (int(match.group(1)) // rescale_every)
 
 
+def _mixtral(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    fields, names = _llama(cfg)  # the attention half is Llama's
+    if getattr(cfg, "sliding_window", None):
+        fields["mixer"]["window"] = int(cfg.sliding_window)
+    fields["ffn"] = {
+        "type": "moe", "n_experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok,
+        "hidden_size": cfg.intermediate_size, "expert_type": "swiglu",
+        "normalize_weights": True, "jitter_noise": float(cfg.router_jitter_noise or 0.0),
+        "aux_loss_coef": float(cfg.router_aux_loss_coef), "z_loss_coef": 0.0,
+    }
+    return fields, names
+
+
 MAMBA_NAMES = [
     (r"backbone\.embeddings\.", "model.embed_tokens."),
     (r"backbone\.layers\.(\d+)\.norm\.", r"model.layers.\1.mixer_norm."),
@@ -138,7 +153,7 @@ def _mamba2(cfg) -> tuple[dict, list[tuple[str, str]]]:
 
 
 LAYOUTS: dict[str, Callable] = {
-    "llama": _llama, "mamba": _mamba, "mamba2": _mamba2, "rwkv": _rwkv,
+    "llama": _llama, "mamba": _mamba, "mamba2": _mamba2, "mixtral": _mixtral, "rwkv": _rwkv,
 }
 # per-layout tensor fixes applied before the copy: (hf_model, source name, tensor) -> tensor
 TENSOR_FIXES: dict[str, Callable] = {"rwkv": _undo_rwkv_rescale}

@@ -172,3 +172,22 @@ def test_mamba_layouts_import_with_equal_logits_and_generation(tmp_path, layout)
     prompt = ids[:1, :5]
     expected = hf.generate(prompt, max_new_tokens=10, do_sample=False)
     assert torch.equal(model.generate(prompt, max_new_tokens=10, do_sample=False), expected)
+
+
+@torch.no_grad()
+def test_mixtral_directory_imports_with_equal_logits_and_generation(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    hf = MixtralForCausalLM(MixtralConfig(
+        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2)).eval()
+    hf.save_pretrained(tmp_path)
+    model = zoo.from_hf(str(tmp_path))
+    assert model.config.ffn["type"] == "moe" and model.config.ffn["n_experts"] == 4
+    ids = torch.randint(0, 120, (2, 19))
+    assert relative_error(hf(ids).logits, model(ids).logits) <= 1e-5
+    prompt = ids[:1, :5]
+    expected = hf.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=10, do_sample=False), expected)
