@@ -34,7 +34,7 @@ import torch
 from zoo.train.config import DataSection, RunConfigError
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -190,12 +190,16 @@ def corpus_files(data: DataSection) -> list[Path]:
     return subset_by_size(files, data.max_bytes)
 
 
-def is_validation_document(val_tokens: int, seen_tokens: int, val_fraction: float) -> bool:
-    """Hold a document out while the held-out share of the tokens seen so far (in sorted file
-    order) is below val_fraction: whole documents, spread over the corpus, about val_fraction
-    of the tokens, the same on every run.
+def is_validation_document(
+    n_tokens: int, val_tokens: int, seen_tokens: int, val_fraction: float
+) -> bool:
+    """Hold a document out when that leaves the held-out share of the tokens seen so far (in
+    sorted file order) closer to val_fraction than keeping it would: whole documents, spread
+    over the corpus, about val_fraction of the tokens, the same split on every run.
     """
-    return val_tokens < val_fraction * seen_tokens
+    total = seen_tokens + n_tokens
+    return abs((val_tokens + n_tokens) / total - val_fraction) < abs(
+        val_tokens / total - val_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +282,7 @@ def build_token_cache(
                                  dtype=dtype)
             if tokenizer.eos_id is not None:
                 ids = np.append(ids, np.asarray([tokenizer.eos_id], dtype=dtype))
-            if is_validation_document(n_val, n_train + n_val, val_fraction):
+            if is_validation_document(len(ids), n_val, n_train + n_val, val_fraction):
                 val_parts.append(ids)
                 n_val += len(ids)
                 n_docs[1] += 1

@@ -100,10 +100,19 @@ class Trainer:
         self, run: RunConfig, *, resume: bool | str | Path = False, overwrite: bool = False,
         progress: bool = True,
     ):
+        try:
+            self._setup(run, resume, overwrite, progress)
+        except BaseException:
+            self.close()  # release the out_dir lock and the process group
+            raise
+
+    def _setup(self, run: RunConfig, resume: bool | str | Path, overwrite: bool,
+               progress: bool) -> None:
         self.dist = distributed.setup(run.train.device)
         self.run = run.check(self.dist.world_size)
         self.progress = progress and self.dist.is_main
         if run.train.threads:
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(run.train.threads)
         self.device = self.dist.device
         self.out_dir = Path(run.out_dir)
@@ -484,7 +493,11 @@ class Trainer:
 
     def close(self) -> None:
         """Leave the process group and release the out_dir lock."""
-        distributed.teardown(self.dist)
+        if hasattr(self, "dist"):
+            distributed.teardown(self.dist)
+        if getattr(self, "_threads_before", None):
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         lock = getattr(self, "_lock", None)
         if lock is not None:
             lock.close()
