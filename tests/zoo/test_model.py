@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import zoo
+from zoo.testing import relative_error
 
 TINY = [name for name in zoo.shipped_configs() if name.endswith("-tiny")]
 
@@ -28,8 +29,14 @@ def test_save_and_auto_load_round_trip_exactly(name, tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is zoo.ZooForCausalLM
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    for key in saved:
+        assert torch.equal(saved[key], restored[key]), f"{key} changed in the round trip"
+    # The weights are bitwise equal; the logits may differ in the last bit because the CPU
+    # BLAS picks kernels by the memory alignment of safetensors' mmapped tensors.
     ids = _ids(model)
-    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert relative_error(model(ids).logits, loaded(ids).logits) <= 1e-6
 
 
 @pytest.mark.parametrize("name", TINY)
