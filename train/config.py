@@ -314,7 +314,7 @@ def shipped_runs() -> list[str]:
 def read_run_yaml(name_or_path: str | Path) -> dict:
     """The YAML mapping of a run config file, or of a shipped run ("demo", "mqar")."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"run config {str(path)!r} does not exist")
         text = path.read_text()

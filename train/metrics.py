@@ -66,6 +66,20 @@ def eval_records(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
 
 
+def format_eval_table(run_dir: Path) -> str:
+    """The validation passes of a run as a small text table (step, tokens, loss, perplexity,
+    and accuracy for synthetic tasks)."""
+    rows = eval_records(run_dir)
+    accuracy = any("val_accuracy" in r for r in rows)
+    lines = [f"{'step':>6s} {'tokens':>11s} {'val loss':>9s} {'val ppl':>9s}"
+             + (f" {'accuracy':>9s}" if accuracy else "")]
+    for r in rows:
+        lines.append(f"{r['step']:6d} {r.get('tokens', 0):11,d} {r['val_loss']:9.4f} "
+                     f"{r['val_ppl']:9.3f}"
+                     + (f" {r.get('val_accuracy', float('nan')):9.3f}" if accuracy else ""))
+    return "\n".join(lines)
+
+
 def plot_losses(run_dir: Path, title: str | None = None) -> Path:
     """`<run>/loss.png`: training loss per step (and its running mean) and validation loss."""
     import matplotlib

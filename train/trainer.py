@@ -42,7 +42,13 @@ from zoo.train.checkpoint import (
 )
 from zoo.train.config import RunConfig, RunConfigError
 from zoo.train.data import build_dataset
-from zoo.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
+from zoo.train.metrics import (
+    METRICS_FILE,
+    PLOT_FILE,
+    MetricsLog,
+    format_eval_table,
+    plot_losses,
+)
 
 IGNORE = -100
 
@@ -407,7 +413,7 @@ class Trainer:
                     f"({cache.meta['train_documents']} files of {where}, "
                     f"tokenizer {run.data.tokenizer})")
         tokens = run.train.steps * run.train.batch_size * run.train.seq_len
-        return (f"{run.name}: {run.model.config} ({self.n_params:,} parameters) on {data}; "
+        return (f"{run.name}: {self.model_label()}, {self.n_params:,} parameters, on {data}; "
                 f"{run.train.steps} steps x {run.train.batch_size} x {run.train.seq_len} tokens "
                 f"= {tokens:,} tokens, strategy {run.strategy} on {self.dist.world_size} x "
                 f"{self.device.type}, {run.train.precision}")
@@ -419,8 +425,9 @@ class Trainer:
         start_time = time.perf_counter()
         last_eval: dict[str, float] = {}
         interrupted = None
-        if info.is_main:
+        if self.progress:
             tqdm.write(self._describe())
+        if info.is_main:
             event = {"kind": "resume", "step": self.step, "path": str(self.resumed_from)} if (
                 self.resumed_from) else {"kind": "start", "step": 0}
             self.metrics.write({**event, "world_size": info.world_size,
@@ -479,6 +486,10 @@ class Trainer:
         if info.is_main:
             summary["plot"] = plot_losses(self.out_dir, title=self._plot_title())
             self.metrics.write({"kind": "end", "step": self.step, "seconds": summary["seconds"]})
+            if self.progress:
+                tqdm.write(f"trained {self.step} steps in {summary['seconds']:.0f} s; held-out "
+                           f"split:\n{format_eval_table(self.out_dir)}\nloss curves: "
+                           f"{summary['plot']}")
         return summary
 
     def _log_eval(self) -> dict[str, float]:
@@ -488,8 +499,16 @@ class Trainer:
                                 "tokens": self.samples_seen * self.run.train.seq_len})
         return result
 
+    def model_label(self) -> str:
+        """'attention-tiny (d_model 128, 4 layers: attention + swiglu)'."""
+        c = self.model_config
+        kinds = ", ".join(dict.fromkeys(c.describe_layers()))
+        return f"{self.run.model.config} (d_model {c.d_model}, {c.n_layers} layers: {kinds})"
+
     def _plot_title(self) -> str:
-        return f"{self.run.name}: {self.run.model.config} on {self.run.data.source}"
+        source = "the Python stdlib" if self.run.data.source == "text" and not (
+            self.run.data.paths) else self.run.data.source
+        return f"{self.run.name}: {self.model_label()} on {source}"
 
     def close(self) -> None:
         """Leave the process group and release the out_dir lock."""

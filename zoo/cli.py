@@ -185,6 +185,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="RUN_DIR", help="only draw RUN_DIR/loss.png from its metrics")
     p.add_argument("--list", action="store_true", help="list the shipped run configs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sample", type=int, default=200, metavar="N",
+                   help="text runs: generate N tokens from the final weights (0: none)")
+    p.add_argument("--prompt", default="def ", help="the prompt of that sample")
 
 
 @command("train", "train a model from a run config; checkpoints, metrics, loss curves",
@@ -222,7 +225,25 @@ def run_train(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         print(f"final weights: {summary['final']} (AutoModelForCausalLM.from_pretrained)")
         print(f"metrics: {summary['out_dir']}/metrics.jsonl; loss curves: {summary['plot']}")
+        if args.sample > 0 and trainer.tokenizer is not None:
+            text = sample_text(summary["final"], trainer.tokenizer, args.prompt, args.sample)
+            print(f"--- {args.sample} tokens sampled (greedy, recurrent cache) after "
+                  f"{args.prompt!r}:\n{text}")
     return 0
+
+
+def sample_text(model_dir: Path, tokenizer, prompt: str, n_tokens: int) -> str:
+    """Greedy continuation of `prompt` by the save_pretrained model in `model_dir`, decoded
+    token by token through the model's recurrent cache (`generate`)."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo model type)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n_tokens, do_sample=False)
+    return tokenizer.decode(out[0].tolist())
 
 
 def _distill_arguments(p: argparse.ArgumentParser) -> None:
