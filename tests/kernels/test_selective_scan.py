@@ -62,6 +62,25 @@ def test_matches_reference_forward_and_backward(backend, batch, dim, N, T, group
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_and_bias_without_gate_match_reference(backend):
+    # D and delta_bias with softplus but no z: the gate's absence is its own branch in the kernels
+    leaves = _inputs(2, 16, 4, 9, 4, True, False)
+    leaves[NAMES.index("z")] = None
+    present = [(name, t) for name, t in zip(NAMES, leaves) if t is not None]
+    dy = torch.randn(2, 16, 9)
+    ref_y, _ = _run("reference", leaves, True, dtype=torch.float64)
+    (ref_y * dy.double()).sum().backward()
+    ref_grads = [t.grad.clone() for _, t in present]
+    for _, t in present:
+        t.grad = None
+    y, _ = _run(backend, leaves, True)
+    (y * dy).sum().backward()  # the final state is left out of the loss
+    assert_close("y", ref_y, y, 1e-5)
+    for (name, t), ref in zip(present, ref_grads):
+        assert_close(f"d{name}", ref, t.grad, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_close_to_reference(backend):
     leaves = _inputs(2, 16, 4, 33, None, True, True)
     ref_y, ref_ht = _run("reference", leaves, True, dtype=torch.float64)
