@@ -2,7 +2,8 @@
 
 Within a chunk of L steps the log-decays a_t = dt_t * A are summed (cs_t = a_1 + ... + a_t) and
 every pair s <= t gets the decay exp(cs_t - cs_s), masked to the lower triangle before the
-exponential, so only partial sums <= 0 are ever exponentiated (no overflow however long T is):
+exponential, so with a_t <= 0 (dt >= 0 and A <= 0, as in Mamba) only partial sums <= 0 are ever
+exponentiated: no overflow however long T is.
 
     h_t = sum_{s <= t} exp(cs_t - cs_s) dt_s u_s B_s  +  exp(cs_t) h_start
 
