@@ -322,7 +322,15 @@ def save_final(model_cls: type, config: Any, state_dict: dict[str, torch.Tensor]
     model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()})
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its one-shard bar would break the trainer's output
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     old = folder.with_name(f".{folder.name}.old{os.getpid()}")
     if folder.exists():
         os.rename(folder, old)

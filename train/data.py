@@ -71,7 +71,11 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A local Hugging Face (`AutoTokenizer`) directory or a `tokenizers` tokenizer.json."""
+    """A local Hugging Face (`AutoTokenizer`) directory or a `tokenizers` tokenizer.json.
+
+    Documents are separated by the directory's eos token; a bare tokenizer.json names none, so
+    its documents are concatenated without a separator.
+    """
 
     def __init__(self, path: Path):
         if path.is_file():

@@ -16,6 +16,12 @@ from zoo.train.metrics import eval_records, read_metrics, train_losses
 STEPS = 12
 
 
+def torchrun(run_yaml, strategy: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "zoo.train", str(run_yaml), "--set", f"strategy={strategy}",
+            "--no-progress", *extra]
+
+
 def one_process(config: dict) -> None:
     trainer = Trainer(from_dict(config).check(), progress=False)
     try:
@@ -34,9 +40,7 @@ def test_two_gloo_processes_match_one_process(strategy, tmp_path, text_run, spaw
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({**config, "out_dir": str(tmp_path / "two")}))
     log = tmp_path / "torchrun.log"
-    process = spawn([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     "--nproc_per_node", "2", "-m", "zoo.train", str(run_yaml),
-                     "--set", f"strategy={strategy}", "--no-progress"], log)
+    process = spawn(torchrun(run_yaml, strategy), log)
     assert process.wait(300) == 0, log.read_text()[-4000:]
 
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
@@ -48,17 +52,23 @@ def test_two_gloo_processes_match_one_process(strategy, tmp_path, text_run, spaw
     start = [r for r in read_metrics(tmp_path / "two") if r["kind"] == "start"]
     assert start[0]["world_size"] == 2  # rank 0 alone writes the metrics
 
-    # The 2-process checkpoint (full state dicts) resumes in one process and continues the run.
+    # The checkpoint holds full state dicts: DDP's resumes in one process, FSDP's under torchrun
+    # again; both continue the run exactly.
     assert [p.name for p in list_checkpoints(tmp_path / "two" / "checkpoints")] == [
         "step_000006", "step_000012"]
-    resumed = dict(config, out_dir=str(tmp_path / "resumed"),
-                   train={**config["train"], "steps": STEPS})
-    trainer = Trainer(from_dict(resumed).check(), progress=False,
-                      resume=tmp_path / "two" / "checkpoints" / "step_000006")
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    middle = tmp_path / "two" / "checkpoints" / "step_000006"
+    if strategy == "ddp":
+        trainer = Trainer(from_dict(dict(config, out_dir=str(tmp_path / "resumed"))).check(),
+                          progress=False, resume=middle)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    else:
+        log = tmp_path / "resume.log"
+        process = spawn(torchrun(run_yaml, strategy, "--set", f"out_dir={tmp_path / 'resumed'}",
+                                 "--resume", str(middle)), log)
+        assert process.wait(300) == 0, log.read_text()[-4000:]
     after = train_losses(tmp_path / "resumed")
     assert sorted(after) == list(range(7, STEPS + 1))
     for step in after:
