@@ -178,8 +178,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="a run config: a YAML path or a shipped run name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config field, dotted for nesting (train.steps=100)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint in out_dir (or from CHECKPOINT)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoint folder (out_dir/checkpoints/step_...)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an out_dir that already holds a run")
     p.add_argument("--plot", metavar="RUN_DIR", help="only draw RUN_DIR/loss.png from its metrics")
@@ -208,7 +210,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0 if args.list else 2
     run = load_run_config(args.run_config, args.set, world_size=world_size_from_env())
     try:
-        trainer = Trainer(run, resume=args.resume, overwrite=args.overwrite,
+        trainer = Trainer(run, resume=args.resume_from or args.resume, overwrite=args.overwrite,
                           progress=not args.no_progress)
         try:
             summary = trainer.fit()

@@ -67,7 +67,7 @@ def test_two_gloo_processes_match_one_process(strategy, tmp_path, text_run, spaw
     else:
         log = tmp_path / "resume.log"
         process = spawn(torchrun(run_yaml, strategy, "--set", f"out_dir={tmp_path / 'resumed'}",
-                                 "--resume", str(middle)), log)
+                                 "--resume-from", str(middle)), log)
         assert process.wait(300) == 0, log.read_text()[-4000:]
     after = train_losses(tmp_path / "resumed")
     assert sorted(after) == list(range(7, STEPS + 1))
