@@ -102,3 +102,31 @@ def test_cli_plot_redraws_the_loss_curves(tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert "loss.png" in capsys.readouterr().out
     assert cli.main(["train", "--plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    trainer = Trainer(mqar(tmp_path, steps=400), progress=False)
+
+    def interrupt():
+        while trainer.step < 3:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary["interrupted"] == "SIGINT" and 3 <= summary["step"] < 400
+    assert summary["checkpoint"].name == f"step_{summary['step']:06d}"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = Trainer(mqar(tmp_path, steps=summary["step"] + 1), resume=True, progress=False)
+    try:
+        assert resumed.fit()["step"] == summary["step"] + 1
+    finally:
+        resumed.close()
