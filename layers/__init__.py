@@ -3,10 +3,20 @@
 Importing this package registers every mixer and FFN below; a new mixer module adds one import.
 """
 
-from . import attention, ffn, linear_attention, linformer, moe, retnet  # noqa: F401  (registers the mixers and FFNs)
-from . import rwkv4, rwkv6  # noqa: F401  (RWKV-4 and RWKV-6 time and channel mixing)
-from . import hyena  # noqa: F401  (Hyena: gated implicit long convolutions)
-from . import mamba, mamba2  # noqa: F401  (Mamba-1 and Mamba-2 selective state spaces)
+# Importing the modules registers their mixers and FFNs.
+from . import (  # noqa: F401
+    attention,
+    ffn,
+    hyena,
+    linear_attention,
+    linformer,
+    mamba,
+    mamba2,
+    moe,
+    retnet,
+    rwkv4,
+    rwkv6,
+)
 from .base import FFN, Mixer, MixerState
 from .norms import RMSNorm, build_norm
 from .registry import (

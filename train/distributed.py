@@ -68,6 +68,9 @@ def setup(device: str = "auto") -> DistInfo:
 
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        # Leave together: a rank that tears gloo down while another still writes the final
+        # checkpoint can abort in gloo's threads ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -121,7 +121,9 @@ def test_decode_filter_cache_follows_parameter_updates():
     want, _ = mixer(x)
     with torch.enable_grad():
         fresh, _ = mixer(x)  # autograd on: filters computed without the cache
-    assert_close("uncached", fresh, want, 1e-6)
+    # A stale cache is off by ~1e-1. The cached filters are longer, so the FFT size differs and
+    # fp32 rounding moves by ~1e-5 (more with 2 BLAS/FFT threads): the contract's 1e-4 bound.
+    assert_close("uncached", fresh, want, 1e-4)
     assert_close("after update", want, decode(), 1e-4)
 
 

