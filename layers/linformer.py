@@ -101,10 +101,12 @@ def bounded_memory_attention_chunked(
         key_sum, value_sum, control_sum = (s.to(q.dtype) for s in initial_state)
     q, k, v, control = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v, control))
     outputs = []
-    for start in range(0, T, chunk_size):
-        end = min(start + chunk_size, T)
-        qc, kc, vc, ac = (t[:, :, start:end] for t in (q, k, v, control))
-        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
+    # split, not slicing in a loop: the backward of T / C slices would build T / C full-size
+    # gradients (quadratic in T); split's backward is one concatenation
+    pieces = zip(*(t.split(chunk_size, dim=2) for t in (q, k, v, control)))
+    for qc, kc, vc, ac in pieces:
+        size = qc.shape[2]
+        causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
         accumulated = (control_sum[:, :, None] + ac.cumsum(dim=2)).clamp_min(_CONTROL_FLOOR)
         qk = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
         raw_scores = qk @ ac + qc @ key_sum.transpose(-1, -2)  # (B, H, C, n)
