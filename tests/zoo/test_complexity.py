@@ -26,3 +26,16 @@ def test_report_flags_disagreement_with_theory_and_with_the_survey():
     assert "1.00 / 1 / 2 survey≠" in attention_line  # KV-cache decode is O(n d), not O(n^2 d)
     mamba_line = next(line for line in report.splitlines() if line.startswith("| mamba |"))
     assert "2.00 ! / 1" in mamba_line  # a quadratic prefill in a bounded mixer is flagged
+
+
+def test_the_speculative_row_is_reported_and_kept_out_of_the_fits():
+    rows = [{"family": "mamba", "n": n, "train_s": n * 1e-6, "prefill_s": n * 1e-7,
+             "decode_s_per_token": 1e-4, "state_bytes": 4096, "train_peak_bytes": 1}
+            for n in (256, 512, 1024)]
+    rows.append({"family": "speculative", "target": "t", "draft_layers": 10, "k": 4,
+                 "acceptance_rate": 0.25, "tokens_per_round": 1.5, "plain_ms_per_token": 30.0,
+                 "speculative_ms_per_token": 40.0, "speedup": 0.75, "identical_to_plain": True})
+    assert set(exponents(rows)) == {"mamba"}
+    report = complexity_report(rows)
+    assert "acceptance 25.0%" in report and "speed-up 0.75x" in report
+    assert "identical to plain greedy" in report

