@@ -23,7 +23,7 @@ from zoo.layers import FFNS, MIXERS
 from zoo.model import ZooForCausalLM
 
 D_MODEL, N_LAYERS, VOCAB = 128, 2, 256
-MAX_N = 16384
+MAX_N = 32768
 
 # family -> (mixer spec, ffn spec). The MoE pair compares FFNs at equal active parameters:
 # top-2 of 8 experts of hidden 128 against a dense SwiGLU of hidden 256.
@@ -179,10 +179,14 @@ def run_complexity(options: BenchOptions) -> list[dict]:
     families = [f for f in FAMILIES if _registered(f)]
     if torch.device(options.device).type == "cpu":
         reuse_freed_memory()
-    share = options.budget_s / max(1, len(families))
-    sizes = [256, 512] if options.quick else [256 * 2**i for i in range(7) if 256 * 2**i <= MAX_N]
+    # Quadratic families last, so that the time the linear ones leave over lets attention reach
+    # the long n where its quadratic term dominates.
+    families.sort(key=lambda f: theory(f)["train"])
+    run_start = time.perf_counter()
+    sizes = [256, 512] if options.quick else [256 * 2**i for i in range(12) if 256 * 2**i <= MAX_N]
     rows = []
-    for family in families:
+    for index, family in enumerate(families):
+        share = (options.budget_s - (time.perf_counter() - run_start)) / (len(families) - index)
         torch.manual_seed(0)
         model = ZooForCausalLM(family_config(family)).to(options.device)
         params = sum(p.numel() for p in model.parameters())
