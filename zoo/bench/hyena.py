@@ -13,14 +13,10 @@ import time
 import torch
 
 from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
-from zoo.bench.model import build_model, decode_seconds_per_token, train_step_seconds
+from zoo.bench.model import decode_sweep, sizes, train_step_sweep
 from zoo.kernels import fft_conv
 
 CONFIGS = ("hyena-tiny", "attention-tiny")
-
-
-def _sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int]:
-    return quick if options.quick else full
 
 
 @register_bench(
@@ -31,17 +27,8 @@ def _sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int
                                       title="training step time per token"),
 )
 def bench_hyena_train(options: BenchOptions) -> list[dict]:
-    rows, start = [], time.perf_counter()
-    for config in CONFIGS:
-        model = build_model(config, options.device)
-        for seq_len in _sizes(options, [32, 64], [128, 256, 512, 1024, 2048, 4096]):
-            if time.perf_counter() - start > options.budget_s:
-                break
-            t = train_step_seconds(model, 4, seq_len, options)
-            rows.append({"config": config, "batch": 4, "seq_len": seq_len,
-                         "step_ms": 1e3 * t["median_s"],
-                         "ms_per_token": 1e3 * t["median_s"] / (4 * seq_len)})
-    return rows
+    seq_lens = sizes(options, [32, 64], [128, 256, 512, 1024, 2048, 4096])
+    return train_step_sweep(list(CONFIGS), seq_lens, options)
 
 
 @register_bench(
@@ -52,19 +39,9 @@ def bench_hyena_train(options: BenchOptions) -> list[dict]:
                                       series="config", title="decode cost per token"),
 )
 def bench_hyena_decode(options: BenchOptions) -> list[dict]:
-    rows, start = [], time.perf_counter()
-    steps = 4 if options.quick else 16
-    for config in CONFIGS:
-        model = build_model(config, options.device)
-        # hyena-tiny's max_len is 4096: the last context leaves room for the timed steps
-        for context in _sizes(options, [16, 64], [128, 512, 2048, 3968]):
-            if time.perf_counter() - start > options.budget_s:
-                break
-            t = decode_seconds_per_token(model, context, options, steps=steps)
-            rows.append({"config": config, "context": context,
-                         "decode_ms_per_token": 1e3 * t["median_s"],
-                         "state_bytes": t["state_bytes"]})
-    return rows
+    # hyena-tiny's max_len is 4096: the last context leaves room for the timed steps
+    contexts = sizes(options, [16, 64], [128, 512, 2048, 3968])
+    return decode_sweep(list(CONFIGS), contexts, options, steps=4 if options.quick else 16)
 
 
 @register_bench(
@@ -81,8 +58,8 @@ def bench_fft_conv(options: BenchOptions) -> list[dict]:
         forms["direct-triton"] = "triton"
     B, D = 1, 384
     rows, start = [], time.perf_counter()
-    for P in _sizes(options, [64], [128, 1024, 4096]):
-        for T in _sizes(options, [1, 8], [1, 2, 4, 8, 16, 64, 256]):
+    for P in sizes(options, [64], [128, 1024, 4096]):
+        for T in sizes(options, [1, 8], [1, 2, 4, 8, 16, 64, 256]):
             u = torch.randn(B, T, D, device=device)
             past = torch.randn(B, P, D, device=device)
             k = torch.randn(D, P + T, device=device)

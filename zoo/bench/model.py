@@ -55,8 +55,42 @@ def decode_seconds_per_token(model, context: int, options: BenchOptions, steps: 
     return {**{k: v / steps for k, v in result.items()}, "state_bytes": cache.nbytes()}
 
 
-def _sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int]:
+def sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int]:
     return quick if options.quick else full
+
+
+def train_step_sweep(
+    configs: list[str], seq_lens: list[int], options: BenchOptions, batch: int = 4
+) -> list[dict]:
+    """A training step of each config at each length, while options.budget_s lasts."""
+    rows, start = [], time.perf_counter()
+    for config in configs:
+        model = build_model(config, options.device)
+        for seq_len in seq_lens:
+            if time.perf_counter() - start > options.budget_s:
+                break
+            t = train_step_seconds(model, batch, seq_len, options)
+            rows.append({"config": config, "batch": batch, "seq_len": seq_len,
+                         "step_ms": 1e3 * t["median_s"],
+                         "ms_per_token": 1e3 * t["median_s"] / (batch * seq_len)})
+    return rows
+
+
+def decode_sweep(
+    configs: list[str], contexts: list[int], options: BenchOptions, steps: int = 16
+) -> list[dict]:
+    """Decode ms/token and state bytes of each config at each context, within the budget."""
+    rows, start = [], time.perf_counter()
+    for config in configs:
+        model = build_model(config, options.device)
+        for context in contexts:
+            if time.perf_counter() - start > options.budget_s:
+                break
+            t = decode_seconds_per_token(model, context, options, steps=steps)
+            rows.append({"config": config, "context": context,
+                         "decode_ms_per_token": 1e3 * t["median_s"],
+                         "state_bytes": t["state_bytes"]})
+    return rows
 
 
 @register_bench(
@@ -66,16 +100,8 @@ def _sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int
                                       title="training step time per token"),
 )
 def bench_attention_train(options: BenchOptions) -> list[dict]:
-    rows, start = [], time.perf_counter()
-    model = build_model("attention-tiny", options.device)
-    for seq_len in _sizes(options, [64, 128], [256, 512, 1024, 2048, 4096]):
-        if time.perf_counter() - start > options.budget_s:
-            break
-        t = train_step_seconds(model, 4, seq_len, options)
-        rows.append({"config": "attention-tiny", "batch": 4, "seq_len": seq_len,
-                     "step_ms": 1e3 * t["median_s"],
-                     "ms_per_token": 1e3 * t["median_s"] / (4 * seq_len)})
-    return rows
+    return train_step_sweep(["attention-tiny"], sizes(options, [64, 128], [256, 512, 1024, 2048,
+                                                                           4096]), options)
 
 
 @register_bench(
@@ -85,13 +111,4 @@ def bench_attention_train(options: BenchOptions) -> list[dict]:
                                       series="config", title="decode cost per token"),
 )
 def bench_attention_decode(options: BenchOptions) -> list[dict]:
-    rows, start = [], time.perf_counter()
-    model = build_model("attention-tiny", options.device)
-    for context in _sizes(options, [32, 128], [128, 1024, 8192]):
-        if time.perf_counter() - start > options.budget_s:
-            break
-        t = decode_seconds_per_token(model, context, options)
-        rows.append({"config": "attention-tiny", "context": context,
-                     "decode_ms_per_token": 1e3 * t["median_s"],
-                     "state_bytes": t["state_bytes"]})
-    return rows
+    return decode_sweep(["attention-tiny"], sizes(options, [32, 128], [128, 1024, 8192]), options)

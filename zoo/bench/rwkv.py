@@ -12,14 +12,10 @@ import time
 import torch
 
 from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
-from zoo.bench.model import build_model, decode_seconds_per_token, train_step_seconds
+from zoo.bench.model import decode_sweep, sizes, train_step_sweep
 from zoo.kernels import wkv4
 
 CONFIGS = ("rwkv4-tiny", "rwkv6-tiny", "attention-tiny")
-
-
-def _sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int]:
-    return quick if options.quick else full
 
 
 @register_bench(
@@ -29,17 +25,8 @@ def _sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int
                                       title="training step time per token"),
 )
 def bench_rwkv_train(options: BenchOptions) -> list[dict]:
-    rows, start = [], time.perf_counter()
-    for config in CONFIGS:
-        model = build_model(config, options.device)
-        for seq_len in _sizes(options, [32, 64], [128, 256, 512, 1024, 2048]):
-            if time.perf_counter() - start > options.budget_s:
-                break
-            t = train_step_seconds(model, 4, seq_len, options)
-            rows.append({"config": config, "batch": 4, "seq_len": seq_len,
-                         "step_ms": 1e3 * t["median_s"],
-                         "ms_per_token": 1e3 * t["median_s"] / (4 * seq_len)})
-    return rows
+    seq_lens = sizes(options, [32, 64], [128, 256, 512, 1024, 2048])
+    return train_step_sweep(list(CONFIGS), seq_lens, options)
 
 
 @register_bench(
@@ -49,18 +36,8 @@ def bench_rwkv_train(options: BenchOptions) -> list[dict]:
                                       series="config", title="decode cost per token"),
 )
 def bench_rwkv_decode(options: BenchOptions) -> list[dict]:
-    rows, start = [], time.perf_counter()
-    for config in CONFIGS:
-        model = build_model(config, options.device)
-        for context in _sizes(options, [16, 64], [128, 1024, 4096]):
-            if time.perf_counter() - start > options.budget_s:
-                break
-            t = decode_seconds_per_token(model, context, options,
-                                         steps=4 if options.quick else 16)
-            rows.append({"config": config, "context": context,
-                         "decode_ms_per_token": 1e3 * t["median_s"],
-                         "state_bytes": t["state_bytes"]})
-    return rows
+    contexts = sizes(options, [16, 64], [128, 1024, 4096])
+    return decode_sweep(list(CONFIGS), contexts, options, steps=4 if options.quick else 16)
 
 
 def _wkv4_forward_backward(inputs: list[torch.Tensor], backend: str) -> None:
@@ -79,7 +56,7 @@ def bench_wkv4_op(options: BenchOptions) -> list[dict]:
     backends = ["reference", "torch"] + (["triton"] if torch.device(device).type == "cuda" else [])
     B, C = 4, 256
     rows, start = [], time.perf_counter()
-    for seq_len in _sizes(options, [64, 128], [256, 1024, 4096]):
+    for seq_len in sizes(options, [64, 128], [256, 1024, 4096]):
         inputs = [torch.randn(C, device=device), torch.randn(C, device=device),
                   torch.randn(B, seq_len, C, device=device),
                   torch.randn(B, seq_len, C, device=device)]
