@@ -10,9 +10,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
 from .base import Mixer, MixerState
+from .linear import Linear
 from .registry import register_mixer
 from .rotary import Rotary
 
@@ -39,6 +39,21 @@ class AttentionState(MixerState):
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, : self.length], self.v[:, : self.length]
+
+    def with_capacity(self, capacity: int) -> AttentionState:
+        """The same cache in new buffers of `capacity` slots (>= length)."""
+        k = self.k.new_empty(self.k.shape[0], capacity, *self.k.shape[2:])
+        v = self.v.new_empty(self.v.shape[0], capacity, *self.v.shape[2:])
+        k[:, : self.length] = self.k[:, : self.length]
+        v[:, : self.length] = self.v[:, : self.length]
+        return dataclasses.replace(self, k=k, v=v)
+
+    def reserve(self, tokens: int) -> AttentionState:
+        """Room for `tokens` more without growing, so a compiled decode step never sees the
+        buffers change shape. A windowed cache trims itself when it grows: left as it is."""
+        if self.window is not None or self.length + tokens <= self.k.shape[1]:
+            return self
+        return self.with_capacity(self.length + tokens)
 
 
 @register_mixer("attention")
@@ -84,10 +99,10 @@ class Attention(Mixer):
             raise ValueError(f"attention: window={window} must be a positive number of tokens")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.window = window
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.q_proj = Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(n_heads * head_dim, d_model, bias=out_bias)
         self.rotary = Rotary(head_dim, rope_theta) if rope_theta is not None else None
 
     def init_state(self, batch_size, device=None, dtype=None, capacity: int = 0):
@@ -108,19 +123,16 @@ class Attention(Mixer):
     def _append(self, state: AttentionState, k: torch.Tensor, v: torch.Tensor) -> AttentionState:
         """Write k, v (B, T, H_kv, D) after the cached tokens, growing the buffers by doubling."""
         T = k.shape[1]
-        length, buf_k, buf_v = state.length, state.k, state.v
-        if length + T > buf_k.shape[1]:
-            if self.window is not None and length >= self.window:
+        if state.length + T > state.k.shape[1]:
+            if self.window is not None and state.length >= self.window:
                 # the next queries see at most window - 1 earlier tokens: drop the rest
-                keep = self.window - 1
-                buf_k, buf_v = buf_k[:, length - keep : length], buf_v[:, length - keep : length]
-                length = keep
-            capacity = max(length + T, 2 * buf_k.shape[1], 16)
-            grown_k = k.new_empty(k.shape[0], capacity, *k.shape[2:])
-            grown_v = v.new_empty(v.shape[0], capacity, *v.shape[2:])
-            grown_k[:, :length] = buf_k[:, :length]
-            grown_v[:, :length] = buf_v[:, :length]
-            buf_k, buf_v = grown_k, grown_v
+                keep, end = self.window - 1, state.length
+                state = dataclasses.replace(
+                    state, k=state.k[:, end - keep : end], v=state.v[:, end - keep : end],
+                    length=keep,
+                )
+            state = state.with_capacity(max(state.length + T, 2 * state.k.shape[1], 16))
+        length, buf_k, buf_v = state.length, state.k, state.v
         buf_k[:, length : length + T] = k
         buf_v[:, length : length + T] = v
         return AttentionState(buf_k, buf_v, length + T, state.position + T, self.window)
@@ -157,11 +169,27 @@ class Attention(Mixer):
             values = torch.cat([new_state.v[:, :past], v], dim=1)
         else:
             keys, values = new_state.keys_values()
+        if T == 1 and not q.requires_grad:
+            return self.o_proj(self._one_query(q, keys, values)), new_state
         mask = self._mask(T, past, x.device)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None and past == 0 and T > 1,
+            attn_mask=mask, is_causal=T > 1 and mask is None and past == 0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         y = self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
         return y, new_state
+
+    def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Decoding: q (B, 1, H, D) against keys, values (B, L, H_kv, D) -> (B, 1, H * D).
+
+        Two small matmuls: on the CPU a fraction of SDPA's fixed cost per call, and plain ops
+        that torch.compile fuses. Query heads group by KV head as in SDPA's enable_gqa."""
+        if self.window is not None:
+            keys, values = keys[:, -self.window :], values[:, -self.window :]
+        B, groups = q.shape[0], self.n_heads // self.n_kv_heads
+        q = q.reshape(B, self.n_kv_heads, groups, self.head_dim) * self.head_dim**-0.5
+        scores = torch.einsum("bhgd,blhd->bhgl", q, keys)
+        weights = scores.float().softmax(dim=-1).to(values.dtype)
+        out = torch.einsum("bhgl,blhd->bhgd", weights, values)
+        return out.reshape(B, 1, self.n_heads * self.head_dim)

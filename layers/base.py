@@ -48,6 +48,11 @@ class MixerState:
     def clone(self) -> MixerState:
         return self.map_tensors(torch.clone)
 
+    def reserve(self, tokens: int) -> MixerState:
+        """A state with room for `tokens` more without reallocating. Bounded states always have
+        it; growing ones (a KV cache) preallocate, so a compiled decode step sees fixed shapes."""
+        return self
+
 
 class Mixer(nn.Module):
     """A causal sequence mixer behind the state contract (see the module docstring).

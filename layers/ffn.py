@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import nn
 
 from .base import FFN
+from .linear import Linear
 from .registry import register_ffn
 
 
@@ -22,8 +22,8 @@ class MLP(FFN):
     def __init__(self, d_model: int, *, hidden_size: int | None = None, bias: bool = True):
         super().__init__(d_model)
         hidden_size = hidden_size or 4 * d_model
-        self.fc_in = nn.Linear(d_model, hidden_size, bias=bias)
-        self.fc_out = nn.Linear(hidden_size, d_model, bias=bias)
+        self.fc_in = Linear(d_model, hidden_size, bias=bias)
+        self.fc_out = Linear(hidden_size, d_model, bias=bias)
 
     def forward(self, x, state=None):
         return self.fc_out(F.gelu(self.fc_in(x))), None
@@ -36,9 +36,9 @@ class SwiGLU(FFN):
     def __init__(self, d_model: int, *, hidden_size: int | None = None, bias: bool = False):
         super().__init__(d_model)
         hidden_size = hidden_size or swiglu_hidden_size(d_model)
-        self.gate_proj = nn.Linear(d_model, hidden_size, bias=bias)
-        self.up_proj = nn.Linear(d_model, hidden_size, bias=bias)
-        self.down_proj = nn.Linear(hidden_size, d_model, bias=bias)
+        self.gate_proj = Linear(d_model, hidden_size, bias=bias)
+        self.up_proj = Linear(d_model, hidden_size, bias=bias)
+        self.down_proj = Linear(hidden_size, d_model, bias=bias)
 
     def forward(self, x, state=None):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None

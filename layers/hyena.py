@@ -25,6 +25,7 @@ from torch import nn
 from zoo.kernels import causal_conv1d, fft_conv
 
 from .base import Mixer, MixerState
+from .linear import Linear
 from .registry import register_mixer
 
 
@@ -119,21 +120,21 @@ class Hyena(Mixer):
             )
         self.order, self.max_len, self.filter_bands = order, max_len, filter_bands
         width = (order + 1) * d_model
-        self.in_proj = nn.Linear(d_model, width)
+        self.in_proj = Linear(d_model, width)
         # depthwise, like nn.Conv1d(width, width, W, groups=width) and initialised as it is
         bound = 1 / math.sqrt(short_conv_width)
         self.short_conv_weight = nn.Parameter(torch.empty(width, short_conv_width).uniform_(
             -bound, bound))
         self.short_conv_bias = nn.Parameter(torch.empty(width).uniform_(-bound, bound))
-        layers: list[nn.Module] = [nn.Linear(1 + 2 * filter_bands, filter_width),
+        layers: list[nn.Module] = [Linear(1 + 2 * filter_bands, filter_width),
                                    Sine(filter_width, sine_freq)]
         for _ in range(filter_depth):
-            layers += [nn.Linear(filter_width, filter_width), Sine(filter_width, sine_freq)]
-        layers.append(nn.Linear(filter_width, order * d_model, bias=False))
+            layers += [Linear(filter_width, filter_width), Sine(filter_width, sine_freq)]
+        layers.append(Linear(filter_width, order * d_model, bias=False))
         self.filter_ffn = nn.Sequential(*layers)
         # the skip term of each long convolution ("D" in S4 / safari's filter bias)
         self.filter_bias = nn.Parameter(torch.randn(order, d_model))
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
         # decay rates per channel of every order: exp(-rate * lag / max_len) reaches
         # decay_target at decay_fast (fastest) .. decay_slow (slowest) times max_len. Fixed, not
         # learned (safari's modulation_lr = 0), so they are plain numbers, not a buffer.

@@ -15,12 +15,12 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
 from zoo.kernels.linear_attention import linear_attention
 
 from .base import Mixer, MixerState
 from .feature_maps import build_feature_map
+from .linear import Linear
 from .norms import RMSNorm
 from .registry import register_mixer
 
@@ -93,15 +93,15 @@ class LinearAttention(Mixer):
         head_dim = d_model // n_heads
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.normalize, self.chunk_size = normalize, chunk_size
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_proj = Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(n_heads * head_dim, d_model, bias=False)
         self.feature_map = build_feature_map(
             feature_map, head_dim, n_heads, n_kv_heads, feature_dim=feature_dim
         )
         self.o_norm = RMSNorm(head_dim, norm_eps) if output_norm else None
-        self.g_proj = nn.Linear(d_model, n_heads * head_dim, bias=False) if output_gate else None
+        self.g_proj = Linear(d_model, n_heads * head_dim, bias=False) if output_gate else None
 
     @property
     def groups(self) -> int:

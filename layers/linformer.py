@@ -28,6 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from .base import Mixer, MixerState
+from .linear import Linear
 from .registry import register_mixer
 
 # accumulated control is a sum of softmax outputs, positive unless every term underflowed; the
@@ -180,11 +181,11 @@ class CausalLinformer(Mixer):
             raise ValueError(f"linformer: chunk_size={chunk_size} must be positive")
         self.n_heads, self.head_dim, self.k_slots = n_heads, d_model // n_heads, k_slots
         self.chunk_size = chunk_size
-        self.q_proj = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.s_proj = nn.Linear(d_model, n_heads * k_slots, bias=False)  # the control logits
-        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj = Linear(d_model, d_model, bias=qkv_bias)
+        self.k_proj = Linear(d_model, d_model, bias=qkv_bias)
+        self.v_proj = Linear(d_model, d_model, bias=qkv_bias)
+        self.s_proj = Linear(d_model, n_heads * k_slots, bias=False)  # the control logits
+        self.o_proj = Linear(d_model, d_model, bias=False)
 
     def init_state(self, batch_size, device=None, dtype=None):
         # dtype is ignored on purpose: sums over long sequences are kept in float32
@@ -263,10 +264,10 @@ class LinformerSelfAttention(nn.Module):
             )
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.max_seq_len, self.k_slots = max_seq_len, k_slots
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.q_proj = Linear(d_model, d_model, bias=bias)
+        self.k_proj = Linear(d_model, d_model, bias=bias)
+        self.v_proj = Linear(d_model, d_model, bias=bias)
+        self.o_proj = Linear(d_model, d_model, bias=bias)
         # std 1 / sqrt(n): a projected slot then has the scale of one key, whatever n is
         self.E = nn.Parameter(torch.randn(k_slots, max_seq_len) * max_seq_len ** -0.5)
         self.F = None if share_kv else nn.Parameter(

@@ -20,6 +20,7 @@ from torch import nn
 from zoo.kernels import causal_conv1d, selective_scan
 
 from .base import Mixer, MixerState
+from .linear import Linear
 from .registry import register_mixer
 
 
@@ -88,12 +89,12 @@ class Mamba(Mixer):
             raise ValueError(f"mamba: d_conv={d_conv} must be >= 2")
         self.d_state, self.d_conv, self.dt_rank = d_state, d_conv, dt_rank
         self.d_inner = d_inner = int(expand * d_model)
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.in_proj = Linear(d_model, 2 * d_inner, bias=bias)
         # an nn.Conv1d only so that checkpoints map by name; the op takes weight[:, 0], (D, W)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias,
                                 padding=d_conv - 1)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.x_proj = Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = Linear(dt_rank, d_inner, bias=True)
         std = dt_rank**-0.5 * dt_scale
         with torch.no_grad():
             if dt_init == "constant":
@@ -105,7 +106,7 @@ class Mamba(Mixer):
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(d_inner))
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.out_proj = Linear(d_inner, d_model, bias=bias)
 
     def init_state(self, batch_size, device=None, dtype=None):
         device = device or self.in_proj.weight.device

@@ -22,6 +22,7 @@ from torch import nn
 from zoo.kernels import causal_conv1d, linear_attention
 
 from .base import Mixer, MixerState
+from .linear import Linear
 from .mamba import init_dt_bias, state_dtype
 from .registry import register_mixer
 
@@ -108,7 +109,7 @@ class Mamba2(Mixer):
         self.chunk_size = chunk_size
         self.conv_dim = d_inner + 2 * n_groups * d_state
         # one projection, split in transformers' order: z, xBC, dt
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + n_heads, bias=bias)
+        self.in_proj = Linear(d_model, d_inner + self.conv_dim + n_heads, bias=bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
                                 bias=conv_bias, padding=d_conv - 1)
         self.dt_bias = nn.Parameter(torch.empty(n_heads))
@@ -118,7 +119,7 @@ class Mamba2(Mixer):
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(n_heads))
         self.norm = GatedRMSNorm(d_inner, d_inner // n_groups, norm_eps)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.out_proj = Linear(d_inner, d_model, bias=bias)
 
     def init_state(self, batch_size, device=None, dtype=None):
         device = device or self.in_proj.weight.device

@@ -24,6 +24,7 @@ from zoo.kernels import moe_experts
 
 from .base import FFN
 from .ffn import MLP, SwiGLU, swiglu_hidden_size
+from .linear import Linear
 from .registry import register_ffn
 
 EXPERT_TYPES = ("swiglu", "mlp")
@@ -164,7 +165,7 @@ class MoE(FFN):
         self.normalize_weights = top_k > 1 if normalize_weights is None else normalize_weights
         self.capacity_factor, self.jitter_noise = capacity_factor, jitter_noise
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.gate = Linear(d_model, n_experts, bias=False)
         self.experts = Experts(n_experts, d_model, hidden_size, expert_type, backend)
         self.shared_experts: nn.Module | None = None
         if n_shared_experts:

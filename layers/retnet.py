@@ -34,6 +34,7 @@ from torch import nn
 from zoo.kernels.linear_attention import linear_attention
 
 from .base import Mixer, MixerState
+from .linear import Linear
 from .registry import register_mixer
 from .rotary import Rotary
 
@@ -126,11 +127,11 @@ class MultiScaleRetention(Mixer):
         self.n_heads, self.key_dim = n_heads, d_model // n_heads
         self.value_dim = value_factor * d_model // n_heads
         self.norm_eps, self.chunk_size = norm_eps, chunk_size
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.v_proj = nn.Linear(d_model, n_heads * self.value_dim, bias=False)
-        self.g_proj = nn.Linear(d_model, n_heads * self.value_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * self.value_dim, d_model, bias=False)
+        self.q_proj = Linear(d_model, d_model, bias=False)
+        self.k_proj = Linear(d_model, d_model, bias=False)
+        self.v_proj = Linear(d_model, n_heads * self.value_dim, bias=False)
+        self.g_proj = Linear(d_model, n_heads * self.value_dim, bias=False)
+        self.o_proj = Linear(n_heads * self.value_dim, d_model, bias=False)
         self.group_norm = nn.GroupNorm(n_heads, n_heads * self.value_dim, eps=norm_eps)
         self.rotary = Rotary(self.key_dim, rope_theta) if rope_theta is not None else None
         # a fixed function of n_heads, so not saved with the weights

@@ -18,6 +18,7 @@ from zoo.kernels import wkv4
 from zoo.kernels.wkv4 import empty_wkv4_state, state_dtype
 
 from .base import FFN, Mixer, MixerState
+from .linear import Linear
 from .registry import register_ffn, register_mixer
 
 
@@ -93,10 +94,10 @@ class Rwkv4TimeMix(Mixer):
         self.time_mix_key = nn.Parameter(torch.empty(1, 1, d_model))
         self.time_mix_value = nn.Parameter(torch.empty(1, 1, d_model))
         self.time_mix_receptance = nn.Parameter(torch.empty(1, 1, d_model))
-        self.key = nn.Linear(d_model, C, bias=False)
-        self.value = nn.Linear(d_model, C, bias=False)
-        self.receptance = nn.Linear(d_model, C, bias=False)
-        self.output = nn.Linear(C, d_model, bias=False)
+        self.key = Linear(d_model, C, bias=False)
+        self.value = Linear(d_model, C, bias=False)
+        self.receptance = Linear(d_model, C, bias=False)
+        self.output = Linear(C, d_model, bias=False)
         self._init_time_parameters(n_layers)
 
     @torch.no_grad()
@@ -168,9 +169,9 @@ class Rwkv4ChannelMix(FFN):
         hidden_size = hidden_size or 4 * d_model
         self.time_mix_key = nn.Parameter(torch.empty(1, 1, d_model))
         self.time_mix_receptance = nn.Parameter(torch.empty(1, 1, d_model))
-        self.key = nn.Linear(d_model, hidden_size, bias=False)
-        self.receptance = nn.Linear(d_model, d_model, bias=False)
-        self.value = nn.Linear(hidden_size, d_model, bias=False)
+        self.key = Linear(d_model, hidden_size, bias=False)
+        self.receptance = Linear(d_model, d_model, bias=False)
+        self.value = Linear(hidden_size, d_model, bias=False)
         with torch.no_grad():
             # RWKV-LM's ramp at mid depth: an FFN is built without knowing its layer
             self.time_mix_key.copy_(_channel_ramp(d_model) ** 0.5)

@@ -27,6 +27,7 @@ from zoo.kernels import linear_attention
 from zoo.kernels.wkv4 import state_dtype
 
 from .base import FFN, Mixer, MixerState
+from .linear import Linear
 from .registry import register_ffn, register_mixer
 from .rwkv4 import ChannelMixState, _channel_ramp, check_ffn_state, token_shift
 
@@ -92,11 +93,11 @@ class Rwkv6TimeMix(Mixer):
         self.time_decay_w1 = nn.Parameter(torch.empty(C, decay_lora))
         self.time_decay_w2 = nn.Parameter(torch.empty(decay_lora, C))
         self.time_faaaa = nn.Parameter(torch.empty(self.n_heads, head_size))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.gate = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(self.n_heads, C, eps=1e-5 * head_size_divisor**2)
         self._init_time_parameters(n_layers)
 
@@ -181,9 +182,9 @@ class Rwkv6ChannelMix(FFN):
         hidden_size = hidden_size or max(32, int(3.5 * d_model) // 32 * 32)
         self.time_maa_k = nn.Parameter(torch.empty(1, 1, d_model))
         self.time_maa_r = nn.Parameter(torch.empty(1, 1, d_model))
-        self.key = nn.Linear(d_model, hidden_size, bias=False)
-        self.receptance = nn.Linear(d_model, d_model, bias=False)
-        self.value = nn.Linear(hidden_size, d_model, bias=False)
+        self.key = Linear(d_model, hidden_size, bias=False)
+        self.receptance = Linear(d_model, d_model, bias=False)
+        self.value = Linear(hidden_size, d_model, bias=False)
         with torch.no_grad():
             # RWKV-LM's ramp at mid depth: an FFN is built without knowing its layer
             self.time_maa_k.copy_(1.0 - _channel_ramp(d_model) ** 0.5)

@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 from zoo.cache import LayerState, ZooCache
 from zoo.config import ZooConfig
 from zoo.layers import build_ffn, build_mixer, build_norm
+from zoo.layers.linear import Linear
 
 
 @dataclasses.dataclass
@@ -124,7 +125,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def __init__(self, config: ZooConfig):
         super().__init__(config)
         self.model = ZooModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -1,0 +1,60 @@
+"""`Linear`: `nn.Linear` whose products with a few rows (decoding) use every CPU core.
+
+On the CPU, MKL runs a matrix-vector product (and skinny products of up to ~16 rows) on one
+thread: SmolLM2-135M's 113 MB output head took 6.6 ms per token on the 2-core machine this was
+written on (17 GB/s, where one pass over memory reads 78 GB/s), and 9-13 ms for 2-16 rows.
+Viewing the weight's rows as a batch of blocks turns the product into a batched GEMM, which MKL
+spreads over the cores: 1.6-2.2 ms for the same head. Parameters, state-dict names and results
+(up to summation order) are those of `nn.Linear`; training-sized inputs take `F.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Below these, the plain product is as fast (small weights stay in cache; many rows make a GEMM).
+MIN_BLOCKED_WEIGHT = 2**16
+MAX_BLOCKED_ROWS = 16
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   blocks: int) -> torch.Tensor:
+    """F.linear(x, weight, bias) as one batched product over `blocks` slices of weight's rows.
+
+    x (..., in) with few rows; weight (out, in) contiguous, out divisible by blocks."""
+    out_features, in_features = weight.shape
+    rows = x.reshape(-1, in_features)
+    y = torch.bmm(
+        weight.view(blocks, out_features // blocks, in_features),
+        rows.t().expand(blocks, in_features, rows.shape[0]),
+    )  # (blocks, out / blocks, rows)
+    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
+
+
+def row_blocks(out_features: int) -> int:
+    """How many blocks to split the weight's rows into: 16 (more cores than this machine has;
+    the batched product hands blocks to however many threads there are), or fewer when 16
+    does not divide out_features; 1 means "do not split"."""
+    for blocks in (16, 8, 4, 2):
+        if out_features % blocks == 0:
+            return blocks
+    return 1
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the few-row CPU product of `blocked_linear`; x (..., in) -> (..., out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = row_blocks(self.out_features)
+        if (
+            x.device.type == "cpu"
+            and blocks > 1
+            and self.weight.numel() >= MIN_BLOCKED_WEIGHT
+            and x.numel() <= MAX_BLOCKED_ROWS * self.in_features
+            and self.weight.is_contiguous()
+        ):
+            return blocked_linear(x, self.weight, self.bias, blocks)
+        return F.linear(x, self.weight, self.bias)
