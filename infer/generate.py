@@ -119,8 +119,14 @@ def compiled_decode_step(model: ZooForCausalLM):
         def step(ids: torch.Tensor, cache: ZooCache) -> torch.Tensor:
             return decode_step(model, ids, cache)
 
-        # kept on the model (a plain attribute, not a submodule): it lives and dies with it
-        compiled = torch.compile(step, mode=mode, dynamic=True)
+        # Guards on the model's modules are skipped: checking hundreds of parameters cost a
+        # tenth of SmolLM2's step. Weights may change in place; swapping modules needs a new
+        # model object (the compiled step is kept per model, as a plain attribute, not a
+        # submodule: it lives and dies with it).
+        compiled = torch.compile(
+            step, mode=mode, dynamic=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        )
         object.__setattr__(model, "_zoo_compiled_decode_step", compiled)
     return compiled
 
@@ -280,6 +286,7 @@ def decode_steps(
     forced = torch.tensor([len(t) for t in start.tails], device=device)
     C = int(forced.max())
     total = C + plan.max_new_tokens
+    cache.reserve(total)  # growing states (KV caches) allocate once, not during the loop
     fed = torch.full((B, total), plan.filler, dtype=torch.long, device=device)
     for row, tail in enumerate(start.tails):
         if tail:

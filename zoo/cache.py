@@ -61,6 +61,10 @@ class ZooCache:
     def clone(self) -> ZooCache:
         return self._map(lambda s: s.clone())
 
+    def reserve(self, tokens: int) -> None:
+        """In place: room in every state for `tokens` more (see MixerState.reserve)."""
+        self.layers = self._map(lambda s: s.reserve(tokens)).layers
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """In place, for transformers' beam search."""
         self.layers = self.index_select(beam_idx).layers
