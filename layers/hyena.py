@@ -49,6 +49,15 @@ class HyenaState(MixerState):
         _, N, _, d = self.inputs.shape
         return conv + N * self.length * d * self.inputs.element_size()
 
+    def reserve(self, tokens: int) -> HyenaState:
+        """Room for `tokens` more positions in the history (see MixerState.reserve)."""
+        B, N, capacity, d = self.inputs.shape
+        if self.length + tokens <= capacity:
+            return self
+        grown = self.inputs.new_empty(B, N, self.length + tokens, d)
+        grown[:, :, : self.length] = self.inputs[:, :, : self.length]
+        return dataclasses.replace(self, inputs=grown)
+
 
 class Sine(nn.Module):
     """sin(freq * x) with a learned frequency per feature (the implicit filter's activation)."""
@@ -178,6 +187,12 @@ class Hyena(Mixer):
         """
         params = list(self.filter_ffn.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self.compute_filters(length)
+        if torch.compiler.is_compiling():
+            # a compiled decode step: the eager prefill before it validated the cache, and the
+            # version / pointer key cannot be traced
+            if self._filter_cache is not None and self._filter_cache[1].shape[0] >= length:
+                return self._filter_cache[1][:length]
             return self.compute_filters(length)
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
         if (self._filter_cache is None or self._filter_cache[0] != key

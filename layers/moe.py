@@ -64,6 +64,15 @@ class Experts(nn.Module):
                            activation=activation, backend=self.backend)
 
 
+def slots_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) how many slots of expert_ids (any shape; -1 = dropped, counted nowhere) chose each
+    expert. A fixed-size index_add, where bincount's data-dependent size breaks a compiled
+    decode step in two."""
+    flat = expert_ids.reshape(-1) + 1  # dropped slots land in bin 0
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))[1:]
+
+
 def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
     """Switch Transformer's auxiliary loss (its eq. 4-6): E * sum_i f_i * P_i.
 
@@ -199,11 +208,11 @@ class MoE(FFN):
         flat = x.reshape(-1, shape[-1])
         logits, probs, expert_ids, weights = self.route(flat)
         E = self.n_experts
-        routed = torch.bincount(expert_ids.reshape(-1), minlength=E)
+        routed = slots_per_expert(expert_ids, E)
         capacity = self.capacity(flat.shape[0])
         if capacity is not None:
             expert_ids = apply_capacity(expert_ids, E, capacity)
-        kept = torch.bincount((expert_ids + 1).reshape(-1), minlength=E + 1)[1:]
+        kept = slots_per_expert(expert_ids, E)
         y = self.experts(flat, expert_ids, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)[0]

@@ -69,9 +69,10 @@ def moe_experts(
             f"moe_experts: weights must be floating {tuple(expert_ids.shape)} like expert_ids, "
             f"got {weights.dtype} {tuple(weights.shape)}"
         )
-    # a value check costs a device sync, so only on the CPU; on CUDA, ids outside [0, E) are
-    # treated as dropped by every backend but the reference
-    if not expert_ids.is_cuda and expert_ids.numel() and (
+    # a value check costs a device sync (a graph break under torch.compile), so only on the
+    # CPU in eager mode; elsewhere ids outside [0, E) are treated as dropped by every backend
+    # but the reference
+    if not expert_ids.is_cuda and not torch.compiler.is_compiling() and expert_ids.numel() and (
         expert_ids.min() < -1 or expert_ids.max() >= E
     ):
         raise ValueError(

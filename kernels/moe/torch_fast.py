@@ -1,5 +1,6 @@
 """The CPU path: sort the token slots by expert once, then one pair of matmuls per expert on the
-gathered rows (index_select) and a weighted scatter-add back (index_add_)."""
+gathered rows (index_select) and a weighted scatter-add back (index_add_). A handful of tokens
+(decoding) gathers the chosen experts' weights instead (`gathered_experts`)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def moe_experts_torch(
     """Same contract as `moe_experts_reference`; x: (N, D), expert_ids / weights: (N, K)."""
     N, K = expert_ids.shape
     E = gate_up_proj.shape[0]
+    if N * K <= E:
+        return gathered_experts(x, gate_up_proj, down_proj, expert_ids, weights, activation)
     order, counts = sort_slots_by_expert(expert_ids, E)
     # one host sync for the counts; the per-expert loop is what CPU MoE code does (Mixtral's too)
     counts = counts.tolist()
@@ -59,3 +62,25 @@ def moe_experts_torch(
         out = torch.cat(outs) * w.to(outs[0].dtype).unsqueeze(-1)
         y.index_add_(0, tokens, out.to(x.dtype))
     return y
+
+
+def gathered_experts(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """Few tokens (decoding): each slot gathers its expert's weights and the slots run as one
+    batched product. Reads only the chosen experts, with no sort and no host sync (so the decode
+    step compiles whole). Same contract as `moe_experts_torch`."""
+    N, K = expert_ids.shape
+    slots = expert_ids.reshape(-1)
+    gate_up = gate_up_proj.index_select(0, slots.clamp(min=0))  # (N * K, 2I or I, D)
+    down = down_proj.index_select(0, slots.clamp(min=0))  # (N * K, D, I)
+    rows = x.repeat_interleave(K, dim=0).unsqueeze(-1)  # (N * K, D, 1): slot s is token s // K
+    h = expert_activation(torch.bmm(gate_up, rows.to(gate_up.dtype)).squeeze(-1), activation)
+    out = torch.bmm(down, h.unsqueeze(-1)).squeeze(-1)  # (N * K, D)
+    w = torch.where(slots >= 0, weights.reshape(-1), 0.0).to(out.dtype)  # dropped slots add 0
+    return (out * w.unsqueeze(-1)).view(N, K, -1).sum(1).to(x.dtype)
