@@ -107,9 +107,13 @@ def compiled_decode_step(model: ZooForCausalLM):
 
     On CUDA, mode="reduce-overhead" captures the step in CUDA graphs (the loop marks each step
     with cudagraph_mark_step_begin, since a step's outputs, the new states, feed the next).
-    Not measured here (no GPU on the machine this was written on). On CPU, inductor's default
-    mode fuses the step's many small ops; it pays off for bounded mixers (fixed state shapes),
-    less for attention, whose cache length changes every step.
+    Not measured here (no GPU on the machine this was written on).
+
+    On the CPU a tiny model's step is all fixed cost: one call per op. Inductor fuses the step's
+    small ops into a few C++ kernels, and its decompose-mm pass turns one-row products (batch
+    1, sides up to 2048) into reductions it fuses too, where each would be a BLAS call of a few
+    microseconds. Shapes start static; the first step whose lengths differ (a KV cache, the
+    token count) recompiles once with them dynamic.
     """
     compiled = getattr(model, "_zoo_compiled_decode_step", None)
     if compiled is None:
@@ -123,10 +127,10 @@ def compiled_decode_step(model: ZooForCausalLM):
         # tenth of SmolLM2's step. Weights may change in place; swapping modules needs a new
         # model object (the compiled step is kept per model, as a plain attribute, not a
         # submodule: it lives and dies with it).
-        compiled = torch.compile(
-            step, mode=mode, dynamic=True,
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
-        )
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if not on_cuda:
+            options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
+        compiled = torch.compile(step, mode=mode, dynamic=None, options=options)
         object.__setattr__(model, "_zoo_compiled_decode_step", compiled)
     return compiled
 

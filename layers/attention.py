@@ -169,7 +169,7 @@ class Attention(Mixer):
             values = torch.cat([new_state.v[:, :past], v], dim=1)
         else:
             keys, values = new_state.keys_values()
-        if T == 1 and not q.requires_grad:
+        if T == 1 and not q.requires_grad and torch.compiler.is_compiling():
             return self.o_proj(self._one_query(q, keys, values)), new_state
         mask = self._mask(T, past, x.device)
         out = F.scaled_dot_product_attention(
@@ -183,13 +183,17 @@ class Attention(Mixer):
     def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Decoding: q (B, 1, H, D) against keys, values (B, L, H_kv, D) -> (B, 1, H * D).
 
-        Two small matmuls: on the CPU a fraction of SDPA's fixed cost per call, and plain ops
-        that torch.compile fuses. Query heads group by KV head as in SDPA's enable_gqa."""
+        For a compiled decode step: two small matmuls and a softmax, which inductor fuses with
+        their neighbours, where SDPA stays an opaque call (~20 us on the CPU inside a compiled
+        step). Eager decoding keeps SDPA, faster there. Query heads group by KV head as in
+        SDPA's enable_gqa; a window keeps the last `window` keys."""
         if self.window is not None:
             keys, values = keys[:, -self.window :], values[:, -self.window :]
         B, groups = q.shape[0], self.n_heads // self.n_kv_heads
         q = q.reshape(B, self.n_kv_heads, groups, self.head_dim) * self.head_dim**-0.5
         scores = torch.einsum("bhgd,blhd->bhgl", q, keys)
-        weights = scores.float().softmax(dim=-1).to(values.dtype)
+        # the softmax in at least float32 (bf16 scores would round the weights)
+        wide = torch.promote_types(scores.dtype, torch.float32)
+        weights = scores.to(wide).softmax(dim=-1).to(values.dtype)
         out = torch.einsum("bhgl,blhd->bhgd", weights, values)
         return out.reshape(B, 1, self.n_heads * self.head_dim)

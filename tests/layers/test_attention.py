@@ -1,0 +1,44 @@
+"""Softmax attention's decoding pieces: the compiled step's one-query path and the KV reserve."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.layers.attention import Attention
+from zoo.testing import assert_close
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,window", [(4, 4, None), (4, 2, None), (6, 1, 5)])
+@pytest.mark.parametrize("length", [1, 9])
+def test_one_query_equals_sdpa(n_heads, n_kv_heads, window, length):
+    torch.manual_seed(0)
+    layer = Attention(48, n_heads=n_heads, n_kv_heads=n_kv_heads, window=window).double()
+    D = layer.head_dim
+    q = torch.randn(2, 1, n_heads, D, dtype=torch.float64)
+    keys = torch.randn(2, length, n_kv_heads, D, dtype=torch.float64)
+    values = torch.randn(2, length, n_kv_heads, D, dtype=torch.float64)
+    # the query is the last position: it sees the last `window` keys
+    allowed = torch.arange(length) > length - 1 - (window or length + 1)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=allowed[None, :], enable_gqa=True,
+    )
+    got = layer._one_query(q, keys, values)
+    assert_close("out", expected.transpose(1, 2).reshape(2, 1, -1), got, 1e-12)
+
+
+def test_reserve_preallocates_without_changing_the_cache():
+    torch.manual_seed(0)
+    layer = Attention(32, n_heads=2).eval()
+    x = torch.randn(1, 7, 32)
+    with torch.no_grad():
+        _, state = layer(x[:, :5])
+        reserved = state.reserve(40)
+        assert reserved.k.shape[1] >= 45 and reserved.length == 5
+        assert_close("k", state.keys_values()[0], reserved.keys_values()[0], 0.0)
+        buffer = reserved.k
+        y_reserved, after = layer(x[:, 5:], reserved)
+        y_plain, _ = layer(x[:, 5:], state)
+    assert after.k is buffer, "appending within the reserve must not reallocate"
+    assert_close("y", y_plain, y_reserved, 1e-6)
+    assert state.reserve(0) is state
