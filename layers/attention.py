@@ -19,7 +19,9 @@ from .rotary import Rotary
 
 @dataclasses.dataclass
 class AttentionState(MixerState):
-    """The KV cache: preallocated buffers (B, capacity, H_kv, D), `length` slots filled.
+    """The KV cache: preallocated buffers (B, H_kv, capacity, D), `length` slots filled.
+
+    Heads before time, as SDPA takes them: keys and values are read as contiguous slices.
 
     Appending writes past `length` in place and returns a new state object that shares the
     buffers, so decoding does not copy the cache each token. An older state object stays valid
@@ -34,24 +36,25 @@ class AttentionState(MixerState):
 
     def nbytes(self) -> int:
         kept = self.length if self.window is None else min(self.length, self.window)
-        per_token = self.k.shape[2] * self.k.shape[3] * self.k.element_size()
+        per_token = self.k.shape[1] * self.k.shape[3] * self.k.element_size()
         return 2 * kept * per_token
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[:, : self.length], self.v[:, : self.length]
+        """(B, H_kv, length, D) views of the filled slots."""
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
     def with_capacity(self, capacity: int) -> AttentionState:
         """The same cache in new buffers of `capacity` slots (>= length)."""
-        k = self.k.new_empty(self.k.shape[0], capacity, *self.k.shape[2:])
-        v = self.v.new_empty(self.v.shape[0], capacity, *self.v.shape[2:])
-        k[:, : self.length] = self.k[:, : self.length]
-        v[:, : self.length] = self.v[:, : self.length]
+        B, H, _, D = self.k.shape
+        k, v = self.k.new_empty(B, H, capacity, D), self.v.new_empty(B, H, capacity, D)
+        k[:, :, : self.length] = self.k[:, :, : self.length]
+        v[:, :, : self.length] = self.v[:, :, : self.length]
         return dataclasses.replace(self, k=k, v=v)
 
     def reserve(self, tokens: int) -> AttentionState:
         """Room for `tokens` more without growing, so a compiled decode step never sees the
         buffers change shape. A windowed cache trims itself when it grows: left as it is."""
-        if self.window is not None or self.length + tokens <= self.k.shape[1]:
+        if self.window is not None or self.length + tokens <= self.k.shape[2]:
             return self
         return self.with_capacity(self.length + tokens)
 
@@ -106,7 +109,7 @@ class Attention(Mixer):
         self.rotary = Rotary(head_dim, rope_theta) if rope_theta is not None else None
 
     def init_state(self, batch_size, device=None, dtype=None, capacity: int = 0):
-        shape = (batch_size, capacity, self.n_kv_heads, self.head_dim)
+        shape = (batch_size, self.n_kv_heads, capacity, self.head_dim)
         dtype = dtype or self.q_proj.weight.dtype
         device = device or self.q_proj.weight.device
         return AttentionState(
@@ -121,20 +124,20 @@ class Attention(Mixer):
         return 2 * kept * self.n_kv_heads * self.head_dim * element
 
     def _append(self, state: AttentionState, k: torch.Tensor, v: torch.Tensor) -> AttentionState:
-        """Write k, v (B, T, H_kv, D) after the cached tokens, growing the buffers by doubling."""
-        T = k.shape[1]
-        if state.length + T > state.k.shape[1]:
+        """Write k, v (B, H_kv, T, D) after the cached tokens, growing the buffers by doubling."""
+        T = k.shape[2]
+        if state.length + T > state.k.shape[2]:
             if self.window is not None and state.length >= self.window:
                 # the next queries see at most window - 1 earlier tokens: drop the rest
                 keep, end = self.window - 1, state.length
                 state = dataclasses.replace(
-                    state, k=state.k[:, end - keep : end], v=state.v[:, end - keep : end],
+                    state, k=state.k[:, :, end - keep : end], v=state.v[:, :, end - keep : end],
                     length=keep,
                 )
-            state = state.with_capacity(max(state.length + T, 2 * state.k.shape[1], 16))
+            state = state.with_capacity(max(state.length + T, 2 * state.k.shape[2], 16))
         length, buf_k, buf_v = state.length, state.k, state.v
-        buf_k[:, length : length + T] = k
-        buf_v[:, length : length + T] = v
+        buf_k[:, :, length : length + T] = k
+        buf_v[:, :, length : length + T] = v
         return AttentionState(buf_k, buf_v, length + T, state.position + T, self.window)
 
     def _mask(self, T: int, past: int, device: torch.device) -> torch.Tensor | None:
@@ -159,21 +162,22 @@ class Attention(Mixer):
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(state.position, T, q.dtype)
             q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D), the cache's layout
         # the cache never joins the autograd graph; gradients stop at the carried state
         new_state = self._append(state, k.detach(), v.detach())
         past = new_state.length - T  # after a window's trim, fewer than state.length
         if past == 0:
             keys, values = k, v
         elif k.requires_grad:
-            keys = torch.cat([new_state.k[:, :past], k], dim=1)
-            values = torch.cat([new_state.v[:, :past], v], dim=1)
+            keys = torch.cat([new_state.k[:, :, :past], k], dim=2)
+            values = torch.cat([new_state.v[:, :, :past], v], dim=2)
         else:
             keys, values = new_state.keys_values()
         if T == 1 and not q.requires_grad and torch.compiler.is_compiling():
             return self.o_proj(self._one_query(q, keys, values)), new_state
         mask = self._mask(T, past, x.device)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            q.transpose(1, 2), keys, values,
             attn_mask=mask, is_causal=T > 1 and mask is None and past == 0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
@@ -181,19 +185,19 @@ class Attention(Mixer):
         return y, new_state
 
     def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Decoding: q (B, 1, H, D) against keys, values (B, L, H_kv, D) -> (B, 1, H * D).
+        """Decoding: q (B, 1, H, D) against keys, values (B, H_kv, L, D) -> (B, 1, H * D).
 
         For a compiled decode step: two small matmuls and a softmax, which inductor fuses with
         their neighbours, where SDPA stays an opaque call (~20 us on the CPU inside a compiled
         step). Eager decoding keeps SDPA, faster there. Query heads group by KV head as in
         SDPA's enable_gqa; a window keeps the last `window` keys."""
         if self.window is not None:
-            keys, values = keys[:, -self.window :], values[:, -self.window :]
+            keys, values = keys[:, :, -self.window :], values[:, :, -self.window :]
         B, groups = q.shape[0], self.n_heads // self.n_kv_heads
         q = q.reshape(B, self.n_kv_heads, groups, self.head_dim) * self.head_dim**-0.5
-        scores = torch.einsum("bhgd,blhd->bhgl", q, keys)
+        scores = torch.matmul(q, keys.transpose(2, 3))  # (B, H_kv, G, L)
         # the softmax in at least float32 (bf16 scores would round the weights)
         wide = torch.promote_types(scores.dtype, torch.float32)
         weights = scores.to(wide).softmax(dim=-1).to(values.dtype)
-        out = torch.einsum("bhgl,blhd->bhgd", weights, values)
+        out = torch.matmul(weights, values)  # (B, H_kv, G, D)
         return out.reshape(B, 1, self.n_heads * self.head_dim)

@@ -609,13 +609,14 @@ def decode_ms_per_token(model: ZooForCausalLM, context: int, *, steps: int = 8,
                 k, v = state.keys_values()
                 # room for every timed step, so no step pays for growing the buffers
                 capacity = context + steps * (repeats + 1) + 16
-                buf_k = k.new_empty(1, capacity, *k.shape[2:])
-                buf_v = v.new_empty(1, capacity, *v.shape[2:])
-                buf_k[:, :real], buf_v[:, :real] = k, v
-                buf_k[:, real:context] = torch.randn(
-                    1, extra, *k.shape[2:], generator=gen).to(k) * k.std()
-                buf_v[:, real:context] = torch.randn(
-                    1, extra, *v.shape[2:], generator=gen).to(v) * v.std()
+                heads, dim = k.shape[1], k.shape[3]  # (1, H_kv, real, D)
+                buf_k = k.new_empty(1, heads, capacity, dim)
+                buf_v = v.new_empty(1, heads, capacity, dim)
+                buf_k[:, :, :real], buf_v[:, :, :real] = k, v
+                buf_k[:, :, real:context] = torch.randn(
+                    1, heads, extra, dim, generator=gen).to(k) * k.std()
+                buf_v[:, :, real:context] = torch.randn(
+                    1, heads, extra, dim, generator=gen).to(v) * v.std()
                 grown = AttentionState(buf_k, buf_v, length=context, position=context)
                 cache.layers[i] = (grown, layer[1])
         cache.seen_tokens = context

@@ -23,7 +23,7 @@ def test_one_query_equals_sdpa(n_heads, n_kv_heads, window, length):
         q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=allowed[None, :], enable_gqa=True,
     )
-    got = layer._one_query(q, keys, values)
+    got = layer._one_query(q, keys.transpose(1, 2), values.transpose(1, 2))
     assert_close("out", expected.transpose(1, 2).reshape(2, 1, -1), got, 1e-12)
 
 
@@ -34,7 +34,7 @@ def test_reserve_preallocates_without_changing_the_cache():
     with torch.no_grad():
         _, state = layer(x[:, :5])
         reserved = state.reserve(40)
-        assert reserved.k.shape[1] >= 45 and reserved.length == 5
+        assert reserved.k.shape[2] >= 45 and reserved.length == 5
         assert_close("k", state.keys_values()[0], reserved.keys_values()[0], 0.0)
         buffer = reserved.k
         y_reserved, after = layer(x[:, 5:], reserved)

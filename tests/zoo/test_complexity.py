@@ -7,8 +7,16 @@ def test_fit_exponent_recovers_known_powers():
     ns = [256, 512, 1024, 2048]
     assert math.isclose(fit_exponent(ns, [n**2 * 3.0 for n in ns]), 2.0, rel_tol=1e-9)
     assert math.isclose(fit_exponent(ns, [5.0 for _ in ns]), 0.0, abs_tol=1e-9)
-    # only the largest three points count: a constant overhead at small n is ignored
-    assert math.isclose(fit_exponent(ns, [100.0, 512, 1024, 2048]), 1.0, rel_tol=1e-9)
+    # only the largest four points count: a constant overhead at small n is ignored
+    ns = [128, 256, 512, 1024, 2048]
+    assert math.isclose(fit_exponent(ns, [100.0, 256, 512, 1024, 2048]), 1.0, rel_tol=1e-9)
+
+
+def test_fit_exponent_shrugs_off_one_disturbed_point():
+    ns = [2048, 4096, 8192, 16384]
+    linear = [n * 1e-4 for n in ns]
+    linear[1] *= 0.75  # one fast outlier: least squares over the last three would say ~1.2
+    assert abs(fit_exponent(ns, linear) - 1.0) < 0.05
 
 
 def test_report_flags_disagreement_with_theory_and_with_the_survey():

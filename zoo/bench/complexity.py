@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -230,15 +231,15 @@ COLUMNS = {"train": "train_s", "prefill": "prefill_s", "decode": "decode_s_per_t
            "state": "state_bytes"}
 
 
-def fit_exponent(ns: list[int], values: list[float], last: int = 3) -> float | None:
-    """Least-squares slope of log(value) on log(n) over the `last` largest n."""
+def fit_exponent(ns: list[int], values: list[float], last: int = 4) -> float | None:
+    """The exponent of n over the `last` largest n: Theil-Sen, the median of the slopes of
+    log(value) on log(n) between every pair of points. One disturbed measurement (a shared
+    CPU, a cache size crossed between two n) moves a least-squares slope over so few points by
+    up to ~0.2; it moves the median of pairwise slopes little."""
     points = [(math.log(n), math.log(v)) for n, v in zip(ns, values) if v and v > 0][-last:]
-    if len(points) < 2:
-        return None
-    mx = sum(p[0] for p in points) / len(points)
-    my = sum(p[1] for p in points) / len(points)
-    sxx = sum((p[0] - mx) ** 2 for p in points)
-    return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx if sxx else None
+    slopes = [(b[1] - a[1]) / (b[0] - a[0])
+              for i, a in enumerate(points) for b in points[i + 1 :] if b[0] != a[0]]
+    return statistics.median(slopes) if slopes else None
 
 
 def exponents(rows: list[dict]) -> dict[str, dict[str, float | None]]:
@@ -259,7 +260,8 @@ def complexity_report(rows: list[dict]) -> str:
     """Markdown: fitted exponents of n beside theory and the survey's claims."""
     fitted = exponents(rows)
     lines = [
-        "Fitted exponent of n (log-log slope over the three largest n) per measure: "
+        "Fitted exponent of n (Theil-Sen log-log slope: the median of the pairwise slopes over "
+        "the four largest n) per measure: "
         "measured / expected from the implementation / the survey's Table 2 claim.",
         "`!` marks a measured exponent more than 0.2 from the expected one; `survey≠` marks a "
         "survey claim that disagrees with the expected one.",
