@@ -320,7 +320,6 @@ def decode_steps(
             done = done | (emitted & finished)
         else:
             emitted = everyone
-        fed[:, s] = tokens
         if seen is not None:
             seen[row_index, tokens] |= emitted
         yield tokens, emitted
