@@ -33,7 +33,7 @@ def test_report_flags_disagreement_with_theory_and_with_the_survey():
     attention_line = next(line for line in report.splitlines() if line.startswith("| attention |"))
     assert "1.00 / 1 / 2 survey≠" in attention_line  # KV-cache decode is O(n d), not O(n^2 d)
     mamba_line = next(line for line in report.splitlines() if line.startswith("| mamba |"))
-    assert "2.00 ! / 1" in mamba_line  # a quadratic prefill in a bounded mixer is flagged
+    assert "2.00 ! (last doubling 2.00) / 1" in mamba_line  # a quadratic prefill is flagged
 
 
 def test_the_speculative_row_is_reported_and_kept_out_of_the_fits():

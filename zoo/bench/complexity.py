@@ -270,14 +270,20 @@ def complexity_report(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for family, fits in fitted.items():
-        max_n = max(r["n"] for r in rows if r["family"] == family)
+        mine = sorted((r for r in rows if r["family"] == family and "n" in r),
+                      key=lambda r: r["n"])
+        max_n = mine[-1]["n"]
         cells = []
         for measure_name in MEASURES:
             value, expected = fits[measure_name], theory(family)[measure_name]
             claim = SURVEY.get(family, {}).get(measure_name)
             text = "n/a" if value is None else f"{value:.2f}"
             if value is not None and abs(value - expected) > 0.2:
-                text += " !"
+                # a cost with a large constant part reaches its asymptotic slope late: the
+                # last doubling shows where it is heading
+                last = fit_exponent([r["n"] for r in mine],
+                                    [r[COLUMNS[measure_name]] for r in mine], last=2)
+                text += " !" + (f" (last doubling {last:.2f})" if last is not None else "")
             text += f" / {expected}"
             if claim is not None:
                 text += f" / {claim}" + (" survey≠" if claim != expected else "")
