@@ -62,8 +62,24 @@ class ZooCache:
         return self._map(lambda s: s.clone())
 
     def reserve(self, tokens: int) -> None:
-        """In place: room in every state for `tokens` more (see MixerState.reserve)."""
-        self.layers = self._map(lambda s: s.reserve(tokens)).layers
+        """In place, before decoding: room in every state for `tokens` more (see
+        MixerState.reserve), and every tensor contiguous. A prefill leaves some states as
+        views whose strides depend on the prompt length; a decode step returns them
+        contiguous, so a compiled step then sees one layout for every prompt."""
+        self.layers = self._map(lambda s: s.reserve(tokens).map_tensors(_canonical)).layers
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """t with row-major strides, copied only when they differ. (`contiguous()` is not enough:
+    it keeps any stride on a size-1 dimension, such as a batch of one, and compiled code
+    guards on strides.)"""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """In place, for transformers' beam search."""

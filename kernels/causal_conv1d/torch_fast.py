@@ -31,5 +31,7 @@ def causal_conv1d_torch(
         y = rearrange(y, "b d t -> b t d")
     if activation is not None:
         y = F.silu(y)
-    final_state = padded[:, T:].clone() if output_final_state else None
+    # row-major even for a batch of one (a compiled decode step guards on the state's strides)
+    final_state = (padded[:, T:].clone(memory_format=torch.contiguous_format)
+                   if output_final_state else None)
     return y, final_state
