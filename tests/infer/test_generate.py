@@ -197,3 +197,17 @@ def test_compiled_decode_step_is_one_graph_with_the_same_tokens(name, make_model
     again = generate(model, other, max_new_tokens=12, compile=True)
     assert again.tokens == generate(model, other, max_new_tokens=12).tokens
     assert counters["stats"]["unique_graphs"] <= 4
+
+
+def test_flushing_denormals_zeroes_them_inside_and_restores_after():
+    from zoo.infer.generate import flushing_denormals
+
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # a denormal float32
+    supported = torch.set_flush_denormal(False)  # x86: True (and leaves the default, off)
+    with flushing_denormals():
+        inside = (tiny * 1.0).item()
+    assert (tiny * 1.0).item() != 0.0
+    if supported:
+        assert inside == 0.0
+    with flushing_denormals(enabled=False):
+        assert (tiny * 1.0).item() != 0.0

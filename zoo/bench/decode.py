@@ -58,14 +58,15 @@ def zoo_ms_per_token(model: ZooForCausalLM, ids: torch.Tensor, new_tokens: int =
                      compile: bool = False) -> tuple[float, int]:
     """zoo.infer's decode loop (greedy): median step time, and state bytes per sequence.
     compile=True runs the step under torch.compile (warm it up first: the first steps compile)."""
-    from zoo.infer.generate import DecodePlan, decode_steps, prefill
+    from zoo.infer.generate import DecodePlan, decode_steps, flushing_denormals, prefill
     from zoo.infer.sampling import SamplingConfig
 
     model.eval()
     rows = ids.tolist()
     plan = DecodePlan(SamplingConfig(), new_tokens, None, 0, None, 1, compile=compile)
-    start = prefill(model, rows)
-    times = [time.perf_counter() for _ in decode_steps(model, start, rows, plan)]
+    with flushing_denormals(ids.device.type == "cpu"):  # as generate() does on the CPU
+        start = prefill(model, rows)
+        times = [time.perf_counter() for _ in decode_steps(model, start, rows, plan)]
     return _median_interval_ms(times), start.cache.nbytes()
 
 
