@@ -138,6 +138,13 @@ def environment(device: str) -> dict[str, Any]:
     return info
 
 
+def report_header(name: str, env: dict[str, Any]) -> str:
+    """The first lines of a written report: what ran, where, on which code."""
+    return (f"`zoo bench {name}` on {env['device']}, {env['threads']} threads; torch "
+            f"{env['torch']}, transformers {env['transformers']}; commit {env['commit']}, "
+            f"{env['time']}\n\n")
+
+
 def run_bench(name: str, options: BenchOptions, plot: bool = True) -> dict[str, Any]:
     """Run one registered entry; write <out_dir>/<name>.json (and .png); return the record."""
     if name not in BENCHES:
@@ -154,7 +161,8 @@ def run_bench(name: str, options: BenchOptions, plot: bool = True) -> dict[str, 
     record["json"] = str(path)
     if entry.report is not None and rows:
         record["report"] = entry.report(rows)
-        (out_dir / f"{name}.md").write_text(record["report"] + "\n")
+        (out_dir / f"{name}.md").write_text(
+            report_header(name, record["environment"]) + record["report"] + "\n")
     if plot and entry.plot is not None and rows:
         try:
             entry.plot(rows, out_dir / f"{name}.png")
