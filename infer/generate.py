@@ -116,23 +116,25 @@ def compiled_decode_step(model: ZooForCausalLM):
     microseconds. Shapes start static; the first step whose lengths differ (a KV cache, the
     token count) recompiles once with them dynamic.
     """
-    compiled = getattr(model, "_zoo_compiled_decode_step", None)
-    if compiled is None:
-        on_cuda = next(model.parameters()).device.type == "cuda"
+    weight = next(model.parameters())
+    key = (weight.dtype, weight.device)  # a .to() keeps the parameter objects: compile anew
+    compiled, compiled_for = getattr(model, "_zoo_compiled_decode_step", (None, None))
+    if compiled is None or compiled_for != key:
+        on_cuda = weight.device.type == "cuda"
         mode = "reduce-overhead" if on_cuda else None
 
         def step(ids: torch.Tensor, cache: ZooCache) -> torch.Tensor:
             return decode_step(model, ids, cache)
 
         # Guards on the model's modules are skipped: checking hundreds of parameters cost a
-        # tenth of SmolLM2's step. Weights may change in place; swapping modules needs a new
-        # model object (the compiled step is kept per model, as a plain attribute, not a
-        # submodule: it lives and dies with it).
+        # tenth of SmolLM2's step. Weights may change in place, and a new dtype or device
+        # compiles anew (the key above); swapping modules needs a new model object. The step
+        # is kept per model, as a plain attribute, not a submodule: it lives and dies with it.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if not on_cuda:
             options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
         compiled = torch.compile(step, mode=mode, dynamic=None, options=options)
-        object.__setattr__(model, "_zoo_compiled_decode_step", compiled)
+        object.__setattr__(model, "_zoo_compiled_decode_step", (compiled, key))
     return compiled
 
 

@@ -211,3 +211,16 @@ def test_flushing_denormals_zeroes_them_inside_and_restores_after():
         assert inside == 0.0
     with flushing_denormals(enabled=False):
         assert (tiny * 1.0).item() != 0.0
+
+
+@pytest.mark.slow
+def test_compiled_step_follows_a_change_of_dtype(make_model):
+    """Module guards are skipped for speed, so a .to() (same parameter objects) must not reuse
+    the step compiled for the old dtype."""
+    model = make_model("rwkv4-tiny")
+    prompts = _prompts([4], seed=3)
+    generate(model, prompts, max_new_tokens=4, compile=True)
+    model.to(torch.float64)
+    result = generate(model, prompts, max_new_tokens=4, compile=True, return_cache=True)
+    assert result.tokens == generate(model, prompts, max_new_tokens=4).tokens
+    assert result.cache.layers[0][0].tensors()[0].dtype == torch.float64
