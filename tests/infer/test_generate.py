@@ -224,3 +224,19 @@ def test_compiled_step_follows_a_change_of_dtype(make_model):
     result = generate(model, prompts, max_new_tokens=4, compile=True, return_cache=True)
     assert result.tokens == generate(model, prompts, max_new_tokens=4).tokens
     assert result.cache.layers[0][0].tensors()[0].dtype == torch.float64
+
+
+@pytest.mark.slow
+def test_models_alike_in_their_states_keep_their_own_compiled_steps():
+    """Two models whose caches match in every shape but whose FFNs differ: each compiled step
+    must run its own model's graph (module guards are skipped, so dynamo alone would hand the
+    second model the first one's graph)."""
+    torch._dynamo.reset()
+    prompts = _prompts([6], seed=4)
+    for hidden_size in (96, 160):
+        config = zoo.load_config("attention-tiny")
+        config.ffn = {**config.ffn, "hidden_size": hidden_size}
+        torch.manual_seed(0)
+        model = zoo.ZooForCausalLM(config).eval()
+        compiled = generate(model, prompts, max_new_tokens=6, compile=True)
+        assert compiled.tokens == generate(model, prompts, max_new_tokens=6).tokens

@@ -205,9 +205,7 @@ def bench_decode(options: BenchOptions) -> list[dict]:
             torch.manual_seed(0)
             peer = (peer[0], peer[1].to(options.device).eval())
         bounded = all(block.mixer.bounded for block in model.model.layers)
-        # a fresh dynamo cache per model: the step's code object is shared by every model, and
-        # the previous configs' compilations would count against its recompile limit
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # the previous configs' compiled steps are not needed again
         for context in contexts:
             ids = torch.randint(0, config.vocab_size, (1, context), device=options.device)
             try:
