@@ -102,6 +102,18 @@ def forward_logits(model: ZooForCausalLM, ids: torch.Tensor, cache: ZooCache) ->
     return model.lm_head(hidden)
 
 
+class _CompiledSteps(dict):
+    """A model's compiled steps, kept in its __dict__. They close over that model object, so a
+    copy of the model (deepcopy, pickle) starts without them rather than running the
+    original's weights."""
+
+    def __deepcopy__(self, memo) -> _CompiledSteps:
+        return _CompiledSteps()
+
+    def __reduce__(self):
+        return _CompiledSteps, ()
+
+
 CompiledStep = Callable[
     [torch.Tensor, list[torch.Tensor], list[int]],
     tuple[torch.Tensor, list[torch.Tensor], list[int]],
@@ -130,7 +142,7 @@ def compiled_decode_step(model: ZooForCausalLM, layout: CacheLayout) -> Compiled
     weight = next(model.parameters())
     # a .to() keeps the parameter objects (whose guards are skipped, below): compile anew
     key = (weight.dtype, weight.device, layout)
-    steps = model.__dict__.setdefault("_zoo_compiled_decode_steps", {})
+    steps = model.__dict__.setdefault("_zoo_compiled_decode_steps", _CompiledSteps())
     if key not in steps:
         on_cuda = weight.device.type == "cuda"
 

@@ -240,3 +240,19 @@ def test_models_alike_in_their_states_keep_their_own_compiled_steps():
         model = zoo.ZooForCausalLM(config).eval()
         compiled = generate(model, prompts, max_new_tokens=6, compile=True)
         assert compiled.tokens == generate(model, prompts, max_new_tokens=6).tokens
+
+
+@pytest.mark.slow
+def test_a_copied_model_does_not_run_the_original_compiled_step(make_model):
+    """Compiled steps close over their model: a deepcopy must compile its own."""
+    import copy
+
+    model = make_model("mamba-tiny")
+    prompts = _prompts([5], seed=6)
+    generate(model, prompts, max_new_tokens=5, compile=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(-1.5)
+    assert generate(twin, prompts, max_new_tokens=5, compile=True).tokens == generate(
+        twin, prompts, max_new_tokens=5).tokens
