@@ -303,7 +303,7 @@ def smollm2_report(rows: list[dict]) -> str:
     report=smollm2_report,
 )
 def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
-    """fp32 eager and compiled, bf16 eager, and transformers' generate, at 128 context.
+    """fp32 and bf16, eager and compiled, and transformers' generate, at 128 context.
 
     This machine's read bandwidth moves between runs and phases (48-88 GB/s on the 2-core VM
     this was written on: a large buffer on huge pages or not), so every decode measurement is
@@ -323,7 +323,8 @@ def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
     del hf_model
     rows.append({"model": "smollm2-135m", "dtype": "float32", "mode": "transformers generate",
                  "context": context, "zoo_ms_per_token": hf_ms})
-    plans = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]
+    plans = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+             (torch.bfloat16, True)]
     if options.quick:
         plans = plans[:1]
     for dtype, compile in plans:
