@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -187,11 +188,10 @@ def bench_decode(options: BenchOptions) -> list[dict]:
     generate driving the same zoo model, and the matching transformers model's generate."""
     contexts = [32, 128] if options.quick else [128, 1024, 8192]
     new_tokens = 8 if options.quick else NEW_TOKENS
-    # the best of a few runs per figure: one run's median can still catch a busy moment
-    runs = 1 if options.quick else max(1, min(options.repeats, 3))
-
-    def best(fn, *args, **kwargs) -> float:
-        return min(fn(*args, **kwargs) for _ in range(runs))
+    # The best of a few runs per figure, the figures' runs interleaved: on the 2-core VM this
+    # was written on, slow spells (10-40%) last longer than a run of a tiny model (a few ms),
+    # so back-to-back runs of one figure would all land in the same spell.
+    runs = 1 if options.quick else max(1, options.repeats)
 
     rows, start = [], time.perf_counter()
     for name in _tiny_configs():
@@ -215,9 +215,18 @@ def bench_decode(options: BenchOptions) -> list[dict]:
                 continue
             if context == contexts[0]:
                 zoo_ms_per_token(model, ids, 4, compile=True)  # warm-up: compiles (10-60 s)
-            zoo_ms = min(zoo_ms, best(_zoo_ms, model, ids, new_tokens))
-            compiled_ms = best(_zoo_ms, model, ids, new_tokens, compile=True)
-            loop_ms = best(hf_generate_ms_per_token, model, ids, new_tokens)
+            figures = {
+                "zoo": partial(_zoo_ms, model, ids, new_tokens),
+                "compiled": partial(_zoo_ms, model, ids, new_tokens, compile=True),
+                "loop": partial(hf_generate_ms_per_token, model, ids, new_tokens),
+            }
+            if peer is not None:
+                figures["peer"] = partial(hf_generate_ms_per_token, peer[1], ids, new_tokens)
+            best = {name: float("inf") for name in figures}
+            for _ in range(runs):
+                for figure, measure in figures.items():
+                    best[figure] = min(best[figure], measure())
+            zoo_ms, compiled_ms, loop_ms = min(zoo_ms, best["zoo"]), best["compiled"], best["loop"]
             row = {"config": name, "context": context, "zoo_ms_per_token": zoo_ms,
                    "zoo_compiled_ms": compiled_ms, "hf_generate_on_zoo_ms": loop_ms,
                    "speedup_vs_hf_loop": loop_ms / compiled_ms,
@@ -226,7 +235,7 @@ def bench_decode(options: BenchOptions) -> list[dict]:
                    "peer_params": None, "state_bytes": state_bytes, "bounded": bounded,
                    "threads": torch.get_num_threads()}
             if peer is not None:
-                peer_ms = best(hf_generate_ms_per_token, peer[1], ids, new_tokens)
+                peer_ms = best["peer"]
                 row.update(peer=peer[0], peer_ms_per_token=peer_ms,
                            speedup_vs_peer=peer_ms / compiled_ms,
                            speedup_vs_peer_eager=peer_ms / zoo_ms, peer_params=_params(peer[1]))
