@@ -256,3 +256,18 @@ def test_a_copied_model_does_not_run_the_original_compiled_step(make_model):
             p.mul_(-1.5)
     assert generate(twin, prompts, max_new_tokens=5, compile=True).tokens == generate(
         twin, prompts, max_new_tokens=5).tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["attention-tiny", "mamba-tiny"])
+def test_a_compiled_run_returns_the_states_eager_decoding_ends_with(name, make_model,
+                                                                   caches_equal):
+    """The compiled loop carries the cache as tensors and ints; the cache it returns holds the
+    states after the last step, as the eager loop's does."""
+    model = make_model(name)
+    prompts = _prompts([6, 6], seed=10)
+    eager = generate(model, prompts, max_new_tokens=7, return_cache=True)
+    compiled = generate(model, prompts, max_new_tokens=7, return_cache=True, compile=True)
+    assert compiled.tokens == eager.tokens
+    assert compiled.cache.seen_tokens == eager.cache.seen_tokens
+    caches_equal(compiled.cache, eager.cache)
