@@ -1,5 +1,6 @@
 """`zoo generate`: a config name (untrained, said so), a saved directory, streaming."""
 
+import pytest
 import torch
 
 from zoo.cli import main
@@ -23,6 +24,21 @@ def test_generate_from_a_saved_directory_prints_the_greedy_text(tmp_path, capsys
                      *extra]) == 0
         out, _ = capsys.readouterr()
         assert out.rstrip("\n") == expected.rstrip("\n")
+
+
+@pytest.mark.slow
+def test_generate_compile_compiles_first_and_prints_the_same_text(tmp_path, capsys, make_model):
+    """--compile compiles on a few steps of the same request before the timed run, so the
+    printed decode speed is decoding's; the text is the eager one."""
+    make_model("mamba-tiny").save_pretrained(tmp_path)
+    command = ["generate", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "8"]
+    assert main(command) == 0
+    eager_out, eager_err = capsys.readouterr()
+    assert "compiled the decode step" not in eager_err
+    assert main([*command, "--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out == eager_out
+    assert "compiled the decode step in" in err and "8 generated" in err
 
 
 def test_byte_tokenizer_round_trips_utf8():
