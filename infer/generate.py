@@ -466,7 +466,8 @@ def generate(
     any of `stop_tokens` / `eos_token_id` (default: the config's eos_token_id), which is kept
     as their last token. `seed` makes sampling reproducible (its own torch.Generator, global RNG
     untouched). `stream=True` returns a `Stream` of (row, token) pairs. `compile=True` runs the
-    decode step under torch.compile (see `compiled_decode_step`). `stop_check_interval`: steps
+    decode step under torch.compile (see `compiled_decode_step`; the first call for a model
+    compiles it, and its stats count that time as decoding). `stop_check_interval`: steps
     between the host-side "all rows done?" checks (default 1 on CPU, 8 on CUDA, where each check
     is a sync; rows finish on time either way, only wasted steps differ). `flush_denormal`
     (default: on the CPU) treats floats below ~1e-38 as zero while generating, see
