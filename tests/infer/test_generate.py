@@ -271,3 +271,21 @@ def test_a_compiled_run_returns_the_states_eager_decoding_ends_with(name, make_m
     assert compiled.tokens == eager.tokens
     assert compiled.cache.seen_tokens == eager.cache.seen_tokens
     caches_equal(compiled.cache, eager.cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["attention-tiny", "mamba-tiny"])
+def test_compiled_ragged_batch_with_stops_and_sampling_equals_eager(name, make_model):
+    """Catch-up rows (attention), merged prefill (Mamba), a row stopping early, and seeded
+    sampling: the compiled loop emits what the eager loop emits."""
+    model = make_model(name)
+    prompts = _prompts([3, 8, 5], seed=11)
+    stop = generate(model, prompts, max_new_tokens=9).tokens[1][2]  # row 1's third token
+    greedy_with_stop = dict(max_new_tokens=9, stop_tokens=[stop])
+    sampled = dict(max_new_tokens=9, temperature=0.9, top_k=20, seed=5)
+    for kwargs in (greedy_with_stop, sampled):
+        expected = generate(model, prompts, **kwargs)
+        got = generate(model, prompts, compile=True, **kwargs)
+        assert got.tokens == expected.tokens
+        assert got.finish_reasons == expected.finish_reasons
+    assert "stop" in generate(model, prompts, **greedy_with_stop).finish_reasons
