@@ -70,8 +70,14 @@ def test_reorder_cache_picks_rows_as_beam_search_asks(name):
     for got_layer, want_layer in zip(cache.layers, expected.layers):
         for got, want in zip(got_layer, want_layer):
             if got is not None:
-                for a, b in zip(got.tensors(), want.tensors()):
+                for a, b in zip(_filled(got), _filled(want)):
                     assert torch.equal(a, b)
+
+
+def _filled(state) -> list[torch.Tensor]:
+    """The tensors that hold values: a KV cache's slots past its length are uninitialised
+    (NaN there would never compare equal)."""
+    return list(state.keys_values()) if hasattr(state, "keys_values") else state.tensors()
 
 
 @pytest.mark.parametrize("name", ["attention-tiny", "mamba-tiny"])
