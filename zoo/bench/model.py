@@ -59,20 +59,27 @@ def sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int]
     return quick if options.quick else full
 
 
+def _within_budget(configs: list[str], sizes: list[int], options: BenchOptions):
+    """(config, model, size) for each config and size, until options.budget_s has passed."""
+    start = time.perf_counter()
+    for config in configs:
+        model = build_model(config, options.device)
+        for size in sizes:
+            if time.perf_counter() - start > options.budget_s:
+                break
+            yield config, model, size
+
+
 def train_step_sweep(
     configs: list[str], seq_lens: list[int], options: BenchOptions, batch: int = 4
 ) -> list[dict]:
     """A training step of each config at each length, while options.budget_s lasts."""
-    rows, start = [], time.perf_counter()
-    for config in configs:
-        model = build_model(config, options.device)
-        for seq_len in seq_lens:
-            if time.perf_counter() - start > options.budget_s:
-                break
-            t = train_step_seconds(model, batch, seq_len, options)
-            rows.append({"config": config, "batch": batch, "seq_len": seq_len,
-                         "step_ms": 1e3 * t["median_s"],
-                         "ms_per_token": 1e3 * t["median_s"] / (batch * seq_len)})
+    rows = []
+    for config, model, seq_len in _within_budget(configs, seq_lens, options):
+        t = train_step_seconds(model, batch, seq_len, options)
+        rows.append({"config": config, "batch": batch, "seq_len": seq_len,
+                     "step_ms": 1e3 * t["median_s"],
+                     "ms_per_token": 1e3 * t["median_s"] / (batch * seq_len)})
     return rows
 
 
@@ -80,16 +87,12 @@ def decode_sweep(
     configs: list[str], contexts: list[int], options: BenchOptions, steps: int = 16
 ) -> list[dict]:
     """Decode ms/token and state bytes of each config at each context, within the budget."""
-    rows, start = [], time.perf_counter()
-    for config in configs:
-        model = build_model(config, options.device)
-        for context in contexts:
-            if time.perf_counter() - start > options.budget_s:
-                break
-            t = decode_seconds_per_token(model, context, options, steps=steps)
-            rows.append({"config": config, "context": context,
-                         "decode_ms_per_token": 1e3 * t["median_s"],
-                         "state_bytes": t["state_bytes"]})
+    rows = []
+    for config, model, context in _within_budget(configs, contexts, options):
+        t = decode_seconds_per_token(model, context, options, steps=steps)
+        rows.append({"config": config, "context": context,
+                     "decode_ms_per_token": 1e3 * t["median_s"],
+                     "state_bytes": t["state_bytes"]})
     return rows
 
 
