@@ -606,18 +606,12 @@ def decode_ms_per_token(model: ZooForCausalLM, context: int, *, steps: int = 8,
         for i, layer in enumerate(cache.layers):
             state = layer[0]
             if isinstance(state, AttentionState) and state.window is None:
-                k, v = state.keys_values()
+                k, v = state.keys_values()  # (1, H_kv, real, D)
                 # room for every timed step, so no step pays for growing the buffers
-                capacity = context + steps * (repeats + 1) + 16
-                heads, dim = k.shape[1], k.shape[3]  # (1, H_kv, real, D)
-                buf_k = k.new_empty(1, heads, capacity, dim)
-                buf_v = v.new_empty(1, heads, capacity, dim)
-                buf_k[:, :, :real], buf_v[:, :, :real] = k, v
-                buf_k[:, :, real:context] = torch.randn(
-                    1, heads, extra, dim, generator=gen).to(k) * k.std()
-                buf_v[:, :, real:context] = torch.randn(
-                    1, heads, extra, dim, generator=gen).to(v) * v.std()
-                grown = AttentionState(buf_k, buf_v, length=context, position=context)
+                grown = state.with_capacity(context + steps * (repeats + 1) + 16)
+                synthetic = (1, k.shape[1], extra, k.shape[3])
+                grown = grown.write(torch.randn(synthetic, generator=gen).to(k) * k.std(),
+                                    torch.randn(synthetic, generator=gen).to(v) * v.std())
                 cache.layers[i] = (grown, layer[1])
         cache.seen_tokens = context
     token = ids[:, -1:]

@@ -10,7 +10,8 @@ from zoo.testing import assert_close
 
 @pytest.mark.parametrize("n_heads,n_kv_heads,window", [(4, 4, None), (4, 2, None), (6, 1, 5)])
 @pytest.mark.parametrize("length", [1, 9])
-def test_one_query_equals_sdpa(n_heads, n_kv_heads, window, length):
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_query_equals_sdpa(n_heads, n_kv_heads, window, length, fused):
     torch.manual_seed(0)
     layer = Attention(48, n_heads=n_heads, n_kv_heads=n_kv_heads, window=window).double()
     D = layer.head_dim
@@ -23,7 +24,9 @@ def test_one_query_equals_sdpa(n_heads, n_kv_heads, window, length):
         q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=allowed[None, :], enable_gqa=True,
     )
-    got = layer._one_query(q, keys.transpose(1, 2), values.transpose(1, 2))
+    state = layer.init_state(2, dtype=torch.float64, capacity=length + 3)
+    state = state.write(keys.transpose(1, 2), values.transpose(1, 2))
+    got = layer._one_query(q, state, fused=fused)
     assert_close("out", expected.transpose(1, 2).reshape(2, 1, -1), got, 1e-12)
 
 
@@ -34,11 +37,26 @@ def test_reserve_preallocates_without_changing_the_cache():
     with torch.no_grad():
         _, state = layer(x[:, :5])
         reserved = state.reserve(40)
-        assert reserved.k.shape[2] >= 45 and reserved.length == 5
+        assert reserved.capacity >= 45 and reserved.length == 5
         assert_close("k", state.keys_values()[0], reserved.keys_values()[0], 0.0)
-        buffer = reserved.k
+        buffer = reserved.k_t
         y_reserved, after = layer(x[:, 5:], reserved)
         y_plain, _ = layer(x[:, 5:], state)
-    assert after.k is buffer, "appending within the reserve must not reallocate"
+    assert after.k_t is buffer, "appending within the reserve must not reallocate"
     assert_close("y", y_plain, y_reserved, 1e-6)
     assert state.reserve(0) is state
+
+
+def test_cache_keeps_keys_transposed_and_refuses_overflow():
+    torch.manual_seed(0)
+    layer = Attention(32, n_heads=4, n_kv_heads=2).eval()
+    with torch.no_grad():
+        _, state = layer(torch.randn(3, 6, 32))
+    assert state.k_t.shape[:3] == (3, 2, 8) and state.v.shape[:2] == (3, 2)
+    assert state.v.shape[3] == 8 and state.k_t.shape[3] == state.capacity >= 6
+    keys, values = state.keys_values()
+    assert keys.shape == values.shape == (3, 2, 6, 8)
+    assert_close("keys", keys, state.k_t[..., :6].transpose(2, 3), 0.0)
+    full = state.with_capacity(6)
+    with pytest.raises(ValueError, match="7 tokens do not fit 6 slots"):
+        full.write(keys[:, :, :1], values[:, :, :1])
