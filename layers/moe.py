@@ -118,7 +118,9 @@ class MoE(FFN):
     scalar) and `self.last_stats` (detached, for logging): tokens_per_expert (E,) slots routed to
     each expert, dropped_per_expert (E,) slots dropped by capacity, dropped_tokens (tokens that
     lost every slot and so get only the shared experts' output, zero without them: the block's
-    residual passes them through), load_balancing_loss, z_loss.
+    residual passes them through), load_balancing_loss, z_loss. Inside a compiled forward
+    without gradients (the compiled decode step) neither is computed: aux_loss is None and
+    last_stats empty.
 
     Options:
         n_experts, top_k: routed experts, and how many each token uses.
@@ -197,6 +199,14 @@ class MoE(FFN):
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, probs, expert_ids, weights
 
+    def _combine(self, flat: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted outputs plus the shared experts'. flat: (N, D)."""
+        y = self.experts(flat, expert_ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)[0]
+        return y
+
     def capacity(self, n_tokens: int) -> int | None:
         """Slots per expert for a forward over n_tokens; None when unlimited (inference too)."""
         if self.capacity_factor is None or not self.training:
@@ -207,15 +217,19 @@ class MoE(FFN):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, probs, expert_ids, weights = self.route(flat)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # a compiled inference step (zoo.infer's decode loop): nothing can backpropagate the
+            # losses, and a compiled graph hands every tensor set as a module attribute back to
+            # Python: the bookkeeping was a quarter of mixtral-tiny's compiled decode step
+            self.aux_loss, self.last_stats = None, {}
+            return self._combine(flat, expert_ids, weights).view(shape), None
         E = self.n_experts
         routed = slots_per_expert(expert_ids, E)
         capacity = self.capacity(flat.shape[0])
         if capacity is not None:
             expert_ids = apply_capacity(expert_ids, E, capacity)
         kept = slots_per_expert(expert_ids, E)
-        y = self.experts(flat, expert_ids, weights)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)[0]
+        y = self._combine(flat, expert_ids, weights)
         lb_loss = load_balancing_loss(probs, routed)
         z_loss = router_z_loss(logits)
         self.aux_loss = self.aux_loss_coef * lb_loss + self.z_loss_coef * z_loss

@@ -257,3 +257,15 @@ def test_config_decodes_token_by_token_equal_to_full_forward(name):
         pieces.append(out.logits)
         cache = out.cache
     assert_close(f"{name} stepped logits", full, torch.cat(pieces, dim=1), 1e-4)
+
+
+def test_compiled_inference_skips_the_losses_and_stats_but_not_the_output():
+    torch.manual_seed(0)
+    moe = MoE(16, n_experts=4, top_k=2, hidden_size=16, n_shared_experts=1).eval()
+    x = torch.randn(2, 1, 16)  # a decode step's shape: two rows, one token each
+    with torch.no_grad():
+        expected, _ = moe(x)
+        assert moe.aux_loss is not None and moe.last_stats, "eager inference keeps them"
+        got, _ = torch.compile(moe, fullgraph=True)(x)
+    assert_close("y", expected, got, 1e-5)
+    assert moe.aux_loss is None and moe.last_stats == {}
