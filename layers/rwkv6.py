@@ -29,7 +29,7 @@ from zoo.kernels.wkv4 import state_dtype
 from .base import FFN, Mixer, MixerState
 from .linear import Linear
 from .registry import register_ffn, register_mixer
-from .rwkv4 import ChannelMixState, _channel_ramp, check_ffn_state, token_shift
+from .rwkv4 import ChannelMixState, _channel_ramp, check_ffn_state, last_token, token_shift
 
 
 @dataclasses.dataclass
@@ -163,7 +163,7 @@ class Rwkv6TimeMix(Mixer):
         )
         o = self.ln_x(rearrange(o, "b t h d -> (b t) (h d)")).view_as(x)
         # the carried state leaves the autograd graph, as attention's KV cache does
-        new_state = Rwkv6State(x[:, -1].detach(), wkv.detach())
+        new_state = Rwkv6State(last_token(x), wkv.detach())
         return self.output(o * g), new_state
 
 
@@ -206,4 +206,4 @@ class Rwkv6ChannelMix(FFN):
         xr = x + delta * self.time_maa_r
         k = torch.relu(self.key(xk)).square()
         out = torch.sigmoid(self.receptance(xr)) * self.value(k)
-        return out, ChannelMixState(x[:, -1].detach())
+        return out, ChannelMixState(last_token(x))

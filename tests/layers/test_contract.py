@@ -80,6 +80,20 @@ def test_state_size_is_honest_and_grows_as_declared(name, options):
 
 
 @pytest.mark.parametrize("name,options", CASES)
+@torch.no_grad()
+def test_bounded_state_holds_no_more_memory_after_a_longer_input(name, options):
+    """A state that views its input (x[:, -1] of a prefill) keeps the whole input alive."""
+    mixer = _mixer(name, options)
+    if not mixer.bounded:
+        return
+    held = {}
+    for T in (8, 96):
+        _, state = mixer(torch.randn(2, T, D_MODEL))
+        held[T] = sum(t.untyped_storage().nbytes() for t in state.tensors())
+    assert held[96] == held[8], f"{name}: the state holds {held} bytes after 8 and 96 tokens"
+
+
+@pytest.mark.parametrize("name,options", CASES)
 def test_backward_reaches_every_parameter(name, options):
     mixer = _mixer(name, options).train()
     x = torch.randn(2, 11, D_MODEL, requires_grad=True)

@@ -150,6 +150,8 @@ def test_channel_mix_state_is_honest_and_checked(name):
     y, state = ffn(x)
     assert isinstance(state, ChannelMixState)
     assert state.nbytes() == ffn.state_size(9) == ffn.state_size(65536)
+    # the shift is the last token in storage of its own, not a view pinning the whole input
+    assert state.shift.untyped_storage().nbytes() == state.nbytes() * 3
     assert_close(name, y, ffn(x, ffn.init_state(3, x.device, x.dtype))[0], 0.0)
     with pytest.raises(ValueError, match="batch size"):
         ffn(torch.randn(2, 1, D), state)
