@@ -289,3 +289,16 @@ def test_compiled_ragged_batch_with_stops_and_sampling_equals_eager(name, make_m
         assert got.tokens == expected.tokens
         assert got.finish_reasons == expected.finish_reasons
     assert "stop" in generate(model, prompts, **greedy_with_stop).finish_reasons
+
+
+@pytest.mark.slow
+def test_plain_greedy_picks_its_tokens_inside_the_compiled_step(make_model):
+    """Greedy without a repetition penalty compiles a step that returns the argmax tokens;
+    the penalty and sampling need the logits back. All three emit what the eager loop emits."""
+    model = make_model("mamba-tiny")
+    prompts = _prompts([5, 7], seed=12)
+    for kwargs in ({}, {"repetition_penalty": 1.3}, {"temperature": 0.8, "seed": 1}):
+        expected = generate(model, prompts, max_new_tokens=6, **kwargs).tokens
+        assert generate(model, prompts, max_new_tokens=6, compile=True, **kwargs).tokens == expected
+    picks_tokens = sorted(key[-1] for key in model.__dict__["_zoo_compiled_decode_steps"])
+    assert picks_tokens == [False, True]
