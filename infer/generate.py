@@ -381,20 +381,20 @@ def decode_steps(
     ragged, stops = C > 0, plan.stop_tokens is not None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     everyone = torch.ones(B, dtype=torch.bool, device=device)
-    # greedy without a repetition penalty: the compiled step picks the tokens itself
-    picks_in_step = plan.compile and plan.sampling.greedy and seen is None
+    mark_step = plan.compile and device.type == "cuda"
+    # greedy without a repetition penalty: the compiled step picks the tokens itself. Not with
+    # CUDA graphs: the next replay overwrites a step's outputs, and the tokens go to the caller
+    picks_in_step = plan.compile and plan.sampling.greedy and seen is None and not mark_step
     picked = None
     if plan.compile:  # the compiled step carries the cache as plain tensors and ints
         layout, tensors, ints = cache.flatten()
         compiled = compiled_decode_step(model, layout, greedy=picks_in_step)
     row_index = torch.arange(B, device=device)
-    mark_step = plan.compile and device.type == "cuda"
     try:
         for s in range(total):
-            if picked is None:
-                tokens = choose_tokens(logits, plan.sampling, plan.generator, seen)
-            else:
-                tokens = picked
+            # the first token comes from the prefill's logits
+            tokens = picked if picked is not None else choose_tokens(
+                logits, plan.sampling, plan.generator, seen)
             if ragged or stops:
                 emitted = (forced <= s) & ~done
                 tokens = torch.where(forced > s, fed[:, s], tokens)
