@@ -6,6 +6,7 @@ This floor imports torch (and, lazily, triton) only.
 
 from .backend import BACKENDS, resolve_backend
 from .causal_conv1d import causal_conv1d
+from .decode_attention import decode_attention
 from .fft_conv import fft_conv
 from .linear_attention import linear_attention
 from .moe import moe_experts
@@ -14,6 +15,6 @@ from .selective_scan import selective_scan
 from .wkv4 import wkv4
 
 __all__ = [
-    "BACKENDS", "causal_conv1d", "fft_conv", "linear_attention", "moe_experts", "resolve_backend",
-    "rms_norm", "selective_scan", "wkv4",
+    "BACKENDS", "causal_conv1d", "decode_attention", "fft_conv", "linear_attention",
+    "moe_experts", "resolve_backend", "rms_norm", "selective_scan", "wkv4",
 ]

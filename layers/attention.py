@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from zoo.kernels import decode_attention
+
 from .base import Mixer, MixerState
 from .linear import Linear
 from .registry import register_mixer
@@ -184,8 +186,8 @@ class Attention(Mixer):
         past = new_state.length - T  # after a window's trim, fewer than state.length
         if T == 1 and past > 0 and not q.requires_grad:
             # decoding: straight from the buffers (SDPA reads transposed keys slowly: 1.8 ms
-            # for one query over 8k cached tokens on the CPU, 48 us here)
-            out = self._one_query(q, new_state, fused=torch.compiler.is_compiling())
+            # for one query over 8k cached tokens on the CPU; see kernels/decode_attention)
+            out = self._one_query(q, new_state)
             return self.o_proj(out), new_state
         if past == 0:
             keys, values = k, v
@@ -205,27 +207,16 @@ class Attention(Mixer):
         y = self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
         return y, new_state
 
-    def _one_query(self, q: torch.Tensor, state: AttentionState, fused: bool = False
-                   ) -> torch.Tensor:
+    def _one_query(self, q: torch.Tensor, state: AttentionState) -> torch.Tensor:
         """Decoding: q (B, 1, H, D) against the cache's filled slots -> (B, 1, H * D).
 
-        Query heads group by KV head as in SDPA's enable_gqa; a window keeps the last `window`
-        keys. The scores are one small product over the transposed keys; the values' weighted
-        sum is a product too (eager), or, with `fused` (inside a compiled step), a broadcast
-        sum that inductor fuses with the softmax into one pass over the values, where a BLAS
-        call would stay a separate read (transposed keys and the fused sum together took 16%
-        off attention-tiny's compiled step at 8k tokens)."""
+        A window keeps the last `window` keys; the op reads the buffers where they lie (on the
+        CPU a C++ kernel that reads each cached key and value once for all the query heads of
+        its group)."""
         keys_t, values = state.k_t[..., : state.length], state.v[:, :, : state.length]
         if self.window is not None:
             keys_t, values = keys_t[..., -self.window :], values[:, :, -self.window :]
-        B, groups = q.shape[0], self.n_heads // self.n_kv_heads
-        q = q.reshape(B, self.n_kv_heads, groups, self.head_dim) * self.head_dim**-0.5
-        scores = torch.matmul(q, keys_t)  # (B, H_kv, G, L)
-        # the softmax in at least float32 (bf16 scores would round the weights)
-        wide = torch.promote_types(scores.dtype, torch.float32)
-        weights = scores.to(wide).softmax(dim=-1)
-        if fused:
-            out = (weights[..., None] * values[:, :, None]).sum(dim=-2).to(values.dtype)
-        else:
-            out = torch.matmul(weights.to(values.dtype), values)  # (B, H_kv, G, D)
+        B = q.shape[0]
+        out = decode_attention(q.reshape(B, self.n_heads, self.head_dim), keys_t, values,
+                               scale=self.head_dim**-0.5)
         return out.reshape(B, 1, self.n_heads * self.head_dim)

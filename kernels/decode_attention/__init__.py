@@ -1,0 +1,97 @@
+"""`decode_attention`: one query per head against a KV cache, the decode step of softmax
+attention (grouped / multi-query heads, keys cached transposed)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import BACKENDS, resolve_backend
+from . import cpu
+from .reference import decode_attention_reference
+from .torch_fast import decode_attention_torch
+
+DECODE_BACKENDS = (*BACKENDS, "cpu")
+
+
+def decode_attention(
+    q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, *,
+    scale: float | None = None, backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one query per head over L cached tokens.
+
+    Args:
+        q: (B, H, D), the new token's queries.
+        keys_t: (B, H_kv, D, L), the cached keys transposed (unit stride along L); query head
+            h reads KV head h // (H // H_kv), as SDPA's enable_gqa.
+        values: (B, H_kv, L, D).
+        scale: defaults to D ** -0.5.
+        backend: "auto" (Triton on CUDA; on the CPU the C++ kernel for float32 without
+            gradients, PyTorch otherwise), "cpu" (the C++ kernel), "torch", "triton" or
+            "reference". The kernels have no backward: decoding runs without gradients.
+    Returns:
+        (B, H, D) in q's dtype.
+    """
+    _check_shapes(q, keys_t, values)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, keys_t, values)
+    )
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode_attention: backend={backend!r} is not one of {DECODE_BACKENDS}")
+    if backend == "auto" and not q.is_cuda:
+        use_kernel = q.dtype == torch.float32 and not needs_grad and _cpu_kernel_available()
+        backend = "cpu" if use_kernel else "torch"
+    if backend != "cpu":
+        backend = resolve_backend(backend, q, "decode_attention")
+    if backend in ("cpu", "triton") and needs_grad:
+        raise ValueError(
+            f"decode_attention: backend={backend!r} has no backward; inputs that require "
+            "gradients need backend='torch' or 'reference'"
+        )
+    if backend == "reference":
+        return decode_attention_reference(q, keys_t, values, scale)
+    if backend == "torch":
+        return decode_attention_torch(q, keys_t, values, scale)
+    if backend == "cpu":
+        if q.is_cuda or q.dtype != torch.float32:
+            raise ValueError(
+                f"decode_attention: backend='cpu' takes float32 CPU tensors, got {q.dtype} "
+                f"on {q.device}"
+            )
+        if not _cpu_kernel_available():
+            raise RuntimeError("decode_attention: the CPU kernel did not build (see the warning)")
+        return cpu.decode_attention_cpu(q, keys_t, values, scale)
+    from .triton_kernels import decode_attention_triton
+
+    return decode_attention_triton(q, keys_t, values, scale)
+
+
+@torch.compiler.assume_constant_result
+def _cpu_kernel_available() -> bool:
+    # run once, outside any graph: torch.compile treats the answer as a constant
+    return cpu.load()
+
+
+def _check_shapes(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> None:
+    if q.dim() != 3 or keys_t.dim() != 4 or values.dim() != 4:
+        raise ValueError(
+            "decode_attention: expected q (B, H, D), keys_t (B, H_kv, D, L), values "
+            f"(B, H_kv, L, D); got {tuple(q.shape)}, {tuple(keys_t.shape)}, "
+            f"{tuple(values.shape)}"
+        )
+    B, H, D = q.shape
+    H_kv, L = keys_t.shape[1], keys_t.shape[3]
+    if tuple(keys_t.shape[::2]) != (B, D) or tuple(values.shape) != (B, H_kv, L, D):
+        raise ValueError(
+            f"decode_attention: keys_t {tuple(keys_t.shape)} and values {tuple(values.shape)} "
+            f"do not fit q {tuple(q.shape)} (need keys_t (B, H_kv, D, L), values (B, H_kv, L, D))"
+        )
+    if H % H_kv:
+        raise ValueError(f"decode_attention: H={H} query heads is not a multiple of H_kv={H_kv}")
+    if L == 0:
+        raise ValueError("decode_attention: the cache is empty (L = 0)")
+
+
+__all__ = [
+    "decode_attention", "decode_attention_reference", "decode_attention_torch",
+]

@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from zoo.kernels import decode_attention
+from zoo.kernels.decode_attention import cpu
+from zoo.testing import assert_close
+
+# (B, H, H_kv, D, L): multi-head, grouped and multi-query heads; lengths that end inside a
+# vector, a four-token unroll, a 512-token block; head groups of more than four (two passes)
+SHAPES = [
+    (1, 4, 2, 16, 1), (2, 6, 2, 24, 37), (1, 8, 1, 64, 1100), (2, 12, 2, 16, 600),
+    (1, 3, 3, 8, 513),
+]
+
+
+def _cache(B, H_kv, D, L, dtype=torch.float32, spare=5):
+    """keys_t and values as an attention cache holds them: the filled part of larger buffers."""
+    keys_t = torch.randn(B, H_kv, D, L + spare, dtype=dtype)[..., :L]
+    values = torch.randn(B, H_kv, L + spare, D, dtype=dtype)[:, :, :L]
+    return keys_t, values
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(backend, shape):
+    B, H, H_kv, D, L = shape
+    q = torch.randn(B, H, D)
+    keys_t, values = _cache(B, H_kv, D, L)
+    expected = decode_attention(q.double(), keys_t.double(), values.double(), backend="reference")
+    got = decode_attention(q, keys_t, values, backend=backend)
+    assert got.shape == (B, H, D) and got.dtype == torch.float32
+    assert_close(f"out ({backend})", expected, got, 1e-5)
+
+
+def test_reference_equals_sdpa():
+    q = torch.randn(2, 6, 16, dtype=torch.float64)
+    keys_t, values = _cache(2, 3, 16, 20, torch.float64)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], keys_t.transpose(2, 3), values, enable_gqa=True, scale=0.3
+    )[:, :, 0]
+    got = decode_attention(q, keys_t, values, scale=0.3, backend="reference")
+    assert_close("out", expected, got, 1e-12)
+
+
+def test_cpu_kernel_builds_and_is_what_auto_takes_for_float32():
+    assert cpu.load(), "the C++ kernel must build on a machine with a compiler (see the warning)"
+    q = torch.randn(1, 4, 16)
+    keys_t, values = _cache(1, 2, 16, 700)
+    auto = decode_attention(q, keys_t, values)
+    assert torch.equal(auto, decode_attention(q, keys_t, values, backend="cpu"))
+    assert not torch.equal(auto, decode_attention(q, keys_t, values, backend="torch"))
+
+
+def test_cpu_kernel_does_not_depend_on_the_thread_count():
+    q = torch.randn(2, 4, 16)
+    keys_t, values = _cache(2, 2, 16, 3000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_attention(q, keys_t, values, backend="cpu")
+        torch.set_num_threads(max(2, threads))
+        many = decode_attention(q, keys_t, values, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_inside_torch_compile_with_a_growing_cache():
+    keys_buffer, values_buffer = torch.randn(1, 2, 16, 64), torch.randn(1, 2, 64, 16)
+
+    def step(q, length):
+        return decode_attention(q, keys_buffer[..., :length], values_buffer[:, :, :length])
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for length in (5, 6, 40):
+        q = torch.randn(1, 4, 16)
+        expected = decode_attention(
+            q.double(), keys_buffer[..., :length].double(),
+            values_buffer[:, :, :length].double(), backend="reference",
+        )
+        assert_close(f"out at {length}", expected, compiled(q, length), 1e-5)
+
+
+def test_bfloat16_takes_the_pytorch_path_and_stays_close():
+    q = torch.randn(1, 4, 32)
+    keys_t, values = _cache(1, 2, 32, 50)
+    expected = decode_attention(q.double(), keys_t.double(), values.double(), backend="reference")
+    got = decode_attention(q.bfloat16(), keys_t.bfloat16(), values.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert_close("out_bf16", expected, got, 3e-2)
+    with pytest.raises(ValueError, match="float32"):
+        decode_attention(q.bfloat16(), keys_t.bfloat16(), values.bfloat16(), backend="cpu")
+
+
+def test_gradients_go_through_the_pytorch_path():
+    q = torch.randn(1, 2, 8, requires_grad=True)
+    keys_t, values = _cache(1, 1, 8, 6)
+    decode_attention(q, keys_t, values).sum().backward()  # auto: the torch path
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no backward"):
+        decode_attention(q, keys_t, values, backend="cpu")
+
+
+@pytest.mark.parametrize(
+    "q_shape,kt_shape,v_shape,match",
+    [
+        ((1, 4, 16), (1, 3, 16, 5), (1, 3, 5, 16), "multiple of H_kv"),
+        ((1, 4, 16), (1, 2, 8, 5), (1, 2, 5, 16), "do not fit"),
+        ((1, 4, 16), (1, 2, 16, 5), (1, 2, 6, 16), "do not fit"),
+        ((1, 4, 16), (1, 2, 16, 0), (1, 2, 0, 16), "empty"),
+        ((1, 1, 4, 16), (1, 2, 16, 5), (1, 2, 5, 16), r"q \(B, H, D\)"),
+    ],
+)
+def test_bad_shapes_are_named(q_shape, kt_shape, v_shape, match):
+    with pytest.raises(ValueError, match=match):
+        decode_attention(torch.randn(q_shape), torch.randn(kt_shape), torch.randn(v_shape))
+
+
+def test_unknown_backend_is_named():
+    q = torch.randn(1, 2, 8)
+    keys_t, values = _cache(1, 1, 8, 3)
+    with pytest.raises(ValueError, match="backend='fast'"):
+        decode_attention(q, keys_t, values, backend="fast")
