@@ -121,3 +121,15 @@ def test_unknown_backend_is_named():
     keys_t, values = _cache(1, 1, 8, 3)
     with pytest.raises(ValueError, match="backend='fast'"):
         decode_attention(q, keys_t, values, backend="fast")
+
+
+def test_bench_entry_runs_quick(tmp_path):
+    from zoo.bench import BenchOptions, load_entries, run_bench
+
+    load_entries()
+    options = BenchOptions(quick=True, repeats=1, warmup=0, out_dir=tmp_path)
+    rows = run_bench("decode-attention-op", options, plot=False)["rows"]
+    impls = {row["impl"] for row in rows}
+    assert {"zoo C++ kernel", "torch (compiled)", "sdpa, time-major keys (peer)"} <= impls
+    assert all(row["us_min"] > 0 and row["cache_GB_per_s"] > 0 for row in rows)
+    assert (tmp_path / "decode-attention-op.json").exists()
