@@ -25,9 +25,10 @@ def decode_attention(
             h reads KV head h // (H // H_kv), as SDPA's enable_gqa.
         values: (B, H_kv, L, D).
         scale: defaults to D ** -0.5.
-        backend: "auto" (Triton on CUDA; on the CPU the C++ kernel for float32 without
-            gradients, PyTorch otherwise), "cpu" (the C++ kernel), "torch", "triton" or
-            "reference". The kernels have no backward: decoding runs without gradients.
+        backend: "auto" (without gradients: on the CPU the C++ kernel for float32, on CUDA
+            the Triton kernel outside torch.compile; PyTorch otherwise), "cpu" (the C++
+            kernel), "torch", "triton" or "reference". The kernels have no backward:
+            decoding runs without gradients.
     Returns:
         (B, H, D) in q's dtype.
     """
@@ -41,6 +42,9 @@ def decode_attention(
     if backend == "auto" and not q.is_cuda:
         use_kernel = q.dtype == torch.float32 and not needs_grad and _cpu_kernel_available()
         backend = "cpu" if use_kernel else "torch"
+    elif backend == "auto" and (needs_grad or torch.compiler.is_compiling()):
+        # on a GPU, inductor writes its own fused kernel for the PyTorch expression
+        backend = "torch"
     if backend != "cpu":
         backend = resolve_backend(backend, q, "decode_attention")
     if backend in ("cpu", "triton") and needs_grad:

@@ -1,11 +1,12 @@
 // One query per head against a KV cache, on the CPU: the decode step of softmax attention.
 //
-// Why C++: inductor turns the same expression into a product for the scores (MKL) and a fused
+// Why C++: inductor turns the same expression into a BLAS product for the scores and a fused
 // softmax + weighted sum whose accumulator is one dependent chain of vector adds per head
 // (cascaded through memory above 4096 tokens) and which reads the values once per query head.
 // This kernel reads each cached key and value once for all the query heads of its group, splits
 // the context into blocks that both cores share, and merges the blocks' partial softmaxes
-// (flash-decoding). Built on first use by kernels/decode_attention/cpu.py.
+// (flash-decoding): 2.4x the compiled PyTorch path at 8k tokens for attention-tiny's heads,
+// 3.2x for SmolLM2's (`zoo bench decode-attention-op`). Built on first use by cpu.py.
 //
 // Shapes: q (B, H, D); keys_t (B, H_kv, D, L), the cache's transposed keys; values
 // (B, H_kv, L, D); out (B, H, D). Query head h reads KV head h / (H / H_kv).
@@ -40,7 +41,9 @@ float max_of(const float* x, int64_t n) {
   constexpr float lowest = -std::numeric_limits<float>::infinity();
   Vec m_vec(lowest);
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) m_vec = at::vec::maximum(m_vec, Vec::loadu(x + i));
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    m_vec = at::vec::maximum(m_vec, Vec::loadu(x + i));
+  }
   float lanes[Vec::size()];
   m_vec.store(lanes);
   float m = *std::max_element(lanes, lanes + Vec::size());

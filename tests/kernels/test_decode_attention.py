@@ -133,3 +133,14 @@ def test_bench_entry_runs_quick(tmp_path):
     assert {"zoo C++ kernel", "torch (compiled)", "sdpa, time-major keys (peer)"} <= impls
     assert all(row["us_min"] > 0 and row["cache_GB_per_s"] > 0 for row in rows)
     assert (tmp_path / "decode-attention-op.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_on_cuda_matches_reference(shape):
+    B, H, H_kv, D, L = shape
+    q = torch.randn(B, H, D, device="cuda")
+    keys_t = torch.randn(B, H_kv, D, L + 5, device="cuda")[..., :L]
+    values = torch.randn(B, H_kv, L + 5, D, device="cuda")[:, :, :L]
+    expected = decode_attention(q.double(), keys_t.double(), values.double(), backend="reference")
+    assert_close("out (cuda)", expected, decode_attention(q, keys_t, values), 1e-5)
