@@ -13,7 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zoo.bench.harness import BenchOptions, device_name, line_plot, measure, register_bench
+from zoo.bench import harness
+from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
 from zoo.kernels import decode_attention
 from zoo.kernels.decode_attention import cpu
 
@@ -52,7 +53,22 @@ def _implementations(device: str) -> dict:
 def _plot(rows: list[dict], path) -> None:
     line_plot([dict(r, series=f"{r['shape']}: {r['impl']}") for r in rows], path, x="L",
               y="us_min", series="series",
-              title=f"decode attention, one query over L cached tokens ({rows[0]['device']})")
+              title=f"decode_attention op, us per call ({rows[0]['device']})")
+
+
+def _report(rows: list[dict]) -> str:
+    """The table, then the C++ kernel against the compiled PyTorch path and SDPA per cell."""
+    lines = [harness.format_rows(rows), ""]
+    cells = {(r["shape"], r["L"], r["impl"]): r["us_min"] for r in rows}
+    for shape, L in dict.fromkeys((r["shape"], r["L"]) for r in rows):
+        kernel = cells.get((shape, L, "zoo C++ kernel"))
+        if kernel is None:
+            continue
+        compiled = cells[(shape, L, "torch (compiled)")]
+        peer = cells[(shape, L, "sdpa, time-major keys (peer)")]
+        lines.append(f"{shape}, L={L}: C++ kernel {kernel:.1f} us, x{compiled / kernel:.1f} "
+                     f"faster than the compiled PyTorch path, x{peer / kernel:.1f} than SDPA")
+    return "\n".join(lines)
 
 
 @register_bench(
@@ -60,6 +76,7 @@ def _plot(rows: list[dict], path) -> None:
     "decode_attention op: one query per head against an L-token KV cache (us per call and "
     "GB/s of cache read), zoo's C++ kernel and PyTorch path vs SDPA",
     plot=_plot,
+    report=_report,
 )
 @torch.no_grad()
 def bench_decode_attention_op(options: BenchOptions) -> list[dict]:
@@ -90,7 +107,7 @@ def bench_decode_attention_op(options: BenchOptions) -> list[dict]:
                                  repeats=options.repeats)
                 us = 1e6 * result["min_s"] / CALLS
                 rows.append({
-                    "impl": impl, "shape": shape, "L": L, "device": device_name(device),
+                    "impl": impl, "shape": shape, "L": L, "device": harness.device_name(device),
                     "us_min": us, "us_median": 1e6 * result["median_s"] / CALLS,
                     "cache_bytes": cache_bytes, "cache_GB_per_s": cache_bytes / us / 1e3,
                     "threads": torch.get_num_threads(),
