@@ -143,7 +143,8 @@ class LinearAttention(Mixer):
             initial_state=memory, output_final_state=True, chunk_size=self.chunk_size,
         )
         if self.groups > 1:
-            final = final[:, :: self.groups]  # every head of a group holds the same sum
+            # every head of a group holds the same sum; a copy, not a view holding all heads
+            final = final[:, :: self.groups].contiguous()
         if self.o_norm is not None:
             o = self.o_norm(o)
         o = rearrange(o, "b t h d -> b t (h d)")

@@ -84,7 +84,8 @@ class SelectiveScanChunked(torch.autograd.Function):
             state = states[..., -1, :]
         ctx.save_for_backward(u, dt, A, B, C, torch.stack(starts))
         ctx.chunk, ctx.has_h0 = L, h0 is not None
-        return y.reshape(batch, dim, T), state.reshape(batch, dim, n)
+        # the final state is a slice of the last chunk's states: a copy keeps only itself alive
+        return y.reshape(batch, dim, T), state.reshape(batch, dim, n).clone()
 
     @staticmethod
     def backward(ctx, dy, dhT):

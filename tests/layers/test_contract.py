@@ -91,6 +91,9 @@ def test_bounded_state_holds_no_more_memory_after_a_longer_input(name, options):
         _, state = mixer(torch.randn(2, T, D_MODEL))
         held[T] = sum(t.untyped_storage().nbytes() for t in state.tensors())
     assert held[96] == held[8], f"{name}: the state holds {held} bytes after 8 and 96 tokens"
+    # and no more than its own tensors: a view into a larger buffer keeps all of it alive
+    own = sum(t.numel() * t.element_size() for t in state.tensors())
+    assert held[96] == own, f"{name}: the state's {own} bytes keep {held[96]} bytes alive"
 
 
 @pytest.mark.parametrize("name,options", CASES)
