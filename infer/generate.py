@@ -149,9 +149,9 @@ def compiled_decode_step(
     small ops into a few C++ kernels, and its decompose-mm pass turns one-row products (batch
     1, sides up to 2048) into reductions it fuses too, where each would be a BLAS call of a few
     microseconds. Shapes start static; the first step whose lengths differ (a KV cache, the
-    token count) recompiles once with them dynamic. Attention reads its float32 KV cache
-    through the C++ decode kernel, an opaque op in the graph; where the PyTorch path stands in
-    (bf16, no compiler), one more compile comes when a KV cache passes 4096 tokens: inductor
+    token count) recompiles once with them dynamic. Attention reads its KV cache through the
+    C++ decode kernel, an opaque op in the graph; where the PyTorch path stands in (float64, no
+    compiler), one more compile comes when a KV cache passes 4096 tokens: inductor
     sums longer float32 reductions (the softmax over the cache) in cascaded blocks for
     precision, and guards the length on that side of 4096.
     """

@@ -11,6 +11,7 @@ from .reference import decode_attention_reference
 from .torch_fast import decode_attention_torch
 
 DECODE_BACKENDS = (*BACKENDS, "cpu")
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def decode_attention(
@@ -25,10 +26,10 @@ def decode_attention(
             h reads KV head h // (H // H_kv), as SDPA's enable_gqa.
         values: (B, H_kv, L, D).
         scale: defaults to D ** -0.5.
-        backend: "auto" (without gradients: on the CPU the C++ kernel for float32, on CUDA
-            the Triton kernel outside torch.compile; PyTorch otherwise), "cpu" (the C++
-            kernel), "torch", "triton" or "reference". The kernels have no backward:
-            decoding runs without gradients.
+        backend: "auto" (without gradients: on the CPU the C++ kernel for float32, bfloat16
+            and float16, on CUDA the Triton kernel outside torch.compile; PyTorch otherwise),
+            "cpu" (the C++ kernel), "torch", "triton" or "reference". The kernels have no
+            backward: decoding runs without gradients.
     Returns:
         (B, H, D) in q's dtype.
     """
@@ -40,7 +41,8 @@ def decode_attention(
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"decode_attention: backend={backend!r} is not one of {DECODE_BACKENDS}")
     if backend == "auto" and not q.is_cuda:
-        use_kernel = q.dtype == torch.float32 and not needs_grad and _cpu_kernel_available()
+        use_kernel = (q.dtype in CPU_KERNEL_DTYPES and not needs_grad
+                      and _cpu_kernel_available())
         backend = "cpu" if use_kernel else "torch"
     elif backend == "auto" and (needs_grad or torch.compiler.is_compiling()):
         # on a GPU, inductor writes its own fused kernel for the PyTorch expression
@@ -57,10 +59,10 @@ def decode_attention(
     if backend == "torch":
         return decode_attention_torch(q, keys_t, values, scale)
     if backend == "cpu":
-        if q.is_cuda or q.dtype != torch.float32:
+        if q.is_cuda or q.dtype not in CPU_KERNEL_DTYPES:
             raise ValueError(
-                f"decode_attention: backend='cpu' takes float32 CPU tensors, got {q.dtype} "
-                f"on {q.device}"
+                f"decode_attention: backend='cpu' takes CPU tensors of {CPU_KERNEL_DTYPES}, got "
+                f"{q.dtype} on {q.device}"
             )
         if not _cpu_kernel_available():
             raise RuntimeError("decode_attention: the CPU kernel did not build (see the warning)")

@@ -43,9 +43,12 @@ def load() -> bool:
             extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False,
         )
     except Exception as error:  # no compiler, no headers: the PyTorch path still works
+        # the compiler's own error lines say why; the exception's head is the command line
+        lines = str(error).splitlines()
+        reason = "\n".join([line for line in lines if "error" in line][:5] or lines[:3])
         warnings.warn(
             f"zoo: the CPU decode-attention kernel did not build ({type(error).__name__}: "
-            f"{str(error)[:300]}); decoding uses the PyTorch path", RuntimeWarning, stacklevel=2,
+            f"{reason}); decoding uses the PyTorch path", RuntimeWarning, stacklevel=2,
         )
         return False
     torch.library.register_fake("zoo_cpu::decode_attention")(_shape_of_output)

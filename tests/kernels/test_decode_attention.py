@@ -81,15 +81,26 @@ def test_inside_torch_compile_with_a_growing_cache():
         assert_close(f"out at {length}", expected, compiled(q, length), 1e-5)
 
 
-def test_bfloat16_takes_the_pytorch_path_and_stays_close():
-    q = torch.randn(1, 4, 32)
-    keys_t, values = _cache(1, 2, 32, 50)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_half_precision_caches_take_the_cpu_kernel(dtype, tolerance):
+    q = torch.randn(2, 6, 32)
+    keys_t, values = _cache(2, 2, 32, 700)
+    q, keys_t, values = q.to(dtype), keys_t.to(dtype), values.to(dtype)
     expected = decode_attention(q.double(), keys_t.double(), values.double(), backend="reference")
-    got = decode_attention(q.bfloat16(), keys_t.bfloat16(), values.bfloat16())
-    assert got.dtype == torch.bfloat16
-    assert_close("out_bf16", expected, got, 3e-2)
-    with pytest.raises(ValueError, match="float32"):
-        decode_attention(q.bfloat16(), keys_t.bfloat16(), values.bfloat16(), backend="cpu")
+    got = decode_attention(q, keys_t, values)
+    assert got.dtype == dtype
+    assert torch.equal(got, decode_attention(q, keys_t, values, backend="cpu"))
+    assert_close(f"out ({dtype})", expected, got, tolerance)
+    # the kernel computes in float32 from the rounded inputs: only the output is rounded
+    torch_path = decode_attention(q, keys_t, values, backend="torch")
+    assert (got.double() - expected).abs().max() <= (torch_path.double() - expected).abs().max()
+
+
+def test_cpu_backend_names_its_dtypes():
+    q = torch.randn(1, 4, 16, dtype=torch.float64)
+    keys_t, values = _cache(1, 2, 16, 9, torch.float64)
+    with pytest.raises(ValueError, match="bfloat16"):
+        decode_attention(q, keys_t, values, backend="cpu")
 
 
 def test_gradients_go_through_the_pytorch_path():
