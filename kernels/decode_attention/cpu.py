@@ -51,8 +51,13 @@ def load() -> bool:
             f"{reason}); decoding uses the PyTorch path", RuntimeWarning, stacklevel=2,
         )
         return False
-    torch.library.register_fake("zoo_cpu::decode_attention")(_shape_of_output)
+    if not _registered_fake:  # once per process, however often load() runs
+        torch.library.register_fake("zoo_cpu::decode_attention")(_shape_of_output)
+        _registered_fake.append(True)
     return True
+
+
+_registered_fake: list[bool] = []
 
 
 def _shape_of_output(q, keys_t, values, scale):

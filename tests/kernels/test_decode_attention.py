@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -155,3 +157,24 @@ def test_triton_on_cuda_matches_reference(shape):
     values = torch.randn(B, H_kv, L + 5, D, device="cuda")[:, :, :L]
     expected = decode_attention(q.double(), keys_t.double(), values.double(), backend="reference")
     assert_close("out (cuda)", expected, decode_attention(q, keys_t, values), 1e-5)
+
+
+def test_without_the_cpu_kernel_auto_takes_the_pytorch_path(monkeypatch):
+    # the module (zoo.kernels' attribute of that name is the function)
+    op = importlib.import_module("zoo.kernels.decode_attention")
+    q = torch.randn(1, 4, 16)
+    keys_t, values = _cache(1, 2, 16, 40)
+    monkeypatch.setattr(op, "_cpu_kernel_available", lambda: False)
+    assert torch.equal(decode_attention(q, keys_t, values),
+                       decode_attention(q, keys_t, values, backend="torch"))
+
+
+def test_zoo_cpu_kernels_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    cpu.load.cache_clear()
+    try:
+        assert cpu.load() is False
+    finally:
+        monkeypatch.delenv("ZOO_CPU_KERNELS")
+        cpu.load.cache_clear()
+    assert cpu.load()
