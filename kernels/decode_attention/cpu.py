@@ -21,8 +21,8 @@ SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 # ATen's vector types pick their instruction set from these macros, as inductor's kernels do
 _CAPABILITY_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
-               "-mavx512vl", "-mavx512dq", "-mfma"],
-    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
+               "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
 
 
