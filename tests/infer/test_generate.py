@@ -302,3 +302,13 @@ def test_plain_greedy_picks_its_tokens_inside_the_compiled_step(make_model):
         assert generate(model, prompts, max_new_tokens=6, compile=True, **kwargs).tokens == expected
     picks_tokens = sorted(key[-1] for key in model.__dict__["_zoo_compiled_decode_steps"])
     assert picks_tokens == [False, True]
+
+
+@pytest.mark.parametrize("on_cuda", [False, True])
+def test_the_compile_options_are_accepted(on_cuda):
+    """torch.compile refuses a mode together with options: the CUDA step once asked for both."""
+    from zoo.infer.generate import _compile_options
+
+    step = torch.compile(lambda x: x * 2 + 1, dynamic=None, options=_compile_options(on_cuda))
+    x = torch.randn(3)
+    assert torch.equal(step(x), x * 2 + 1)  # on CPU tensors, CUDA graphs are skipped
