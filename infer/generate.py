@@ -141,9 +141,8 @@ def compiled_decode_step(
     then rebuilds no state objects after each step (a tenth of a tiny model's step, 1 ms of
     SmolLM2's). One compiled step per model, dtype, device and layout, kept on the model.
 
-    On CUDA the step is captured in CUDA graphs (the option mode="reduce-overhead" sets; the
-    loop marks each step with cudagraph_mark_step_begin, since a step's outputs, the new
-    states, feed the next); checked and timed on an H200 (benchmarks/results/cuda/).
+    On CUDA the step is compiled without CUDA graphs (see `_compile_options`); checked against
+    eager decoding on an H200 for every tiny config (tests/infer/test_generate_cuda.py).
 
     On the CPU a tiny model's step is all fixed cost: one call per op. Inductor fuses the step's
     small ops into a few C++ kernels, and its decompose-mm pass turns one-row products (batch
@@ -189,12 +188,12 @@ def compiled_decode_step(
 
 
 def _compile_options(on_cuda: bool) -> dict:
-    """torch.compile's options for the decode step (torch.compile takes a mode or options, not
-    both: CUDA graphs, what mode="reduce-overhead" turns on, go in as an option)."""
+    """torch.compile's options for the decode step. No CUDA graphs on CUDA: the step's new
+    states are its outputs and the next step's inputs, which a graph replay overwrites
+    (cudagraph trees refused every bounded mixer on an H200), and attention's in-place KV
+    writes make inductor skip the capture anyway."""
     options = {"guard_filter_fn": _skip_module_and_global_guards, "size_asserts": False}
-    if on_cuda:
-        options["triton.cudagraphs"] = True
-    else:
+    if not on_cuda:
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
     return options
 
@@ -390,10 +389,8 @@ def decode_steps(
     ragged, stops = C > 0, plan.stop_tokens is not None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     everyone = torch.ones(B, dtype=torch.bool, device=device)
-    mark_step = plan.compile and device.type == "cuda"
-    # greedy without a repetition penalty: the compiled step picks the tokens itself. Not with
-    # CUDA graphs: the next replay overwrites a step's outputs, and the tokens go to the caller
-    picks_in_step = plan.compile and plan.sampling.greedy and seen is None and not mark_step
+    # greedy without a repetition penalty: the compiled step picks the tokens itself
+    picks_in_step = plan.compile and plan.sampling.greedy and seen is None
     picked = None
     if plan.compile:  # the compiled step carries the cache as plain tensors and ints
         layout, tensors, ints = cache.flatten()
@@ -421,8 +418,6 @@ def decode_steps(
                 break
             if stops and (s + 1) % plan.stop_check_interval == 0 and bool(done.all()):
                 break
-            if mark_step:
-                torch.compiler.cudagraph_mark_step_begin()
             if picks_in_step:
                 picked, tensors, ints = compiled(tokens[:, None], tensors, ints)
             elif plan.compile:

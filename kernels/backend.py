@@ -1,4 +1,5 @@
-"""Backend selection shared by every op: `auto` picks Triton for CUDA tensors, PyTorch otherwise."""
+"""Backend selection shared by every op: `auto` picks Triton for CUDA tensors outside
+torch.compile, PyTorch otherwise."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
+        # inside torch.compile, the PyTorch expression: inductor writes its own (Triton, on a
+        # GPU) kernels for it in one graph, where a hand-written kernel's launch would break
+        # the graph (the CUDA-graphed decode step of Mamba broke in two)
+        if torch.compiler.is_compiling():
+            return "torch"
         return "triton" if x.is_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():

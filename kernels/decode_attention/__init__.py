@@ -44,8 +44,7 @@ def decode_attention(
         use_kernel = (q.dtype in CPU_KERNEL_DTYPES and not needs_grad
                       and _cpu_kernel_available())
         backend = "cpu" if use_kernel else "torch"
-    elif backend == "auto" and (needs_grad or torch.compiler.is_compiling()):
-        # on a GPU, inductor writes its own fused kernel for the PyTorch expression
+    elif backend == "auto" and needs_grad:
         backend = "torch"
     if backend != "cpu":
         backend = resolve_backend(backend, q, "decode_attention")
