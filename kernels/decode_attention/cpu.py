@@ -65,11 +65,8 @@ def _shape_of_output(q, keys_t, values, scale):
     return q.new_empty(q.shape)
 
 
-def available() -> bool:
-    return load()
-
-
 def decode_attention_cpu(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
                          scale: float) -> torch.Tensor:
-    """q (B, H, D); keys_t (B, H_kv, D, L); values (B, H_kv, L, D); float32 -> (B, H, D)."""
+    """q (B, H, D); keys_t (B, H_kv, D, L); values (B, H_kv, L, D), all float32, bfloat16 or
+    float16 -> (B, H, D) in their dtype."""
     return torch.ops.zoo_cpu.decode_attention(q, keys_t, values, scale)
