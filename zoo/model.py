@@ -52,6 +52,38 @@ class ZooBlock(nn.Module):
         return x, (mixer_state, ffn_state)
 
 
+# Bytes per x86 cache line, and the alignment of every tensor torch's CPU allocator makes.
+CACHE_LINE = 64
+
+
+@torch.no_grad()
+def align_parameters(module: nn.Module, alignment: int = CACHE_LINE) -> int:
+    """Give every CPU parameter and buffer whose data starts off an `alignment`-byte boundary
+    fresh memory of its own (same values, same Parameter objects, ties kept); returns how
+    many tensors moved.
+
+    Why: decoding reads every weight once a token with 64-byte vector loads, and a load that
+    straddles two cache lines costs more. Weights loaded from a safetensors file are views of
+    the mapped file at offsets set by its header (8-byte aligned), and transformers' GGUF
+    reader builds them from NumPy arrays (16-byte aligned): SmolLM2-135M's fp32 decode step
+    read its weights ~12% slower that way on the 2-core AVX-512 machine this was written on
+    (9.5 vs 10.7 ms a token when memory reads ran at ~80 GB/s; level when they ran at ~50).
+    """
+    moved: dict[tuple, torch.Tensor] = {}  # tensors sharing data stay shared
+    count = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            continue
+        if tensor.data_ptr() % alignment == 0:
+            continue
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+        if key not in moved:
+            moved[key] = tensor.detach().clone(memory_format=torch.contiguous_format)
+            count += 1
+        tensor.data = moved[key]
+    return count
+
+
 class ZooPreTrainedModel(PreTrainedModel):
     config_class = ZooConfig
     base_model_prefix = "model"
@@ -74,6 +106,14 @@ class ZooPreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # zoo brings its own cache (ZooCache) of recurrent states
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, then `align_parameters` (the weights it maps from a
+        safetensors file start on 8-byte boundaries)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        align_parameters(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
 
 class ZooModel(ZooPreTrainedModel):

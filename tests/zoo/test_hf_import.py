@@ -27,6 +27,8 @@ def test_llama_directory_imports_with_equal_logits_and_generation(tmp_path, tie,
     hf.save_pretrained(tmp_path)
     model = zoo.from_hf(str(tmp_path))
     assert model.config.mixer["n_kv_heads"] == 2 and model.config.mixer["rope_theta"] == 5000.0
+    # transformers maps the file's tensors at 8-byte offsets; zoo's start on cache lines
+    assert all(p.data_ptr() % zoo.model.CACHE_LINE == 0 for p in model.parameters())
     ids = torch.randint(0, 120, (2, 17))
     assert relative_error(hf(ids).logits, model(ids).logits) <= 1e-5
     prompt = ids[:1, :5]

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import zoo
-from zoo.testing import relative_error
+from zoo.model import CACHE_LINE, align_parameters
 
 TINY = [name for name in zoo.shipped_configs() if name.endswith("-tiny")]
 
@@ -33,10 +33,47 @@ def test_save_and_auto_load_round_trip_exactly(name, tmp_path):
     assert saved.keys() == restored.keys()
     for key in saved:
         assert torch.equal(saved[key], restored[key]), f"{key} changed in the round trip"
-    # The weights are bitwise equal; the logits may differ in the last bit because the CPU
-    # BLAS picks kernels by the memory alignment of safetensors' mmapped tensors.
+    # The logits too: the loaded weights are moved onto cache lines (align_parameters), where
+    # the CPU BLAS, which picks kernels by alignment, runs the same ones as for the original.
     ids = _ids(model)
-    assert relative_error(model(ids).logits, loaded(ids).logits) <= 1e-6
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+@torch.no_grad()
+def test_loaded_weights_start_on_cache_lines(tmp_path):
+    model = _model("attention-tiny")
+    model.save_pretrained(tmp_path)
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path),
+                   zoo.ZooForCausalLM.from_pretrained(tmp_path, output_loading_info=True)[0]):
+        assert all(p.data_ptr() % CACHE_LINE == 0 for p in loaded.parameters())
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def _off_alignment(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of tensor starting 4 bytes past a cache line."""
+    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
+    return storage[1:].view_as(tensor).copy_(tensor)
+
+
+@torch.no_grad()
+def test_align_parameters_moves_only_misaligned_tensors_and_keeps_ties():
+    model = _model("attention-tiny")
+    ids = _ids(model)
+    expected = model(ids).logits
+    q_weight = model.model.layers[0].mixer.q_proj.weight
+    embedding = model.model.embed_tokens.weight  # tied: also lm_head.weight
+    q_weight.data = _off_alignment(q_weight)
+    embedding.data = _off_alignment(embedding)
+    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    assert q_weight.data_ptr() % CACHE_LINE != 0
+
+    assert align_parameters(model) == 2
+    moved = sorted(name for name, p in model.named_parameters() if p.data_ptr() != before[name])
+    assert moved == ["model.embed_tokens.weight", "model.layers.0.mixer.q_proj.weight"]
+    assert q_weight.data_ptr() % CACHE_LINE == 0 and embedding.data_ptr() % CACHE_LINE == 0
+    assert model.lm_head.weight is embedding
+    assert torch.equal(model(ids).logits, expected)
+    assert align_parameters(model) == 0
 
 
 @pytest.mark.parametrize("name", TINY)
