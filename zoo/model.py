@@ -59,8 +59,8 @@ CACHE_LINE = 64
 @torch.no_grad()
 def align_parameters(module: nn.Module, alignment: int = CACHE_LINE) -> int:
     """Give every CPU parameter and buffer whose data starts off an `alignment`-byte boundary
-    fresh memory of its own (same values, same Parameter objects, ties kept); returns how
-    many tensors moved.
+    fresh memory of its own (same values, same Parameter objects, tied weights still tied);
+    returns how many tensors moved.
 
     Why: decoding reads every weight once a token with 64-byte vector loads, and a load that
     straddles two cache lines costs more. Weights loaded from a safetensors file are views of
@@ -69,7 +69,9 @@ def align_parameters(module: nn.Module, alignment: int = CACHE_LINE) -> int:
     decode step took 11.6 ms a token that way and 10.7 aligned, on the 2-core AVX-512 machine
     this was written on while its memory read at ~80 GB/s (13.2 and 12.6 at ~50 GB/s).
     """
-    moved: dict[tuple, torch.Tensor] = {}  # tensors sharing data stay shared
+    # tied weights are one Parameter, met once; a buffer that is the same view of the same
+    # data as another tensor gets the same copy
+    moved: dict[tuple, torch.Tensor] = {}
     count = 0
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.device.type != "cpu" or tensor.numel() == 0:

@@ -7,7 +7,7 @@ __all__ = ["BENCHES", "BenchOptions", "format_rows", "measure", "register_bench"
 
 def load_entries() -> None:
     """Import the entry modules (they import models and kernels, so only when asked)."""
-    from . import (  # noqa: F401  # noqa: F401
+    from . import (  # noqa: F401
         complexity,
         decode,
         decode_attention,

@@ -27,26 +27,27 @@ SHAPES = [("tiny (4q/2kv x 16)", 4, 2, 16), ("smollm2 (9q/3kv x 64)", 9, 3, 64)]
 def _implementations(device: str) -> dict:
     """Each takes the query, the cache's buffers, the filled length and time-major keys."""
 
-    def torch_path(q, keys_t, values, length, keys):
-        # slicing inside: a compiled decode step slices its cache in the graph
-        return decode_attention(q, keys_t[..., :length], values[:, :, :length], backend="torch")
+    def op(backend: str):
+        def run(q, keys_t, values, length, keys):
+            # slicing inside: a compiled decode step slices its cache in the graph
+            return decode_attention(q, keys_t[..., :length], values[:, :, :length],
+                                    backend=backend)
+
+        return run
 
     def sdpa(q, keys_t, values, length, keys):
         return F.scaled_dot_product_attention(q[:, :, None], keys, values[:, :, :length],
                                               enable_gqa=True)
 
-    impls = {
-        "torch (eager)": torch_path,
-        # as in a compiled decode step: static shapes first, then only the length dynamic
-        "torch (compiled)": torch.compile(torch_path),
-        "sdpa, time-major keys (peer)": sdpa,
-    }
+    impls = {}
     if torch.device(device).type == "cpu" and cpu.load():
-        impls = {"zoo C++ kernel": lambda q, keys_t, values, length, keys: decode_attention(
-            q, keys_t[..., :length], values[:, :, :length], backend="cpu"), **impls}
+        impls["zoo C++ kernel"] = op("cpu")
     if torch.device(device).type == "cuda":
-        impls = {"zoo triton": lambda q, keys_t, values, length, keys: decode_attention(
-            q, keys_t[..., :length], values[:, :, :length], backend="triton"), **impls}
+        impls["zoo triton"] = op("triton")
+    impls["torch (eager)"] = op("torch")
+    # as in a compiled decode step: static shapes first, then only the length dynamic
+    impls["torch (compiled)"] = torch.compile(op("torch"))
+    impls["sdpa, time-major keys (peer)"] = sdpa
     return impls
 
 
