@@ -187,6 +187,26 @@ def compiled_decode_step(
     return steps[key]
 
 
+COMPILE_MODES = (False, True, "inductor", "native")
+
+
+def fast_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool, batch_size: int,
+                     mode: bool | str = True) -> CompiledStep:
+    """The step `generate(compile=mode)` runs. "native": zoo.infer.native's C++ step, one call
+    per token (CPU; stacks of attention with SwiGLU or GELU FFNs and RMSNorm; at most 16 rows),
+    an error where it does not apply; "inductor": `compiled_decode_step`; True: native where it
+    applies, inductor otherwise."""
+    if mode in (True, "native"):
+        from . import native
+
+        reason = native.unsupported(model, layout, batch_size)
+        if reason is None:
+            return native.native_decode_step(model, layout, greedy)
+        if mode == "native":
+            raise ValueError(f"compile='native' does not apply to this model: {reason}")
+    return compiled_decode_step(model, layout, greedy)
+
+
 def _compile_options(on_cuda: bool) -> dict:
     """torch.compile's options for the decode step. No CUDA graphs on CUDA: the step's new
     states are its outputs and the next step's inputs, which a graph replay overwrites
@@ -356,7 +376,7 @@ class DecodePlan:
     filler: int  # what finished rows are fed
     generator: torch.Generator | None
     stop_check_interval: int
-    compile: bool = False
+    compile: bool | str = False  # one of COMPILE_MODES
     flush_denormal: bool = False  # see flushing_denormals
 
 
@@ -394,7 +414,7 @@ def decode_steps(
     picked = None
     if plan.compile:  # the compiled step carries the cache as plain tensors and ints
         layout, tensors, ints = cache.flatten()
-        compiled = compiled_decode_step(model, layout, greedy=picks_in_step)
+        compiled = fast_decode_step(model, layout, picks_in_step, B, plan.compile)
     row_index = torch.arange(B, device=device)
     try:
         for s in range(total):
@@ -485,7 +505,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     stream: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
     stop_check_interval: int | None = None,
     return_cache: bool = False,
     flush_denormal: bool | None = None,
@@ -495,16 +515,21 @@ def generate(
     temperature 0 is greedy; top_k, top_p, repetition_penalty as in transformers. Rows stop at
     any of `stop_tokens` / `eos_token_id` (default: the config's eos_token_id), which is kept
     as their last token. `seed` makes sampling reproducible (its own torch.Generator, global RNG
-    untouched). `stream=True` returns a `Stream` of (row, token) pairs. `compile=True` runs the
-    decode step under torch.compile (see `compiled_decode_step`; the first call for a model
-    compiles it, and its stats count that time as decoding). `stop_check_interval`: steps
-    between the host-side "all rows done?" checks (default 1 on CPU, 8 on CUDA, where each check
-    is a sync; rows finish on time either way, only wasted steps differ). `flush_denormal`
+    untouched). `stream=True` returns a `Stream` of (row, token) pairs. `compile=True` runs a
+    compiled decode step: on the CPU, for stacks of attention with SwiGLU or GELU FFNs and
+    RMSNorm (Llama, SmolLM2), the native C++ step (`zoo.infer.native`, one call per token),
+    otherwise torch.compile's (see `compiled_decode_step`: the first call for a model compiles
+    it, and its stats count that time as decoding); "native" or "inductor" ask for one.
+    `stop_check_interval`: steps between the host-side "all rows done?" checks (default 1 on
+    CPU, 8 on CUDA, where each check is a sync; rows finish on time either way, only wasted
+    steps differ). `flush_denormal`
     (default: on the CPU) treats floats below ~1e-38 as zero while generating, see
     `flushing_denormals`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not (isinstance(compile, bool) or compile in COMPILE_MODES[2:]):
+        raise ValueError(f"compile={compile!r} is not one of {COMPILE_MODES}")
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
     rows = normalize_prompts(prompts, model.config.vocab_size)
     device = model.lm_head.weight.device

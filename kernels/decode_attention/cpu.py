@@ -1,55 +1,25 @@
-"""The CPU kernel of `decode_attention`: cpu_kernel.cpp, compiled on first use.
-
-torch's C++ extension builder compiles it once per machine and source (about 20 s; cached in
-TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and registers it as
-`torch.ops.zoo_cpu.decode_attention`, an operator that torch.compile calls from its graph.
-Where no compiler is found the build fails once, with a warning, and `decode_attention` takes
-its PyTorch path. ZOO_CPU_KERNELS=0 turns the kernel off.
+"""The CPU kernel of `decode_attention`: attend.h and cpu_kernel.cpp, compiled on first use
+(kernels/cpu_build.py) and registered as `torch.ops.zoo_cpu.decode_attention`, an operator that
+torch.compile calls from its graph. Where it cannot be built, `decode_attention` takes its
+PyTorch path; ZOO_CPU_KERNELS=0 turns it off.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+from ..cpu_build import build
 
-# ATen's vector types pick their instruction set from these macros, as inductor's kernels do
-_CAPABILITY_FLAGS = {
-    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
-               "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
-}
+SOURCES = [Path(__file__).with_name("attend.h"), Path(__file__).with_name("cpu_kernel.cpp")]
 
 
 @functools.cache
 def load() -> bool:
     """Build and register the kernel (once per process); False, with a warning, if it cannot."""
-    if os.environ.get("ZOO_CPU_KERNELS", "1") == "0":
-        return False
-    from torch.utils.cpp_extension import load_inline
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    # -fopenmp: at::parallel_for is inlined from ATen's headers and runs serially without it
-    # (the library resolves to the libgomp torch has already loaded)
-    flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, [])]
-    try:
-        load_inline(
-            f"zoo_cpu_kernels_{capability.lower()}", cpp_sources=[SOURCE.read_text()],
-            extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False,
-        )
-    except Exception as error:  # no compiler, no headers: the PyTorch path still works
-        # the compiler's own error lines say why; the exception's head is the command line
-        lines = str(error).splitlines()
-        reason = "\n".join([line for line in lines if "error" in line][:5] or lines[:3])
-        warnings.warn(
-            f"zoo: the CPU decode-attention kernel did not build ({type(error).__name__}: "
-            f"{reason}); decoding uses the PyTorch path", RuntimeWarning, stacklevel=2,
-        )
+    if not build("zoo_cpu_kernels", SOURCES, "the CPU decode-attention kernel"):
         return False
     if not _registered_fake:  # once per process, however often load() runs
         torch.library.register_fake("zoo_cpu::decode_attention")(_shape_of_output)

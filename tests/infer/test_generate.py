@@ -9,6 +9,9 @@ from zoo.infer import generate, stream
 from zoo.infer.generate import decode_step, prefill, states_mergeable
 
 TINY = [name for name in zoo.shipped_configs() if name.endswith("-tiny")]
+# attention-tiny through the native C++ step and through torch.compile; Mamba's compile=True
+COMPILED_MODES = [
+    ("attention-tiny", "native"), ("attention-tiny", "inductor"), ("mamba-tiny", True)]
 
 
 def _prompts(lengths, seed=0, vocab=256):
@@ -187,14 +190,15 @@ def test_compiled_decode_step_is_one_graph_with_the_same_tokens(name, make_model
     eager = generate(model, prompts, max_new_tokens=12)
     torch._dynamo.reset()
     counters.clear()
-    assert generate(model, prompts, max_new_tokens=12, compile=True).tokens == eager.tokens
+    # "inductor": attention-tiny would take the native C++ step (tests/infer/test_native.py)
+    assert generate(model, prompts, max_new_tokens=12, compile="inductor").tokens == eager.tokens
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] <= 2
     # another prompt length reuses the compiled step rather than compiling per prompt: at
     # most one more graph for a KV cache whose capacity turns dynamic, one more for Hyena's
     # filter table growing to the next power of two
     other = _prompts([9, 9], seed=9)
-    again = generate(model, other, max_new_tokens=12, compile=True)
+    again = generate(model, other, max_new_tokens=12, compile="inductor")
     assert again.tokens == generate(model, other, max_new_tokens=12).tokens
     assert counters["stats"]["unique_graphs"] <= 4
 
@@ -238,7 +242,7 @@ def test_models_alike_in_their_states_keep_their_own_compiled_steps():
         config.ffn = {**config.ffn, "hidden_size": hidden_size}
         torch.manual_seed(0)
         model = zoo.ZooForCausalLM(config).eval()
-        compiled = generate(model, prompts, max_new_tokens=6, compile=True)
+        compiled = generate(model, prompts, max_new_tokens=6, compile="inductor")
         assert compiled.tokens == generate(model, prompts, max_new_tokens=6).tokens
 
 
@@ -259,23 +263,23 @@ def test_a_copied_model_does_not_run_the_original_compiled_step(make_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["attention-tiny", "mamba-tiny"])
-def test_a_compiled_run_returns_the_states_eager_decoding_ends_with(name, make_model,
+@pytest.mark.parametrize(("name", "mode"), COMPILED_MODES)
+def test_a_compiled_run_returns_the_states_eager_decoding_ends_with(name, mode, make_model,
                                                                    caches_equal):
     """The compiled loop carries the cache as tensors and ints; the cache it returns holds the
     states after the last step, as the eager loop's does."""
     model = make_model(name)
     prompts = _prompts([6, 6], seed=10)
     eager = generate(model, prompts, max_new_tokens=7, return_cache=True)
-    compiled = generate(model, prompts, max_new_tokens=7, return_cache=True, compile=True)
+    compiled = generate(model, prompts, max_new_tokens=7, return_cache=True, compile=mode)
     assert compiled.tokens == eager.tokens
     assert compiled.cache.seen_tokens == eager.cache.seen_tokens
     caches_equal(compiled.cache, eager.cache)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["attention-tiny", "mamba-tiny"])
-def test_compiled_ragged_batch_with_stops_and_sampling_equals_eager(name, make_model):
+@pytest.mark.parametrize(("name", "mode"), COMPILED_MODES)
+def test_compiled_ragged_batch_with_stops_and_sampling_equals_eager(name, mode, make_model):
     """Catch-up rows (attention), merged prefill (Mamba), a row stopping early, and seeded
     sampling: the compiled loop emits what the eager loop emits."""
     model = make_model(name)
@@ -285,7 +289,7 @@ def test_compiled_ragged_batch_with_stops_and_sampling_equals_eager(name, make_m
     sampled = dict(max_new_tokens=9, temperature=0.9, top_k=20, seed=5)
     for kwargs in (greedy_with_stop, sampled):
         expected = generate(model, prompts, **kwargs)
-        got = generate(model, prompts, compile=True, **kwargs)
+        got = generate(model, prompts, compile=mode, **kwargs)
         assert got.tokens == expected.tokens
         assert got.finish_reasons == expected.finish_reasons
     assert "stop" in generate(model, prompts, **greedy_with_stop).finish_reasons

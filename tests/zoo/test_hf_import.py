@@ -89,6 +89,21 @@ def test_smollm2_logits_and_greedy_generation_equal_transformers(smollm2):
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
 
 
+@pytest.mark.slow
+def test_smollm2_native_decode_step_generates_what_transformers_does(smollm2):
+    """The real model through zoo.infer's native C++ step (one call per token): the greedy
+    tokens of transformers' own generate, from a prompt and in a ragged batch."""
+    from zoo.infer import generate
+
+    hf, tokenizer, model = smollm2
+    prompts = [tokenizer(text).input_ids for text in ("def fibonacci(n):\n    ", "The capital")]
+    result = generate(model, prompts, max_new_tokens=12, compile="native")
+    for prompt, tokens in zip(prompts, result.tokens):
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        assert tokens == expected[0, len(prompt):].tolist()
+
+
 def test_info_on_smollm2_prints_its_shape_and_kv_cache(capsys):
     from zoo.cli import main
 

@@ -1,0 +1,94 @@
+"""`transformer_decode_step`: one decode step of a pre-norm transformer stack (softmax
+attention with a KV cache, SwiGLU or GELU FFNs, RMSNorm) in a single call: on the CPU a C++
+kernel that runs the whole step in one OpenMP region (cpu_kernel.cpp says why), beside its
+PyTorch reference. zoo.infer.native maps a ZooForCausalLM onto its arguments."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from ..cpu_build import build
+from .reference import GLOBAL_FIELDS, LAYER_FIELDS, transformer_decode_step_reference
+
+SOURCES = [
+    Path(__file__).parent.parent / "decode_attention" / "attend.h",
+    Path(__file__).with_name("cpu_kernel.cpp"),
+]
+STEP_BACKENDS = ("auto", "cpu", "reference")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def load() -> bool:
+    """Build and register the kernel (once per process); False, with a warning, if it cannot."""
+    return build("zoo_cpu_transformer_step", SOURCES, "the CPU transformer decode step")
+
+
+def transformer_decode_step(
+    ids: torch.Tensor,
+    layer_weights: list[torch.Tensor | None],
+    globals_: list[torch.Tensor | None],
+    kv: list[torch.Tensor],
+    lengths: list[int],
+    positions: list[int],
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    activation: str = "swiglu",
+    greedy: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Feed one token per row through the stack; the caches take its keys and values in place.
+
+    Args:
+        ids: (B,) int64 token ids.
+        layer_weights: per layer, the 16 entries of LAYER_FIELDS (None where absent: biases,
+            and all FFN entries of a layer without one; for GELU, gate is fc_in and down
+            fc_out). Weights (out, in) as nn.Linear keeps them.
+        globals_: the entries of GLOBAL_FIELDS: embed (V_in, d), embed_norm (d,) or None,
+            final_norm (d,), head (V, d), inv_freq (head_dim / 2,) float32 or None (no rotary).
+        kv: per layer its KV cache, k_t (B, H_kv, D, capacity) then v (B, H_kv, capacity, D).
+        lengths, positions: per layer, the filled slots (the token goes to slot `length`, which
+            must exist) and the token's rotary position.
+        activation: "swiglu" or "gelu".
+        greedy: return the argmax tokens (B,) (int64; ties to the lowest id) in place of the
+            logits (B, V) in the weights' dtype.
+        backend: "cpu" (the C++ kernel), "reference" (PyTorch) or "auto" (the kernel where it
+            builds and the weights are float32, bfloat16 or float16 on the CPU).
+    """
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"transformer_decode_step: backend={backend!r} is not one of "
+                         f"{STEP_BACKENDS}")
+    n_layers = len(kv) // 2
+    if len(globals_) != len(GLOBAL_FIELDS) or len(layer_weights) != len(LAYER_FIELDS) * n_layers:
+        raise ValueError(
+            f"transformer_decode_step: expected {len(GLOBAL_FIELDS)} globals {GLOBAL_FIELDS} and "
+            f"{len(LAYER_FIELDS)} layer weights per layer ({n_layers} layers from kv), got "
+            f"{len(globals_)} and {len(layer_weights)}"
+        )
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"transformer_decode_step: activation={activation!r} is not one of "
+                         "('swiglu', 'gelu')")
+    embed = globals_[0]
+    if backend == "auto":
+        usable = embed.device.type == "cpu" and embed.dtype in KERNEL_DTYPES and load()
+        backend = "cpu" if usable else "reference"
+    args = (ids, layer_weights, globals_, kv, list(lengths), list(positions), n_heads,
+            n_kv_heads, head_dim, float(eps), activation, greedy)
+    if backend == "reference":
+        return transformer_decode_step_reference(*args)
+    if not load():
+        raise RuntimeError(
+            "transformer_decode_step: the CPU kernel did not build (see the warning)")
+    return torch.ops.zoo_cpu.transformer_decode_step(*args)
+
+
+__all__ = [
+    "GLOBAL_FIELDS", "LAYER_FIELDS", "transformer_decode_step",
+    "transformer_decode_step_reference",
+]

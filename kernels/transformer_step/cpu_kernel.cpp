@@ -1,0 +1,476 @@
+// One decode step of a pre-norm transformer stack on the CPU, all in one call.
+//
+// Why: decoding a 135M-parameter model reads its weights once a token, so its floor is their
+// bytes over the memory bandwidth. torch.compile's step came to 1.3-1.5x that floor here: its
+// one-row products (one dependent chain of vector adds per row) read the weights at 80-85% of
+// the bandwidth a four-row loop reaches, and the rest is fixed cost on the host (the Python
+// wrapper, argument handling, 60 kernel and op calls with their thread wake-ups). This kernel
+// runs the whole step in one OpenMP region: the threads split every matrix's rows four at a
+// time, meet at a barrier where a stage needs another thread's rows, and never sleep.
+//
+// The stack, as zoo.model.ZooBlock runs it: x = embed[ids] (then RMSNorm where the config has
+// embed_norm); per layer x += o(attention(rotary(q, k), v)) of rms(x), then, where the layer
+// has an FFN, x += down(silu(gate(h)) * up(h)) (SwiGLU) or fc_out(gelu(fc_in(h))) of h = rms(x);
+// logits = head(rms(x)). Attention appends the token's key and value to the layer's KV cache
+// (k_t (B, H_kv, D, capacity), v (B, H_kv, capacity, D), slot `length`) and attends over the
+// filled slots with attend.h's blocks. Weights, caches and logits share one dtype (float32,
+// bfloat16 or float16); activations and sums are float32 throughout.
+//
+// Compiled after ../decode_attention/attend.h (kernels/cpu_build.py joins the two texts).
+
+#include <omp.h>
+
+namespace {
+
+using namespace zoo_attend;
+
+// The per-layer entries of `layer_weights`, in order (transformer_step/__init__.py's LAYER_FIELDS)
+enum LayerField {
+  kMixerNorm, kQ, kQBias, kK, kKBias, kV, kVBias, kO, kOBias,
+  kFfnNorm, kGate, kGateBias, kUp, kUpBias, kDown, kDownBias, kLayerFields
+};
+// and of `globals`
+enum GlobalField { kEmbed, kEmbedNorm, kFinalNorm, kHead, kInvFreq, kGlobalFields };
+constexpr int64_t kMaxHeadDim = 512;
+
+// This thread's rows of n: contiguous, in whole groups of `quantum` (the last may be short).
+inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int threads, int64_t quantum) {
+  const int64_t units = (n + quantum - 1) / quantum;
+  const int64_t begin = units * tid / threads * quantum;
+  const int64_t end = units * (tid + 1) / threads * quantum;
+  return {std::min(begin, n), std::min(end, n)};
+}
+
+inline float sum_lanes(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// y[0:4] = rows w[0:4] (each K long, K apart) . x: four independent accumulators, so the
+// loop streams four rows at once and no add waits on the one before it.
+template <typename W>
+inline void dot4(const W* w, int64_t K, const float* x, float* y) {
+  Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+  int64_t k = 0;
+  for (; k + Vec::size() <= K; k += Vec::size()) {
+    const Vec xv = Vec::loadu(x + k);
+    a0 = at::vec::fmadd(load_float(w + k), xv, a0);
+    a1 = at::vec::fmadd(load_float(w + K + k), xv, a1);
+    a2 = at::vec::fmadd(load_float(w + 2 * K + k), xv, a2);
+    a3 = at::vec::fmadd(load_float(w + 3 * K + k), xv, a3);
+  }
+  if (k < K) {
+    const int64_t count = K - k;
+    const Vec xv = Vec::loadu(x + k, count);
+    a0 = at::vec::fmadd(load_float(w + k, count), xv, a0);
+    a1 = at::vec::fmadd(load_float(w + K + k, count), xv, a1);
+    a2 = at::vec::fmadd(load_float(w + 2 * K + k, count), xv, a2);
+    a3 = at::vec::fmadd(load_float(w + 3 * K + k, count), xv, a3);
+  }
+  y[0] = sum_lanes(a0), y[1] = sum_lanes(a1), y[2] = sum_lanes(a2), y[3] = sum_lanes(a3);
+}
+
+template <typename W>
+inline float dot1(const W* w, int64_t K, const float* x) {
+  Vec acc(0.0f);
+  int64_t k = 0;
+  for (; k + Vec::size() <= K; k += Vec::size()) {
+    acc = at::vec::fmadd(load_float(w + k), Vec::loadu(x + k), acc);
+  }
+  if (k < K) acc = at::vec::fmadd(load_float(w + k, K - k), Vec::loadu(x + k, K - k), acc);
+  return sum_lanes(acc);
+}
+
+// For rows [begin, end) of w (N, K) and each of B inputs x (B, K): emit(b, row, w[row] . x[b]).
+// Four rows are read once for all B inputs.
+template <typename W, typename Emit>
+inline void rows_times(const W* w, int64_t K, const float* x, int64_t B, int64_t begin,
+                       int64_t end, Emit&& emit) {
+  int64_t r = begin;
+  float y[4];
+  for (; r + 4 <= end; r += 4) {
+    for (int64_t b = 0; b < B; ++b) {
+      dot4(w + r * K, K, x + b * K, y);
+      for (int i = 0; i < 4; ++i) emit(b, r + i, y[i]);
+    }
+  }
+  for (; r < end; ++r) {
+    for (int64_t b = 0; b < B; ++b) emit(b, r, dot1(w + r * K, K, x + b * K));
+  }
+}
+
+template <typename W>
+inline float bias_at(const W* bias, int64_t i) {
+  return bias ? static_cast<float>(bias[i]) : 0.0f;
+}
+
+// out (B, d) = x * rsqrt(mean(x^2) + eps) * weight, row by row (Llama's RMSNorm, in float32)
+template <typename W>
+void rms_norm(const float* x, const W* weight, int64_t B, int64_t d, float eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = x + b * d;
+    Vec acc(0.0f);
+    int64_t i = 0;
+    for (; i + Vec::size() <= d; i += Vec::size()) {
+      const Vec v = Vec::loadu(row + i);
+      acc = at::vec::fmadd(v, v, acc);
+    }
+    float sum = sum_lanes(acc);
+    for (; i < d; ++i) sum += row[i] * row[i];
+    const float inv = 1.0f / std::sqrt(sum / static_cast<float>(d) + eps);
+    for (i = 0; i < d; ++i) out[b * d + i] = row[i] * inv * static_cast<float>(weight[i]);
+  }
+}
+
+template <typename W>
+const W* ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<W>() : nullptr;
+}
+
+struct Shape {
+  int64_t B, d, V, H, H_kv, D, groups, n_layers;
+};
+
+template <typename W>
+at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tensor>>& layers,
+                const std::vector<std::optional<at::Tensor>>& globals,
+                const std::vector<at::Tensor>& kv, const std::vector<int64_t>& lengths,
+                const std::vector<int64_t>& positions, const Shape& s, float eps, bool swiglu,
+                bool greedy) {
+  const int64_t B = s.B, d = s.d, V = s.V, H = s.H, H_kv = s.H_kv, D = s.D, G = s.groups;
+  const int64_t q_size = H * D, kv_size = H_kv * D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t* token = ids.data_ptr<int64_t>();
+
+  // rotary: cos and sin of each layer's position (as zoo.layers.Rotary: float32 angles
+  // position * inv_freq, rounded to the weights' dtype), computed once per distinct position
+  const bool rotary = globals[kInvFreq].has_value() && globals[kInvFreq]->defined();
+  std::vector<float> cos_sin(rotary ? s.n_layers * D : 0);
+  if (rotary) {
+    const float* inv_freq = globals[kInvFreq]->data_ptr<float>();
+    for (int64_t l = 0; l < s.n_layers; ++l) {
+      float* cs = cos_sin.data() + l * D;
+      if (l > 0 && positions[l] == positions[l - 1]) {
+        std::copy(cs - D, cs, cs);
+        continue;
+      }
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float angle = static_cast<float>(positions[l]) * inv_freq[i];
+        cs[i] = static_cast<float>(static_cast<W>(std::cos(angle)));
+        cs[D / 2 + i] = static_cast<float>(static_cast<W>(std::sin(angle)));
+      }
+    }
+  }
+
+  int64_t hidden = 0, max_blocks = 1;
+  for (int64_t l = 0; l < s.n_layers; ++l) {
+    if (layers[l * kLayerFields + kGate].has_value() && layers[l * kLayerFields + kGate]->defined())
+      hidden = std::max(hidden, layers[l * kLayerFields + kGate]->size(0));
+    max_blocks = std::max(max_blocks, (lengths[l] + 1 + kBlock - 1) / kBlock);
+  }
+  const int threads_wanted = std::max(1, at::get_num_threads());
+  // shared: the residual stream, the projections, the FFN's hidden rows, the attention
+  // partials; per thread: its own normalised copy of x, attention output and score block
+  std::vector<float> x(B * d), q(B * q_size), k(B * kv_size), v(B * kv_size);
+  std::vector<float> gate(B * hidden), up(B * hidden);
+  std::vector<float> partial(B * H * max_blocks * (D + 2));
+  std::vector<float> normed(threads_wanted * B * d), attended(threads_wanted * B * q_size);
+  std::vector<float> scores(threads_wanted * std::min<int64_t>(G, 4) * kBlock);
+  std::vector<std::pair<float, int64_t>> best(threads_wanted * B);
+
+  at::Tensor out = greedy ? at::empty({B}, ids.options())
+                          : at::empty({B, V}, globals[kHead]->options());
+  W* logits = greedy ? nullptr : out.data_ptr<W>();
+
+#pragma omp parallel num_threads(threads_wanted)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* xn = normed.data() + tid * B * d;
+    float* att = attended.data() + tid * B * q_size;
+    float* my_scores = scores.data() + tid * std::min<int64_t>(G, 4) * kBlock;
+
+#pragma omp single
+    {
+      const W* embed = ptr<W>(globals[kEmbed]);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < d; ++i) x[b * d + i] = static_cast<float>(embed[token[b] * d + i]);
+      if (const W* norm = ptr<W>(globals[kEmbedNorm])) {
+        rms_norm(x.data(), norm, B, d, eps, xn);
+        std::copy(xn, xn + B * d, x.data());
+      }
+    }  // (a barrier)
+
+    for (int64_t l = 0; l < s.n_layers; ++l) {
+      const auto* f = layers.data() + l * kLayerFields;
+      const int64_t L = lengths[l] + 1;  // cached tokens once this one is in
+      W* k_cache = kv[2 * l].data_ptr<W>();
+      W* v_cache = kv[2 * l + 1].data_ptr<W>();
+      const int64_t capacity = kv[2 * l + 1].size(2);
+
+      // q, k, v = projections of rms(x); every thread normalises x itself (d floats: cheaper
+      // than a barrier)
+      rms_norm(x.data(), ptr<W>(f[kMixerNorm]), B, d, eps, xn);
+      const std::pair<int, int64_t> projections[3] = {{kQ, q_size}, {kK, kv_size}, {kV, kv_size}};
+      float* targets[3] = {q.data(), k.data(), v.data()};
+      for (int p = 0; p < 3; ++p) {
+        const int field = projections[p].first;
+        const int64_t n = projections[p].second;
+        const W* bias = ptr<W>(f[field + 1]);
+        float* y = targets[p];
+        const auto [r0, r1] = share(n, tid, nt, 4);
+        rows_times(ptr<W>(f[field]), d, xn, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+          y[b * n + r] = dot + bias_at(bias, r);
+        });
+      }
+#pragma omp barrier
+      // rotary on q (scaled for the scores) and k; k and v into the cache's slot L - 1
+      {
+        const float* cs = rotary ? cos_sin.data() + l * D : nullptr;
+        const auto [t0, t1] = share(B * (H + H_kv), tid, nt, 1);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / (H + H_kv), h = t % (H + H_kv);
+          const bool is_query = h < H;
+          float* head = is_query ? q.data() + b * q_size + h * D
+                                 : k.data() + b * kv_size + (h - H) * D;
+          if (cs) {
+            float rotated[kMaxHeadDim];
+            for (int64_t i = 0; i < D / 2; ++i) {
+              rotated[i] = head[i] * cs[i] - head[D / 2 + i] * cs[D / 2 + i];
+              rotated[D / 2 + i] = head[D / 2 + i] * cs[i] + head[i] * cs[D / 2 + i];
+            }
+            std::copy(rotated, rotated + D, head);
+          }
+          if (is_query) {
+            for (int64_t i = 0; i < D; ++i) head[i] *= scale;
+            continue;
+          }
+          const int64_t kv_head = h - H;
+          W* k_slot = k_cache + ((b * H_kv + kv_head) * D) * capacity + (L - 1);
+          W* v_slot = v_cache + ((b * H_kv + kv_head) * capacity + (L - 1)) * D;
+          const float* v_head = v.data() + b * kv_size + kv_head * D;
+          for (int64_t i = 0; i < D; ++i) {
+            k_slot[i * capacity] = static_cast<W>(head[i]);
+            v_slot[i] = static_cast<W>(v_head[i]);
+          }
+        }
+      }
+#pragma omp barrier
+      // attention: every (batch row, KV head, block of tokens) is a task
+      const int64_t n_blocks = (L + kBlock - 1) / kBlock;
+      {
+        const auto [t0, t1] = share(B * H_kv * n_blocks, tid, nt, 1);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t bh = t / n_blocks, block = t % n_blocks;
+          const int64_t b = bh / H_kv, h = bh % H_kv;
+          const int64_t start = block * kBlock, n = std::min(kBlock, L - start);
+          attend_block(q.data() + (b * H + h * G) * D,
+                       k_cache + (b * H_kv + h) * D * capacity + start, capacity,
+                       v_cache + ((b * H_kv + h) * capacity + start) * D, D, n, G, D,
+                       my_scores, partial.data() + t * G * (D + 2));
+        }
+      }
+#pragma omp barrier
+      // every thread merges all heads into its own copy (no barrier), then its rows of o
+      for (int64_t bh = 0; bh < B * H_kv; ++bh) {
+        for (int64_t g = 0; g < G; ++g) {
+          merge_blocks(partial.data() + (bh * n_blocks * G + g) * (D + 2), n_blocks,
+                       G * (D + 2), D, att + (bh * G + g) * D);
+        }
+      }
+      {
+        const W* bias = ptr<W>(f[kOBias]);
+        const auto [r0, r1] = share(d, tid, nt, 4);
+        rows_times(ptr<W>(f[kO]), q_size, att, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+          x[b * d + r] += dot + bias_at(bias, r);
+        });
+      }
+#pragma omp barrier
+      const W* w_gate = ptr<W>(f[kGate]);
+      if (w_gate == nullptr) continue;  // a layer without an FFN
+      const int64_t n = f[kGate]->size(0);
+      rms_norm(x.data(), ptr<W>(f[kFfnNorm]), B, d, eps, xn);
+      const auto [r0, r1] = share(n, tid, nt, 4);
+      const W* gate_bias = ptr<W>(f[kGateBias]);
+      rows_times(w_gate, d, xn, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+        gate[b * n + r] = dot + bias_at(gate_bias, r);
+      });
+      if (swiglu) {
+        const W* up_bias = ptr<W>(f[kUpBias]);
+        rows_times(ptr<W>(f[kUp]), d, xn, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+          up[b * n + r] = dot + bias_at(up_bias, r);
+        });
+      }
+      // the activation over this thread's rows, in vectors: silu(g) * u or gelu(g)
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = r0; i < r1; i += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), r1 - i);
+          const Vec g = Vec::loadu(gate.data() + b * n + i, count);
+          Vec a;
+          if (swiglu) {
+            a = g / (Vec(1.0f) + g.neg().exp()) * Vec::loadu(up.data() + b * n + i, count);
+          } else {
+            a = Vec(0.5f) * g * (Vec(1.0f) + (g * Vec(0.70710678118654752f)).erf());
+          }
+          a.store(gate.data() + b * n + i, count);
+        }
+      }
+#pragma omp barrier
+      {
+        const W* bias = ptr<W>(f[kDownBias]);
+        const auto [o0, o1] = share(d, tid, nt, 4);
+        rows_times(ptr<W>(f[kDown]), n, gate.data(), B, o0, o1,
+                   [&](int64_t b, int64_t r, float dot) { x[b * d + r] += dot + bias_at(bias, r); });
+      }
+#pragma omp barrier
+    }
+
+    // the head: logits, or each thread's best token of its rows
+    rms_norm(x.data(), ptr<W>(globals[kFinalNorm]), B, d, eps, xn);
+    const auto [r0, r1] = share(V, tid, nt, 4);
+    auto* mine = best.data() + tid * B;
+    for (int64_t b = 0; b < B; ++b) mine[b] = {-std::numeric_limits<float>::infinity(), -1};
+    rows_times(ptr<W>(globals[kHead]), d, xn, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+      const W logit = static_cast<W>(dot);
+      if (!greedy) {
+        logits[b * V + r] = logit;
+      } else if (static_cast<float>(logit) > mine[b].first || mine[b].second < 0) {
+        mine[b] = {static_cast<float>(logit), r};  // rows come in order: ties keep the first
+      }
+    });
+  }
+
+  if (greedy) {  // threads hold increasing rows: the first best of the first thread wins ties
+    int64_t* picked = out.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      std::pair<float, int64_t> top = {-std::numeric_limits<float>::infinity(), -1};
+      for (int t = 0; t < threads_wanted; ++t) {
+        const auto& candidate = best[t * B + b];
+        if (candidate.second >= 0 && (top.second < 0 || candidate.first > top.first))
+          top = candidate;
+      }
+      picked[b] = top.second;
+    }
+  }
+  return out;
+}
+
+at::Tensor transformer_decode_step(
+    const at::Tensor& ids, const std::vector<std::optional<at::Tensor>>& layers,
+    const std::vector<std::optional<at::Tensor>>& globals, const std::vector<at::Tensor>& kv,
+    c10::IntArrayRef lengths, c10::IntArrayRef positions, int64_t n_heads, int64_t n_kv_heads,
+    int64_t head_dim, double eps, c10::string_view activation, bool greedy) {
+  const char* op = "transformer_decode_step: ";
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              op, "ids must be a contiguous (B,) int64 tensor");
+  TORCH_CHECK(globals.size() == kGlobalFields, op, "expected ", int(kGlobalFields), " globals");
+  TORCH_CHECK(layers.size() % kLayerFields == 0, op, "layer_weights must hold ",
+              int(kLayerFields), " entries per layer");
+  const int64_t n_layers = layers.size() / kLayerFields;
+  TORCH_CHECK(kv.size() == 2 * n_layers && lengths.size() == n_layers &&
+                  positions.size() == n_layers,
+              op, "kv, lengths and positions must have 2, 1 and 1 entries per layer");
+  TORCH_CHECK(activation == "swiglu" || activation == "gelu", op,
+              "activation must be 'swiglu' or 'gelu'");
+  const bool swiglu = activation == "swiglu";
+  const at::Tensor& embed = *globals[kEmbed];
+  const at::Tensor& head = *globals[kHead];
+  const auto dtype = embed.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              "weights must be float32, bfloat16 or float16");
+  Shape s{ids.size(0), embed.size(1), head.size(0), n_heads, n_kv_heads, head_dim,
+          n_heads / std::max<int64_t>(n_kv_heads, 1), n_layers};
+  TORCH_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0, op,
+              "n_heads must be a multiple of n_kv_heads");
+  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim, op, "head_dim must be even and <= ",
+              kMaxHeadDim);
+  TORCH_CHECK(s.B > 0, op, "empty batch");
+
+  auto check_weight = [&](const std::optional<at::Tensor>& t, std::vector<int64_t> shape,
+                          const char* what, int64_t layer) {
+    TORCH_CHECK(t.has_value() && t->defined(), op, what, " of layer ", layer, " is missing");
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->device().is_cpu() &&
+                    t->sizes().vec() == shape,
+                op, what, " of layer ", layer, " must be a contiguous CPU tensor of ", dtype,
+                " shaped ", c10::IntArrayRef(shape), ", got ", t->sizes(), " ", t->scalar_type());
+  };
+  auto check_bias = [&](const std::optional<at::Tensor>& t, int64_t n, const char* what,
+                        int64_t layer) {
+    if (t.has_value() && t->defined()) check_weight(t, {n}, what, layer);
+  };
+  const int64_t d = s.d, q_size = n_heads * head_dim, kv_size = n_kv_heads * head_dim;
+  check_weight(globals[kEmbed], {embed.size(0), d}, "embed", -1);
+  check_weight(globals[kHead], {s.V, d}, "head", -1);
+  check_weight(globals[kFinalNorm], {d}, "final norm", -1);
+  check_bias(globals[kEmbedNorm], d, "embed norm", -1);
+  if (globals[kInvFreq].has_value() && globals[kInvFreq]->defined()) {
+    const at::Tensor& f = *globals[kInvFreq];
+    TORCH_CHECK(f.scalar_type() == at::kFloat && f.is_contiguous() &&
+                    f.numel() == head_dim / 2, op, "inv_freq must be float32 (head_dim / 2,)");
+  }
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int64_t id = ids.data_ptr<int64_t>()[b];
+    TORCH_CHECK(id >= 0 && id < embed.size(0), op, "token id ", id, " is outside the embedding's ",
+                embed.size(0), " rows");
+  }
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const auto* f = layers.data() + l * kLayerFields;
+    check_weight(f[kMixerNorm], {d}, "mixer norm", l);
+    check_weight(f[kQ], {q_size, d}, "q_proj", l);
+    check_weight(f[kK], {kv_size, d}, "k_proj", l);
+    check_weight(f[kV], {kv_size, d}, "v_proj", l);
+    check_weight(f[kO], {d, q_size}, "o_proj", l);
+    check_bias(f[kQBias], q_size, "q bias", l);
+    check_bias(f[kKBias], kv_size, "k bias", l);
+    check_bias(f[kVBias], kv_size, "v bias", l);
+    check_bias(f[kOBias], d, "o bias", l);
+    if (f[kGate].has_value() && f[kGate]->defined()) {
+      const int64_t n = f[kGate]->size(0);
+      check_weight(f[kFfnNorm], {d}, "ffn norm", l);
+      check_weight(f[kGate], {n, d}, swiglu ? "gate_proj" : "fc_in", l);
+      check_weight(f[kDown], {d, n}, swiglu ? "down_proj" : "fc_out", l);
+      check_bias(f[kGateBias], n, "gate bias", l);
+      check_bias(f[kDownBias], d, "down bias", l);
+      if (swiglu) {
+        check_weight(f[kUp], {n, d}, "up_proj", l);
+        check_bias(f[kUpBias], n, "up bias", l);
+      }
+    }
+    const int64_t capacity = kv[2 * l + 1].dim() == 4 ? kv[2 * l + 1].size(2) : 0;
+    for (int which = 0; which < 2; ++which) {
+      const at::Tensor& cache = kv[2 * l + which];
+      const std::vector<int64_t> shape =
+          which == 0 ? std::vector<int64_t>{s.B, n_kv_heads, head_dim, capacity}
+                     : std::vector<int64_t>{s.B, n_kv_heads, capacity, head_dim};
+      TORCH_CHECK(cache.scalar_type() == dtype && cache.is_contiguous() &&
+                      cache.sizes().vec() == shape,
+                  op, which == 0 ? "k_t" : "v", " cache of layer ", l,
+                  " must be contiguous, of the weights' dtype, shaped ", c10::IntArrayRef(shape),
+                  "; got ", cache.sizes());
+    }
+    TORCH_CHECK(lengths[l] >= 0 && lengths[l] < capacity, op, "layer ", l, "'s cache holds ",
+                lengths[l], " of ", capacity, " slots: no room for the new token (reserve first)");
+  }
+
+  const std::vector<int64_t> lengths_v(lengths.begin(), lengths.end());
+  const std::vector<int64_t> positions_v(positions.begin(), positions.end());
+  const float eps_f = static_cast<float>(eps);
+  if (dtype == at::kFloat)
+    return step<float>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu, greedy);
+  if (dtype == at::kBFloat16)
+    return step<at::BFloat16>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu,
+                              greedy);
+  return step<at::Half>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu,
+                        greedy);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
+  m.def(
+      "transformer_decode_step(Tensor ids, Tensor?[] layer_weights, Tensor?[] globals, "
+      "Tensor(a!)[] kv, int[] lengths, int[] positions, int n_heads, int n_kv_heads, "
+      "int head_dim, float eps, str activation, bool greedy) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
+  m.impl("transformer_decode_step", &transformer_decode_step);
+}
