@@ -71,9 +71,10 @@ def hf_generate_ms_per_token(model, ids: torch.Tensor, new_tokens: int = NEW_TOK
 
 @torch.no_grad()
 def zoo_ms_per_token(model: ZooForCausalLM, ids: torch.Tensor, new_tokens: int = NEW_TOKENS,
-                     compile: bool = False) -> tuple[float, int]:
+                     compile: bool | str = False) -> tuple[float, int]:
     """zoo.infer's decode loop (greedy): median step time, and state bytes per sequence.
-    compile=True runs the step under torch.compile (warm it up first: the first steps compile)."""
+    `compile` as generate() takes it (warm a torch.compile'd step up first: its first steps
+    compile)."""
     from zoo.infer.generate import DecodePlan, decode_steps, flushing_denormals, prefill
     from zoo.infer.sampling import SamplingConfig
 
@@ -87,7 +88,7 @@ def zoo_ms_per_token(model: ZooForCausalLM, ids: torch.Tensor, new_tokens: int =
 
 
 def _zoo_ms(model: ZooForCausalLM, ids: torch.Tensor, new_tokens: int,
-            compile: bool = False) -> float:
+            compile: bool | str = False) -> float:
     return zoo_ms_per_token(model, ids, new_tokens, compile=compile)[0]
 
 
@@ -173,7 +174,8 @@ def decode_report(rows: list[dict]) -> str:
             continue
         first, last = mine[0], mine[-1]
         line = f"{name}: {first['context']} -> {last['context']} context"
-        for label, key in (("compiled", "zoo_compiled_ms"), ("eager", "zoo_ms_per_token")):
+        compiled = "native" if first.get("compiled_step") == "native" else "compiled"
+        for label, key in ((compiled, "zoo_compiled_ms"), ("eager", "zoo_ms_per_token")):
             growth = last[key] / first[key]
             line += f", {label} {first[key]:.3f} -> {last[key]:.3f} ms/token (x{growth:.2f}"
             if first["bounded"]:
@@ -187,6 +189,16 @@ def decode_report(rows: list[dict]) -> str:
         line += f"; vs transformers' generate on the same zoo model: x{statistics.median(loop):.1f}"
         lines.append(line)
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def compiled_step_kind(model: ZooForCausalLM, device: str) -> str:
+    """Which step generate(compile=True) runs for `model` on one row: "native" or "inductor"."""
+    from zoo.infer import native
+    from zoo.infer.generate import prefill
+
+    layout = prefill(model, [[0]]).cache.flatten()[0]
+    return "native" if native.unsupported(model, layout, 1) is None else "inductor"
 
 
 @register_bench(
@@ -221,6 +233,7 @@ def bench_decode(options: BenchOptions) -> list[dict]:
             peer = (peer[0], peer[1].to(options.device).eval())
         bounded = all(block.mixer.bounded for block in model.model.layers)
         torch._dynamo.reset()  # the previous configs' compiled steps are not needed again
+        compiled_step = compiled_step_kind(model, options.device)
         figures, eager_first, state_bytes, notes = {}, {}, {}, {}
         for context in contexts:
             ids = torch.randint(0, config.vocab_size, (1, context), device=options.device)
@@ -261,7 +274,7 @@ def bench_decode(options: BenchOptions) -> list[dict]:
                    "peer": None, "peer_ms_per_token": None, "speedup_vs_peer": None,
                    "speedup_vs_peer_eager": None, "zoo_params": _params(model),
                    "peer_params": None, "state_bytes": state_bytes[context], "bounded": bounded,
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "compiled_step": compiled_step}
             if peer is not None:
                 peer_ms = got["peer"]
                 row.update(peer=peer[0], peer_ms_per_token=peer_ms,
@@ -340,7 +353,8 @@ def smollm2_report(rows: list[dict]) -> str:
     report=smollm2_report,
 )
 def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
-    """fp32 and bf16, eager and compiled, and transformers' generate, at 128 context.
+    """fp32 and bf16: eager, compiled (torch.compile) and native (the C++ step, on the CPU),
+    and transformers' generate, at 128 context.
 
     This machine's read bandwidth moves between runs and phases (48-88 GB/s on the 2-core VM
     this was written on: a large buffer on huge pages or not), so every decode measurement is
@@ -361,15 +375,17 @@ def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
     del hf_model
     rows.append({"model": "smollm2-135m", "dtype": "float32", "mode": "transformers generate",
                  "context": context, "zoo_ms_per_token": hf_ms})
-    plans = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
-             (torch.bfloat16, True)]
+    # the loop eager, its step under torch.compile, and (on the CPU) the native C++ step
+    modes = {False: "zoo eager", "inductor": "zoo compiled (inductor)", "native": "zoo native"}
+    steps = [False, "inductor"] + (["native"] if options.device == "cpu" else [])
+    plans = [(dtype, step) for dtype in (torch.float32, torch.bfloat16) for step in steps]
     if options.quick:
         plans = plans[:1]
     for dtype, compile in plans:
         model = _smollm2(dtype).to(options.device).eval()
         nbytes = weight_bytes(model)
         if compile:
-            zoo_ms_per_token(model, ids, 4, compile=True)  # warm-up: compiles (1-2 min)
+            zoo_ms_per_token(model, ids, 4, compile=compile)  # warm-up: compiles (1-2 min)
         pairs = []
         for _ in range(repeats):
             bandwidth = read_bandwidth(options.device)
@@ -382,7 +398,7 @@ def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
         ratio = statistics.median(ms / (1e3 * nbytes / bw) for bw, ms in pairs)
         rows.append({
             "model": "smollm2-135m", "dtype": str(dtype).replace("torch.", ""),
-            "mode": "zoo compiled" if compile else "zoo eager", "context": context,
+            "mode": modes[compile], "context": context,
             "zoo_ms_per_token": zoo_ms, "weight_MB": nbytes / 1e6,
             "read_GB_per_s": statistics.median(bw for bw, _ in pairs) / 1e9,
             "read_GB_per_s_best": best / 1e9,
