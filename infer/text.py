@@ -115,7 +115,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="a compiled decode step: zoo's native C++ step on the CPU for attention "
+                   "stacks with SwiGLU/GELU FFNs (Llama, SmolLM2), torch.compile otherwise")
 
 
 def run_generate_command(args: argparse.Namespace) -> int:
@@ -137,8 +139,8 @@ def run_generate_command(args: argparse.Namespace) -> int:
                   repetition_penalty=args.repetition_penalty, seed=args.seed,
                   stop_tokens=sorted(set(stops)), compile=args.compile)
     if args.compile:
-        # Compile before the timed run, on the same shapes (a few steps of the same request),
-        # so the speed printed below is decoding's, not compilation's.
+        # Compile (or build the native step) before the timed run, on the same shapes (a few
+        # steps of the same request), so the speed printed below is decoding's.
         start = time.perf_counter()
         for _ in zip(range(4), generate(model, [ids], stream=True, **kwargs)):
             pass
