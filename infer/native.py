@@ -77,6 +77,8 @@ def unsupported(model: ZooForCausalLM, layout: CacheLayout, batch_size: int) -> 
             return f"layer {i}'s cache is not a KV cache alone"
     if len(ffn_kinds - {None}) > 1:
         return "its layers mix SwiGLU and MLP FFNs"
+    if first.head_dim % 2 or first.head_dim > 512:
+        return f"head_dim={first.head_dim}: the native step takes even head dims up to 512"
     if not all(p.is_contiguous() for p in model.parameters()):
         return "a weight is not contiguous"
     if not transformer_step.load():

@@ -1,12 +1,13 @@
 // One decode step of a pre-norm transformer stack on the CPU, all in one call.
 //
 // Why: decoding a 135M-parameter model reads its weights once a token, so its floor is their
-// bytes over the memory bandwidth. torch.compile's step came to 1.3-1.5x that floor here: its
-// one-row products (one dependent chain of vector adds per row) read the weights at 80-85% of
-// the bandwidth a four-row loop reaches, and the rest is fixed cost on the host (the Python
-// wrapper, argument handling, 60 kernel and op calls with their thread wake-ups). This kernel
-// runs the whole step in one OpenMP region: the threads split every matrix's rows four at a
-// time, meet at a barrier where a stage needs another thread's rows, and never sleep.
+// bytes over the memory bandwidth. torch.compile's step came to 1.4-1.5x that floor in this
+// machine's fast spells: ~0.9 ms a step of fixed cost on the host (the Python wrapper, argument
+// handling, 60 kernel and op calls with their thread wake-ups) and products that read the
+// weights slower than the loop below. This kernel runs the whole step in one OpenMP region
+// (~0.2 ms of fixed cost for a SmolLM2-shaped model small enough to stay in cache): the threads
+// split every matrix's rows in contiguous halves, meet at a barrier where a stage needs another
+// thread's rows, and never sleep.
 //
 // The stack, as zoo.model.ZooBlock runs it: x = embed[ids] (then RMSNorm where the config has
 // embed_norm); per layer x += o(attention(rotary(q, k), v)) of rms(x), then, where the layer
@@ -45,68 +46,36 @@ inline float sum_lanes(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// y[0:4] = rows w[0:4] (each K long, K apart) . x: four independent accumulators, so the
-// loop streams four rows at once and no add waits on the one before it.
-//
-// 16-bit weights also prefetch the next four rows, a cache line of each per 64 bytes read:
-// without the hint, bfloat16 SmolLM2 read its weights at 60% of the bandwidth float32 reaches
-// (8.4 -> 4.9 ms/token with it); float32 only slowed with it (8.0 -> 8.5), as it did when the
-// rows were handed out in chunks from a shared counter rather than in two contiguous halves
-// (8.0 -> 9.1: the halves keep each thread's reads in one long stream).
+// w[0:K] . x[0:K] with four accumulators over consecutive vectors, so no add waits on the
+// one before it. The rows of a matrix go one after another: each thread then reads its part
+// of the weights as one sequential stream, which the hardware prefetcher follows. Reading
+// four rows side by side (four streams) was slower: float32 SmolLM2 8.0 -> 8.5 ms/token, and
+// bfloat16 8.4 ms where the sequential loop takes 5.2 (or 4.9 with software prefetch of the
+// next rows); handing rows out in chunks from a shared counter instead of two contiguous
+// halves was slower still (8.0 -> 9.1 ms: many short streams).
 template <typename W>
-inline void dot4(const W* w, int64_t K, const float* x, float* y) {
+inline float dot(const W* w, int64_t K, const float* x) {
+  constexpr int64_t V = Vec::size();
   Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
-  [[maybe_unused]] const char* next = reinterpret_cast<const char*>(w + 4 * K);
   int64_t k = 0;
-  for (; k + Vec::size() <= K; k += Vec::size()) {
-    if constexpr (sizeof(W) == 2) {
-      if (k % 32 == 0) {  // 64 bytes of each row
-        for (int i = 0; i < 4; ++i) __builtin_prefetch(next + (i * K + k) * 2, 0, 3);
-      }
-    }
-    const Vec xv = Vec::loadu(x + k);
-    a0 = at::vec::fmadd(load_float(w + k), xv, a0);
-    a1 = at::vec::fmadd(load_float(w + K + k), xv, a1);
-    a2 = at::vec::fmadd(load_float(w + 2 * K + k), xv, a2);
-    a3 = at::vec::fmadd(load_float(w + 3 * K + k), xv, a3);
+  for (; k + 4 * V <= K; k += 4 * V) {
+    a0 = at::vec::fmadd(load_float(w + k), Vec::loadu(x + k), a0);
+    a1 = at::vec::fmadd(load_float(w + k + V), Vec::loadu(x + k + V), a1);
+    a2 = at::vec::fmadd(load_float(w + k + 2 * V), Vec::loadu(x + k + 2 * V), a2);
+    a3 = at::vec::fmadd(load_float(w + k + 3 * V), Vec::loadu(x + k + 3 * V), a3);
   }
-  if (k < K) {
-    const int64_t count = K - k;
-    const Vec xv = Vec::loadu(x + k, count);
-    a0 = at::vec::fmadd(load_float(w + k, count), xv, a0);
-    a1 = at::vec::fmadd(load_float(w + K + k, count), xv, a1);
-    a2 = at::vec::fmadd(load_float(w + 2 * K + k, count), xv, a2);
-    a3 = at::vec::fmadd(load_float(w + 3 * K + k, count), xv, a3);
-  }
-  y[0] = sum_lanes(a0), y[1] = sum_lanes(a1), y[2] = sum_lanes(a2), y[3] = sum_lanes(a3);
+  for (; k + V <= K; k += V) a0 = at::vec::fmadd(load_float(w + k), Vec::loadu(x + k), a0);
+  if (k < K) a0 = at::vec::fmadd(load_float(w + k, K - k), Vec::loadu(x + k, K - k), a0);
+  return sum_lanes((a0 + a1) + (a2 + a3));
 }
 
-template <typename W>
-inline float dot1(const W* w, int64_t K, const float* x) {
-  Vec acc(0.0f);
-  int64_t k = 0;
-  for (; k + Vec::size() <= K; k += Vec::size()) {
-    acc = at::vec::fmadd(load_float(w + k), Vec::loadu(x + k), acc);
-  }
-  if (k < K) acc = at::vec::fmadd(load_float(w + k, K - k), Vec::loadu(x + k, K - k), acc);
-  return sum_lanes(acc);
-}
-
-// For rows [begin, end) of w (N, K) and each of B inputs x (B, K): emit(b, row, w[row] . x[b]).
-// Four rows are read once for all B inputs.
+// For rows [begin, end) of w (N, K) and each of B inputs x (B, K): emit(b, row, w[row] . x[b])
+// (a row stays in L1 for the B inputs).
 template <typename W, typename Emit>
 inline void rows_times(const W* w, int64_t K, const float* x, int64_t B, int64_t begin,
                        int64_t end, Emit&& emit) {
-  int64_t r = begin;
-  float y[4];
-  for (; r + 4 <= end; r += 4) {
-    for (int64_t b = 0; b < B; ++b) {
-      dot4(w + r * K, K, x + b * K, y);
-      for (int i = 0; i < 4; ++i) emit(b, r + i, y[i]);
-    }
-  }
-  for (; r < end; ++r) {
-    for (int64_t b = 0; b < B; ++b) emit(b, r, dot1(w + r * K, K, x + b * K));
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t b = 0; b < B; ++b) emit(b, r, dot(w + r * K, K, x + b * K));
   }
 }
 

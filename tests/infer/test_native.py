@@ -101,6 +101,8 @@ def test_other_models_take_torch_compile_and_say_why_not_native(monkeypatch):
     (dict(mixer={"type": "attention", "n_heads": 4, "window": 4}),
      "layer 0's attention has a window"),
     (dict(norm="layer"), "norm='layer': the native step has RMSNorm only"),
+    (dict(mixer={"type": "attention", "n_heads": 4, "head_dim": 15, "rope_theta": None}),
+     "head_dim=15: the native step takes even head dims"),
     (dict(layers=[{"at": [1], "ffn": {"type": "mlp"}}]), "mix SwiGLU and MLP"),
 ])
 def test_unsupported_stacks_are_named(change, reason):
