@@ -35,6 +35,7 @@ from zoo.cache import CacheLayout, ZooCache
 from zoo.layers import MixerState
 from zoo.model import ZooForCausalLM
 
+from . import native
 from .sampling import SamplingConfig, choose_tokens
 
 Prompts = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
@@ -197,8 +198,6 @@ def fast_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool, b
     an error where it does not apply; "inductor": `compiled_decode_step`; True: native where it
     applies, inductor otherwise."""
     if mode in (True, "native"):
-        from . import native
-
         reason = native.unsupported(model, layout, batch_size)
         if reason is None:
             return native.native_decode_step(model, layout, greedy)
@@ -522,9 +521,8 @@ def generate(
     it, and its stats count that time as decoding); "native" or "inductor" ask for one.
     `stop_check_interval`: steps between the host-side "all rows done?" checks (default 1 on
     CPU, 8 on CUDA, where each check is a sync; rows finish on time either way, only wasted
-    steps differ). `flush_denormal`
-    (default: on the CPU) treats floats below ~1e-38 as zero while generating, see
-    `flushing_denormals`.
+    steps differ). `flush_denormal` (default: on the CPU) treats floats below ~1e-38 as zero
+    while generating, see `flushing_denormals`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
