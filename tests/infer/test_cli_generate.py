@@ -27,10 +27,12 @@ def test_generate_from_a_saved_directory_prints_the_greedy_text(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_generate_compile_compiles_first_and_prints_the_same_text(tmp_path, capsys, make_model):
+@pytest.mark.parametrize("name", ["mamba-tiny", "attention-tiny"])  # inductor; native C++ step
+def test_generate_compile_compiles_first_and_prints_the_same_text(name, tmp_path, capsys,
+                                                                   make_model):
     """--compile compiles on a few steps of the same request before the timed run, so the
     printed decode speed is decoding's; the text is the eager one."""
-    make_model("mamba-tiny").save_pretrained(tmp_path)
+    make_model(name).save_pretrained(tmp_path)
     command = ["generate", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "8"]
     assert main(command) == 0
     eager_out, eager_err = capsys.readouterr()
