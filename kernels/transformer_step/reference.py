@@ -4,20 +4,17 @@ float64 weights."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from ..decode_attention.reference import decode_attention_reference
+from ..rms_norm.reference import rms_norm_reference
 
 LAYER_FIELDS = (
     "mixer_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias", "o", "o_bias",
     "ffn_norm", "gate", "gate_bias", "up", "up_bias", "down", "down_bias",
 )
 GLOBAL_FIELDS = ("embed", "embed_norm", "final_norm", "head", "inv_freq")
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -34,14 +31,14 @@ def transformer_decode_step_reference(
     g = dict(zip(GLOBAL_FIELDS, globals_))
     dtype = g["embed"].dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    B, D, groups = ids.shape[0], head_dim, n_heads // n_kv_heads
+    B, D = ids.shape[0], head_dim
     x = g["embed"][ids].to(compute)  # (B, d)
     if g["embed_norm"] is not None:
-        x = _rms(x, g["embed_norm"], eps)
+        x = rms_norm_reference(x, g["embed_norm"], eps)
     for layer in range(len(lengths)):
         f = dict(zip(LAYER_FIELDS, layer_weights[layer * 16 : (layer + 1) * 16]))
         k_t, v_cache = kv[2 * layer], kv[2 * layer + 1]
-        h = _rms(x, f["mixer_norm"], eps)
+        h = rms_norm_reference(x, f["mixer_norm"], eps)
         q = _linear(h, f["q"], f["q_bias"]).view(B, n_heads, D)
         k = _linear(h, f["k"], f["k_bias"]).view(B, n_kv_heads, D)
         v = _linear(h, f["v"], f["v_bias"]).view(B, n_kv_heads, D)
@@ -54,19 +51,17 @@ def transformer_decode_step_reference(
         slot = lengths[layer]
         k_t[:, :, :, slot] = k.to(dtype)
         v_cache[:, :, slot] = v.to(dtype)
-        keys = k_t[..., : slot + 1].to(compute).repeat_interleave(groups, dim=1)  # (B, H, D, L)
-        values = v_cache[:, :, : slot + 1].to(compute).repeat_interleave(groups, dim=1)
-        scores = torch.einsum("bhd,bhdl->bhl", q, keys) / math.sqrt(D)
-        attended = torch.einsum("bhl,bhld->bhd", scores.softmax(-1), values)
+        attended = decode_attention_reference(q, k_t[..., : slot + 1], v_cache[:, :, : slot + 1],
+                                              D**-0.5)
         x = x + _linear(attended.reshape(B, n_heads * D), f["o"], f["o_bias"])
         if f["gate"] is None:
             continue
-        h = _rms(x, f["ffn_norm"], eps)
+        h = rms_norm_reference(x, f["ffn_norm"], eps)
         hidden = _linear(h, f["gate"], f["gate_bias"])
         if activation == "swiglu":
             hidden = F.silu(hidden) * _linear(h, f["up"], f["up_bias"])
         else:
             hidden = F.gelu(hidden)
         x = x + _linear(hidden, f["down"], f["down_bias"])
-    logits = _linear(_rms(x, g["final_norm"], eps), g["head"], None).to(dtype)
+    logits = _linear(rms_norm_reference(x, g["final_norm"], eps), g["head"], None).to(dtype)
     return logits.float().argmax(-1) if greedy else logits
