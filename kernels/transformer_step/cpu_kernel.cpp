@@ -21,6 +21,8 @@
 
 #include <omp.h>
 
+#include <array>
+
 namespace {
 
 using namespace zoo_attend;
@@ -365,13 +367,14 @@ at::Tensor transformer_decode_step(
               kMaxHeadDim);
   TORCH_CHECK(s.B > 0, op, "empty batch");
 
-  auto check_weight = [&](const std::optional<at::Tensor>& t, std::vector<int64_t> shape,
+  // checked every step: shapes compared in place, nothing allocated
+  auto check_weight = [&](const std::optional<at::Tensor>& t, c10::IntArrayRef shape,
                           const char* what, int64_t layer) {
     TORCH_CHECK(t.has_value() && t->defined(), op, what, " of layer ", layer, " is missing");
     TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->device().is_cpu() &&
-                    t->sizes().vec() == shape,
+                    t->sizes() == shape,
                 op, what, " of layer ", layer, " must be a contiguous CPU tensor of ", dtype,
-                " shaped ", c10::IntArrayRef(shape), ", got ", t->sizes(), " ", t->scalar_type());
+                " shaped ", shape, ", got ", t->sizes(), " ", t->scalar_type());
   };
   auto check_bias = [&](const std::optional<at::Tensor>& t, int64_t n, const char* what,
                         int64_t layer) {
@@ -418,11 +421,11 @@ at::Tensor transformer_decode_step(
     const int64_t capacity = kv[2 * l + 1].dim() == 4 ? kv[2 * l + 1].size(2) : 0;
     for (int which = 0; which < 2; ++which) {
       const at::Tensor& cache = kv[2 * l + which];
-      const std::vector<int64_t> shape =
-          which == 0 ? std::vector<int64_t>{s.B, n_kv_heads, head_dim, capacity}
-                     : std::vector<int64_t>{s.B, n_kv_heads, capacity, head_dim};
+      const std::array<int64_t, 4> shape =
+          which == 0 ? std::array<int64_t, 4>{s.B, n_kv_heads, head_dim, capacity}
+                     : std::array<int64_t, 4>{s.B, n_kv_heads, capacity, head_dim};
       TORCH_CHECK(cache.scalar_type() == dtype && cache.is_contiguous() &&
-                      cache.sizes().vec() == shape,
+                      cache.sizes() == c10::IntArrayRef(shape),
                   op, which == 0 ? "k_t" : "v", " cache of layer ", l,
                   " must be contiguous, of the weights' dtype, shaped ", c10::IntArrayRef(shape),
                   "; got ", cache.sizes());

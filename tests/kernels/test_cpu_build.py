@@ -1,0 +1,54 @@
+"""kernels/cpu_build: how zoo's C++ CPU kernels are compiled, and how a failed build falls back."""
+
+import pytest
+import torch
+
+from zoo.kernels import cpu_build
+
+
+def test_sources_are_joined_in_order_with_the_machines_vector_flags(tmp_path, monkeypatch):
+    header, kernel = tmp_path / "shared.h", tmp_path / "kernel.cpp"
+    header.write_text("// the shared header\n")
+    kernel.write_text("// the kernel\n")
+    calls = []
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline",
+                        lambda name, **kwargs: calls.append((name, kwargs)))
+    assert cpu_build.build("zoo_test_kernel", [header, kernel], "the test kernel")
+    (name, kwargs), = calls
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert name == f"zoo_test_kernel_{capability.lower()}"
+    # one text, the header first: editing the header changes the text, so every kernel that
+    # includes it is rebuilt
+    assert kwargs["cpp_sources"] == ["// the shared header\n\n// the kernel\n"]
+    assert "-fopenmp" in kwargs["extra_cflags"] and kwargs["extra_ldflags"] == ["-fopenmp"]
+    if capability in ("AVX512", "AVX2"):
+        assert f"-DCPU_CAPABILITY={capability}" in kwargs["extra_cflags"]
+
+
+def test_a_failed_build_warns_with_the_compilers_error_and_returns_false(tmp_path, monkeypatch):
+    source = tmp_path / "kernel.cpp"
+    source.write_text("int main() { return }\n")
+
+    def failing_build(name, **kwargs):
+        raise RuntimeError("c++ -O3 ... kernel.cpp\nkernel.cpp:1:21: error: expected expression\n"
+                           "ninja: build stopped")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", failing_build)
+    with pytest.warns(RuntimeWarning, match=r"zoo: the test kernel did not build \(RuntimeError: "
+                      r"kernel.cpp:1:21: error: expected expression\); the PyTorch path"):
+        assert cpu_build.build("zoo_test_kernel", [source], "the test kernel") is False
+
+
+def test_a_real_compiler_error_is_caught(tmp_path):
+    source = tmp_path / "kernel.cpp"
+    source.write_text("this is not C++\n")
+    with pytest.warns(RuntimeWarning, match="the broken kernel did not build"):
+        assert cpu_build.build("zoo_test_broken_kernel", [source], "the broken kernel") is False
+
+
+def test_zoo_cpu_kernels_0_builds_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline",
+                        lambda *args, **kwargs: pytest.fail("built with ZOO_CPU_KERNELS=0"))
+    assert not cpu_build.cpu_kernels_enabled()
+    assert cpu_build.build("zoo_test_kernel", [tmp_path / "missing.cpp"], "the kernel") is False
