@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu and not slow" -x
 
 demo: $(STAMP)
-	$(PY) -m zoo.demo
+	$(PY) -m zoo.app.demo
 
 bench: $(STAMP)
 	$(VENV)/bin/zoo bench complexity --budget-s 600

@@ -11,6 +11,7 @@ PACKAGE_DIRS = {
     "zoo.train": "train",
     "zoo.infer": "infer",
     "zoo.configs": "configs",
+    "zoo.app": "app",
 }
 
 

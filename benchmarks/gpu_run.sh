@@ -12,7 +12,7 @@ echo "pytest exit $?" >> "$OUT/pytest_gpu.log"
 tail -40 "$OUT/pytest_gpu.log"
 mkdir -p /tmp/bench
 for name in ${BENCHES:-decode-attention-op linear-attention-op wkv4-op fft-conv}; do
-  timeout 150 python3 -m zoo.cli bench "$name" --device cuda --budget-s 90 --out /tmp/bench > "/tmp/bench/$name.log" 2>&1
+  timeout 150 python3 -m zoo.app.cli bench "$name" --device cuda --budget-s 90 --out /tmp/bench > "/tmp/bench/$name.log" 2>&1
   echo "$name exit $?"; tail -4 "/tmp/bench/$name.log"
 done
 tar czf "$OUT/bench.tgz" -C /tmp bench

@@ -6,7 +6,7 @@ runs on every rank (`torchrun --nproc_per_node N -m zoo.train RUN.yaml`); the sa
 import os
 import sys
 
-from zoo.cli import main
+from zoo.app.cli import main
 
 if __name__ == "__main__":
     code = main(["train", *sys.argv[1:]])

@@ -247,6 +247,12 @@ def load_distill_config(name_or_path: str | Path | None = None,
     overrides applied, validated."""
     data = read_run_yaml(name_or_path) if name_or_path is not None else {}
     data = apply_overrides(data, overrides)
+    return distill_config_from_dict(data)
+
+
+def distill_config_from_dict(data: Mapping[str, Any]) -> DistillRunConfig:
+    """A validated DistillRunConfig from nested mappings (a run config's YAML, as data)."""
+    data = dict(data)
     for key in ("teacher", "student"):
         if isinstance(data.get(key), str):  # `teacher: smollm2-135m`, `student: <config>`
             data[key] = {"source" if key == "teacher" else "config": data[key]}
@@ -580,55 +586,6 @@ def perplexity(model: nn.Module, batches: Sequence[torch.Tensor], *,
         count += ids[:, 1:].numel()
     loss = total / max(count, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), "val_tokens": count}
-
-
-@torch.no_grad()
-def decode_ms_per_token(model: ZooForCausalLM, context: int, *, steps: int = 8,
-                        repeats: int = 3, prefill: int = 256, seed: int = 0) -> dict[str, Any]:
-    """Milliseconds per decoded token (batch 1) after a context of `context` tokens.
-
-    A real prefill of min(context, prefill) random tokens builds every layer's state; attention
-    KV caches are then extended to `context` tokens with synthetic keys and values (normal, at
-    the prefilled cache's scale). One decode step costs the same whatever the cached values are
-    (it reads every cached key and value), and the synthetic fill avoids minutes of CPU prefill
-    at 8k. Bounded states (linear attention, RetNet, ...) do not depend on the context length.
-    """
-    from zoo.layers.attention import AttentionState
-
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    real = min(context, prefill)
-    ids = torch.randint(0, model.config.vocab_size, (1, real), generator=gen).to(device)
-    cache = model(input_ids=ids, use_cache=True).cache
-    extra = context - real
-    if extra > 0:
-        for i, layer in enumerate(cache.layers):
-            state = layer[0]
-            if isinstance(state, AttentionState) and state.window is None:
-                k, v = state.keys_values()  # (1, H_kv, real, D)
-                # room for every timed step, so no step pays for growing the buffers
-                grown = state.with_capacity(context + steps * (repeats + 1) + 16)
-                synthetic = (1, k.shape[1], extra, k.shape[3])
-                grown = grown.write(torch.randn(synthetic, generator=gen).to(k) * k.std(),
-                                    torch.randn(synthetic, generator=gen).to(v) * v.std())
-                cache.layers[i] = (grown, layer[1])
-        cache.seen_tokens = context
-    token = ids[:, -1:]
-    state_bytes = cache.nbytes()
-    times = []
-    for r in range(repeats + 1):  # the first round warms up
-        run_cache = cache.clone() if hasattr(cache, "clone") else cache
-        start = time.perf_counter()
-        for _ in range(steps):
-            run_cache = model(input_ids=token, cache=run_cache, use_cache=True).cache
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if r:
-            times.append((time.perf_counter() - start) / steps)
-    times.sort()
-    return {"context": context, "ms_per_token": 1e3 * times[len(times) // 2],
-            "min_ms_per_token": 1e3 * times[0], "state_bytes": state_bytes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1131,108 +1088,8 @@ def plot_distill(run_dir: Path, title: str | None = None) -> Path:
     return path
 
 
-def measure_decode(models: Mapping[str, ZooForCausalLM], contexts: Sequence[int],
-                   progress: bool = True) -> list[dict[str, Any]]:
-    """decode_ms_per_token of every model at every context (rows: model, context, ms, bytes)."""
-    rows = []
-    for name, model in models.items():
-        for context in tqdm(contexts, desc=f"decode {name}", disable=not progress, leave=False):
-            rows.append({"model": name, **decode_ms_per_token(model, context)})
-    return rows
-
-
-def write_report(summary: Mapping[str, Any], decode: list[dict[str, Any]], stem: Path, *,
-                 device: str, title: str, notes: Sequence[str] = (),
-                 samples: Mapping[str, str] | None = None) -> dict[str, Path]:
-    """<stem>.md, <stem>.json and <stem>.png (a copy of the run's distill.png)."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    gap = summary["student_val_ppl"] - summary["teacher_val_ppl"]
-    ratio = summary["student_val_ppl"] / summary["teacher_val_ppl"]
-    lines = [
-        f"# {title}", "",
-        f"Device: {device}. Teacher `{summary['teacher']}`; student: "
-        f"{_layers_text(summary['student'])} ({summary['student_parameters']:,} parameters).", "",
-        "| | teacher | student |", "|---|---|---|",
-        f"| held-out perplexity ({summary['val_tokens']:,} tokens) | "
-        f"{summary['teacher_val_ppl']:.3f} | {summary['student_val_ppl']:.3f} |",
-        f"| held-out loss (nats/token) | {summary['teacher_val_loss']:.4f} | "
-        f"{summary['student_val_loss']:.4f} |",
-    ]
-    by_model: dict[str, dict[int, dict]] = {}
-    for row in decode:
-        by_model.setdefault(row["model"], {})[row["context"]] = row
-    contexts = sorted({row["context"] for row in decode})
-    for c in contexts:
-        cells = [by_model.get(m, {}).get(c) for m in ("teacher", "student")]
-        lines.append(f"| decode ms/token at {c:,} context | " + " | ".join(
-            f"{r['ms_per_token']:.1f} (state {r['state_bytes'] / 2**20:.1f} MiB)" if r else "-"
-            for r in cells) + " |")
-    lines += [
-        "",
-        f"**Gap: the student's perplexity is {ratio:.2f}x the teacher's "
-        f"(+{gap:.2f}).**", "",
-        f"Tokens seen: {summary['tokens_seen']:,} "
-        f"(attention transfer {(summary.get('transfer') or {}).get('tokens', 0):,}, KD "
-        f"{summary['kd_tokens']:,} in {summary['kd_steps']} steps). Time: "
-        f"{summary['seconds']:.0f} s in all (transfer {summary['transfer_seconds']:.0f} s, KD "
-        f"{summary['kd_seconds']:.0f} s).",
-    ]
-    transfer = summary.get("transfer")
-    if transfer:
-        before = transfer["mse_before"]
-        after = transfer["mse_after"]
-        mean_b = sum(before.values()) / max(len(before), 1)
-        mean_a = sum(after.values()) / max(len(after), 1)
-        lines.append(
-            f"Attention transfer: mean per-layer output MSE {mean_b:.4g} -> {mean_a:.4g}; "
-            f"student perplexity {transfer['val_ppl_before']:.2f} before it, "
-            f"{transfer['val_ppl_after']:.2f} after it.")
-    if samples:
-        lines += ["", "## Samples (greedy)", ""]
-        for name, text in samples.items():
-            lines += [f"{name}:", "", "```", text, "```", ""]
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    md = stem.with_suffix(".md")
-    md.write_text("\n".join(lines) + "\n")
-    js = stem.with_suffix(".json")
-    js.write_text(json.dumps({"device": device, "summary": dict(summary), "decode": decode,
-                              "notes": list(notes), "samples": dict(samples or {})}, indent=1))
-    png = stem.with_suffix(".png")
-    if summary.get("plot") and Path(summary["plot"]).exists():
-        shutil.copyfile(summary["plot"], png)
-    return {"md": md, "json": js, "png": png}
-
-
-def _layers_text(layers: Sequence[str]) -> str:
-    counts: dict[str, int] = {}
-    for line in layers:
-        counts[line] = counts.get(line, 0) + 1
-    return ", ".join(f"{n} x {line}" for line, n in counts.items())
-
-
-def distill_cli(run: str, overrides: Sequence[str], *, resume: bool, overwrite: bool,
-                progress: bool, report: str | None, contexts: Sequence[int]) -> dict[str, Any]:
-    """What `zoo distill` runs: fit, print, and optionally measure decode and write a report."""
-    config = load_distill_config(run, overrides)
-    distiller = Distiller(config, resume=resume, overwrite=overwrite, progress=progress)
-    summary = distiller.fit()
-    if report:
-        from zoo.bench.harness import device_name
-
-        models = {"student": distiller.student}
-        if distiller.teacher.is_zoo:
-            models["teacher"] = distiller.teacher.model
-        decode = measure_decode(models, contexts, progress=progress)
-        summary["report"] = {k: str(v) for k, v in write_report(
-            summary, decode, Path(report), device=device_name(distiller.device),
-            title=f"{config.name}: distillation of {config.teacher.source}").items()}
-    return summary
-
-
 __all__ = [
-    "DistillRunConfig", "Distiller", "Teacher", "TeacherLogitsCache", "decode_ms_per_token",
-    "load_distill_config", "load_teacher", "perplexity", "plot_distill", "teacher_generate",
-    "write_report",
+    "DistillRunConfig", "Distiller", "Teacher", "TeacherLogitsCache", "distill_config_from_dict",
+    "load_distill_config",
+    "load_teacher", "perplexity", "plot_distill", "teacher_generate",
 ]

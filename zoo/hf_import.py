@@ -177,7 +177,7 @@ def smollm2_path() -> Path:
 SHORT_NAMES: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_path}
 
 
-def _load_source(src, dtype: torch.dtype):
+def load_hf_model(src, dtype: torch.dtype):
     """(transformers model, tokenizer or None) from a model, a directory, a GGUF file or a name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -260,7 +260,7 @@ def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
     Returns:
         ZooForCausalLM with the same logits; `.tokenizer` holds the source's tokenizer or None.
     """
-    hf_model, tokenizer = _load_source(src, dtype)
+    hf_model, tokenizer = load_hf_model(src, dtype)
     config, names = convert_config(hf_model.config)
     # Built on the meta device, then the source's tensors are assigned in place: no random
     # initialisation of weights that are about to be overwritten, and no second copy.

@@ -137,7 +137,7 @@ def test_unknown_backend_is_named():
 
 
 def test_bench_entry_runs_quick(tmp_path):
-    from zoo.bench import BenchOptions, load_entries, run_bench
+    from zoo.app.bench import BenchOptions, load_entries, run_bench
 
     load_entries()
     options = BenchOptions(quick=True, repeats=1, warmup=0, out_dir=tmp_path)

@@ -106,7 +106,7 @@ def test_130m_config_has_the_parameter_count_of_transformers_mamba_130m():
 
 
 def test_bench_entries_run_quick_and_decode_state_is_flat(tmp_path):
-    from zoo.bench import BenchOptions, load_entries, run_bench
+    from zoo.app.bench import BenchOptions, load_entries, run_bench
 
     load_entries()
     options = BenchOptions(quick=True, repeats=2, out_dir=tmp_path)

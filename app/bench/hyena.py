@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
-from zoo.bench.model import decode_sweep, sizes, train_step_sweep
+from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench.model import decode_sweep, sizes, train_step_sweep
 from zoo.kernels import fft_conv
 
 CONFIGS = ("hyena-tiny", "attention-tiny")

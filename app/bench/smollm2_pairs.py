@@ -3,7 +3,7 @@ again and again for a while: how the ratio to the weight-read bound moves with t
 bandwidth spells (the 2-core VM reads at ~50 or ~80 GB/s, changing from one minute to the next).
 The steps take turns, so every step sees the same mix of spells:
 
-    python benchmarks/smollm2_pairs.py OUT.json [SECONDS] [STEPS]
+    python -m zoo.app.bench.smollm2_pairs OUT.json [SECONDS] [STEPS]
 
 STEPS: comma-separated `generate(compile=...)` modes, default "native,inductor". Each pair is
 (GB/s, ms/token at 128 context, ratio to the bound). A pair whose bandwidth was read in one
@@ -18,30 +18,24 @@ import time
 
 import torch
 
-from zoo.bench.decode import (
-    _smollm2,
-    _without_gc,
-    read_bandwidth,
-    weight_bytes,
-    zoo_ms_per_token,
-)
-from zoo.bench.harness import environment
+from zoo.app.bench.decode import load_smollm2
+from zoo.app.bench.harness import environment
+from zoo.app.decode_timer import read_bandwidth, time_decode, weight_bytes
 
 out = sys.argv[1]
 seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 300.0
 steps = sys.argv[3].split(",") if len(sys.argv) > 3 else ["native", "inductor"]
-model = _smollm2(torch.float32).eval()
+model = load_smollm2(torch.float32).eval()
 nbytes = weight_bytes(model)
 ids = torch.randint(0, 49152, (1, 128))
 for step in steps:
-    zoo_ms_per_token(model, ids, 4, compile=step)  # compiles (inductor) or builds (native)
+    time_decode(model, ids, 4, compile=step)  # compiles (inductor) or builds (native)
 pairs = {step: [] for step in steps}
 start = time.time()
 while time.time() - start < seconds:
     for step in steps:
         bandwidth = read_bandwidth("cpu")
-        with _without_gc():
-            ms, _ = zoo_ms_per_token(model, ids, 32, compile=step)
+        ms = time_decode(model, ids, 32, compile=step).ms_per_token
         ratio = ms / (1e3 * nbytes / bandwidth)
         pairs[step].append((round(bandwidth / 1e9, 1), round(ms, 2), round(ratio, 3)))
         print(step, pairs[step][-1], flush=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zoo.cli import main
+from zoo.app.cli import main
 from zoo.infer import generate
 from zoo.infer.text import ByteTokenizer
 

@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zoo.bench import harness
-from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench import harness
+from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
 from zoo.kernels import decode_attention
 from zoo.kernels.decode_attention import cpu
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from zoo.cli import main
+from zoo.app.cli import main
 
 
 def test_info_prints_parameters_layers_and_state_bytes(capsys):

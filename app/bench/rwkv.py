@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
-from zoo.bench.model import decode_sweep, sizes, train_step_sweep
+from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench.model import decode_sweep, sizes, train_step_sweep
 from zoo.kernels import wkv4
 
 CONFIGS = ("rwkv4-tiny", "rwkv6-tiny", "attention-tiny")

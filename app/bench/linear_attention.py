@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
 from zoo.kernels import linear_attention
 
 DECODE_STEPS = 8  # single-token calls per timed repeat

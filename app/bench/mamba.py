@@ -11,12 +11,12 @@ that the full step fits the remaining budget.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 
-from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.decode_timer import time_decode
 from zoo.config import ZooConfig
 from zoo.model import ZooForCausalLM
 
@@ -101,27 +101,6 @@ def bench_mamba_train(options: BenchOptions) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def _decode_per_token(model, context: int, steps: int, options: BenchOptions) -> dict:
-    """Prefill `context` tokens once, then time single-token steps from that state."""
-    model.to(options.device).eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device=options.device)
-    cache = model(ids, use_cache=True).cache
-    token = ids[:, -1:]
-
-    def decode():
-        # every repeat restarts from a copy of the prefilled state (a few kB per layer), so the
-        # context is `context` tokens each time; the cache object is updated in place
-        state = copy.deepcopy(cache)
-        for _ in range(steps):
-            state = model(token, cache=state, use_cache=True).cache
-        return state
-
-    result = measure(decode, device=options.device, warmup=1, repeats=options.repeats)
-    return {"median_s": result["median_s"] / steps, "min_s": result["min_s"] / steps,
-            "state_bytes": cache.nbytes()}
-
-
 @register_bench(
     "mamba-decode",
     "decode ms/token of a 4-layer d_model 256 Mamba (and Mamba-2) vs context length, 128 to 8k",
@@ -135,18 +114,18 @@ def bench_mamba_decode(options: BenchOptions) -> list[dict]:
     rows, start = [], time.perf_counter()
     for mixer in ("mamba", "mamba2"):
         model = zoo_mamba(256, d_model, n_layers, mixer)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        _decode_per_token(model, 16, 4, options)  # first-call costs stay out of the first row
+        model.to(options.device)
+        time_decode(model, 16, 4)  # first-call costs stay out of the first row
         for context in contexts:
             if time.perf_counter() - start > options.budget_s:
                 break
-            t = _decode_per_token(model, context, steps, options)
+            timing = time_decode(model, context, steps)
             rows.append({
                 "impl": f"zoo {mixer}", "d_model": d_model, "n_layers": n_layers,
-                "context": context, "decode_ms_per_token": 1e3 * t["median_s"],
-                "decode_min_ms_per_token": 1e3 * t["min_s"],
-                "state_bytes": t["state_bytes"],
-                # every step reads the weights and the state once (and writes the state)
-                "achieved_GB_per_s": (weight_bytes + 2 * t["state_bytes"]) / t["median_s"] / 1e9,
+                "context": context, "decode_ms_per_token": timing.ms_per_token,
+                "decode_min_ms_per_token": timing.min_ms_per_token,
+                "state_bytes": timing.state_bytes,
+                # every step reads the weights and the state once
+                "achieved_GB_per_s": timing.achieved_GB_per_s,
             })
     return rows

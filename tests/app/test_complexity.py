@@ -1,6 +1,6 @@
 import math
 
-from zoo.bench.complexity import complexity_report, exponents, fit_exponent
+from zoo.app.bench.complexity import complexity_report, exponents, fit_exponent
 
 
 def test_fit_exponent_recovers_known_powers():

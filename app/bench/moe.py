@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
 from zoo.config import load_config
 from zoo.layers.ffn import SwiGLU
 from zoo.layers.moe import MoE

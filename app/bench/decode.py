@@ -12,20 +12,22 @@ is never mixed in and one slow step on a shared machine does not move the figure
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import statistics
 import time
 from functools import partial
 
 import torch
 
-from zoo.bench.harness import BenchOptions, format_rows, line_plot, register_bench
+from zoo.app.bench.harness import BenchOptions, format_rows, line_plot, register_bench
+from zoo.app.decode_timer import (
+    NEW_TOKENS,
+    read_bandwidth,
+    time_decode,
+    weight_bytes,
+    without_gc,
+)
 from zoo.config import ZooConfig, load_config, shipped_configs
 from zoo.model import ZooForCausalLM
-
-NEW_TOKENS = 24
-
 
 # --- timing ------------------------------------------------------------------------------------
 
@@ -38,19 +40,6 @@ class _StepClock:
     def __call__(self, input_ids, scores):
         self.times.append(time.perf_counter())
         return scores
-
-
-@contextlib.contextmanager
-def _without_gc():
-    """Python's cyclic collector off while a figure is timed, as timeit does: a collection
-    walks every object transformers and the compiled graphs created, at moments that differ
-    from one figure to the next."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _median_interval_ms(times: list[float]) -> float:
@@ -69,27 +58,9 @@ def hf_generate_ms_per_token(model, ids: torch.Tensor, new_tokens: int = NEW_TOK
     return _median_interval_ms(clock.times)
 
 
-@torch.no_grad()
-def zoo_ms_per_token(model: ZooForCausalLM, ids: torch.Tensor, new_tokens: int = NEW_TOKENS,
-                     compile: bool | str = False) -> tuple[float, int]:
-    """zoo.infer's decode loop (greedy): median step time, and state bytes per sequence.
-    `compile` as generate() takes it (warm a torch.compile'd step up first: its first steps
-    compile)."""
-    from zoo.infer.generate import DecodePlan, decode_steps, flushing_denormals, prefill
-    from zoo.infer.sampling import SamplingConfig
-
-    model.eval()
-    rows = ids.tolist()
-    plan = DecodePlan(SamplingConfig(), new_tokens, None, 0, None, 1, compile=compile)
-    with flushing_denormals(ids.device.type == "cpu"):  # as generate() does on the CPU
-        start = prefill(model, rows)
-        times = [time.perf_counter() for _ in decode_steps(model, start, rows, plan)]
-    return _median_interval_ms(times), start.cache.nbytes()
-
-
 def _zoo_ms(model: ZooForCausalLM, ids: torch.Tensor, new_tokens: int,
             compile: bool | str = False) -> float:
-    return zoo_ms_per_token(model, ids, new_tokens, compile=compile)[0]
+    return time_decode(model, ids, new_tokens, compile=compile).ms_per_token
 
 
 def _params(model) -> int:
@@ -181,6 +152,9 @@ def decode_report(rows: list[dict]) -> str:
             if first["bounded"]:
                 line += ", flat within 10%: " + ("yes" if growth <= 1.10 else "NO")
             line += ")"
+        if last.get("compiled_GB_per_s"):
+            line += (f"; the {compiled} step reads weights and state at "
+                     f"{last['compiled_GB_per_s']:.1f} GB/s at {last['context']} context")
         speedups = [r["speedup_vs_peer"] for r in mine if r.get("speedup_vs_peer")]
         if speedups:
             line += (f"; compiled loop vs {first['peer']}'s generate: x{min(speedups):.1f} to "
@@ -234,18 +208,17 @@ def bench_decode(options: BenchOptions) -> list[dict]:
         bounded = all(block.mixer.bounded for block in model.model.layers)
         torch._dynamo.reset()  # the previous configs' compiled steps are not needed again
         compiled_step = compiled_step_kind(model, options.device)
-        figures, eager_first, state_bytes, notes = {}, {}, {}, {}
+        figures, eager_first, notes = {}, {}, {}
         for context in contexts:
             ids = torch.randint(0, config.vocab_size, (1, context), device=options.device)
             try:
-                eager_first[context], state_bytes[context] = zoo_ms_per_token(
-                    model, ids, new_tokens)
+                eager_first[context] = time_decode(model, ids, new_tokens)
             except ValueError as error:  # a context the config cannot hold (Hyena's max_len)
                 notes[context] = {"config": name, "context": context, "note": str(error)[:80]}
                 continue
             # warm-up: compiles at the first context (10-60 s), recompiles once with the
             # growing shapes dynamic at the next
-            zoo_ms_per_token(model, ids, 4, compile=True)
+            time_decode(model, ids, 4, compile=True)
             figures[context] = {
                 "zoo": partial(_zoo_ms, model, ids, new_tokens),
                 "compiled": partial(_zoo_ms, model, ids, new_tokens, compile=True),
@@ -259,21 +232,23 @@ def bench_decode(options: BenchOptions) -> list[dict]:
         for _ in range(runs):
             for context, figs in figures.items():
                 for figure, measure in figs.items():
-                    with _without_gc():
+                    with without_gc():
                         best[context][figure] = min(best[context][figure], measure())
         for context in contexts:
             if context in notes:
                 rows.append(notes[context])
                 continue
             got = best[context]
+            first = eager_first[context]
             zoo_ms, compiled_ms, loop_ms = (
-                min(eager_first[context], got["zoo"]), got["compiled"], got["loop"])
+                min(first.ms_per_token, got["zoo"]), got["compiled"], got["loop"])
             row = {"config": name, "context": context, "zoo_ms_per_token": zoo_ms,
                    "zoo_compiled_ms": compiled_ms, "hf_generate_on_zoo_ms": loop_ms,
                    "speedup_vs_hf_loop": loop_ms / compiled_ms,
                    "peer": None, "peer_ms_per_token": None, "speedup_vs_peer": None,
                    "speedup_vs_peer_eager": None, "zoo_params": _params(model),
-                   "peer_params": None, "state_bytes": state_bytes[context], "bounded": bounded,
+                   "peer_params": None, "state_bytes": first.state_bytes, "bounded": bounded,
+                   "compiled_GB_per_s": first.bytes_per_step / compiled_ms / 1e6,
                    "threads": torch.get_num_threads(), "compiled_step": compiled_step}
             if peer is not None:
                 peer_ms = got["peer"]
@@ -285,30 +260,6 @@ def bench_decode(options: BenchOptions) -> list[dict]:
 
 
 # --- SmolLM2-135M: the weight-read bound ----------------------------------------------------------
-
-def read_bandwidth(device: str, nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
-    """Bytes per second of reading a large fp32 tensor once (a sum), best of `repeats`: the
-    bandwidth a decode step that reads every weight once is bound by."""
-    x = torch.ones(nbytes // 4, device=device)
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        x.sum().item()
-        times.append(time.perf_counter() - t)
-    return nbytes / min(times)
-
-
-def weight_bytes(model) -> int:
-    """Bytes of the parameters a decode step reads (tied weights once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
 
 @torch.no_grad()
 def gemv_floor_ms(model, repeats: int = 5) -> float:
@@ -326,7 +277,8 @@ def gemv_floor_ms(model, repeats: int = 5) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _smollm2(dtype: torch.dtype = torch.float32):
+def load_smollm2(dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
+    """The real SmolLM2-135M, imported from the GGUF file on this machine."""
     from zoo.hf_import import from_hf
 
     return from_hf("smollm2-135m", dtype=dtype)
@@ -361,16 +313,16 @@ def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
     paired with a bandwidth measurement taken just before it; the ratio is the median of the
     pairs, and the ratio to the best bandwidth seen in the whole run is reported too (the
     stricter figure)."""
-    from zoo.hf_import import _load_source, smollm2_path
+    from zoo.hf_import import load_hf_model, smollm2_path
 
     context = 32 if options.quick else 128
     new_tokens = 8 if options.quick else 32
     repeats = 1 if options.quick else max(3, options.repeats)
     rows = []
-    hf_model, _ = _load_source(str(smollm2_path()), torch.float32)
+    hf_model, _ = load_hf_model(str(smollm2_path()), torch.float32)
     hf_model = hf_model.to(options.device).eval()
     ids = torch.randint(0, 49152, (1, context), device=options.device)
-    with _without_gc():
+    with without_gc():
         hf_ms = hf_generate_ms_per_token(hf_model, ids, new_tokens)
     del hf_model
     rows.append({"model": "smollm2-135m", "dtype": "float32", "mode": "transformers generate",
@@ -382,16 +334,15 @@ def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
     if options.quick:
         plans = plans[:1]
     for dtype, compile in plans:
-        model = _smollm2(dtype).to(options.device).eval()
+        model = load_smollm2(dtype).to(options.device).eval()
         nbytes = weight_bytes(model)
         if compile:
-            zoo_ms_per_token(model, ids, 4, compile=compile)  # warm-up: compiles (1-2 min)
+            time_decode(model, ids, 4, compile=compile)  # warm-up: compiles (1-2 min)
         pairs = []
         for _ in range(repeats):
             bandwidth = read_bandwidth(options.device)
-            with _without_gc():
-                ms, state_bytes = zoo_ms_per_token(model, ids, new_tokens, compile=compile)
-            pairs.append((bandwidth, ms))
+            timing = time_decode(model, ids, new_tokens, compile=compile)
+            pairs.append((bandwidth, timing.ms_per_token))
         zoo_ms = statistics.median(ms for _, ms in pairs)
         best = max(bw for bw, _ in pairs)
         # bf16 weights: half the bytes at the same bandwidth
@@ -409,7 +360,7 @@ def bench_decode_smollm2(options: BenchOptions) -> list[dict]:
             "gemv_floor_ms": gemv_floor_ms(model),
             "speedup_vs_transformers": hf_ms / zoo_ms if dtype == torch.float32 else None,
             "runs": [(round(bw / 1e9, 1), round(ms, 2)) for bw, ms in pairs],
-            "state_bytes": state_bytes, "threads": torch.get_num_threads(),
+            "state_bytes": timing.state_bytes, "threads": torch.get_num_threads(),
         })
         del model
     # the strict bound: the best bandwidth seen anywhere in this run (it moves between phases)
@@ -449,7 +400,7 @@ def truncated_draft(model: ZooForCausalLM, n_layers: int) -> ZooForCausalLM:
 def bench_speculative(options: BenchOptions) -> list[dict]:
     from zoo.infer import generate, speculative_generate
 
-    target = _smollm2().to(options.device).eval()
+    target = load_smollm2().to(options.device).eval()
     tokenizer = target.tokenizer
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "List the planets of the solar system in order."}],

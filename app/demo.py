@@ -8,7 +8,7 @@
    a short and a long context (the teacher's KV cache grows; the student's state does not), and
    write the same as `runs/demo/REPORT.md` with PNG plots beside it.
 
-    python -m zoo.demo [--out runs/demo] [--quick]
+    python -m zoo.app.demo [--out runs/demo] [--quick]
 
 Budgets are step counts, not wall time, so the run is the same on every machine; `--quick` is a
 smoke-sized version (about a minute).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.cli import human_bytes
+from zoo.app.cli import human_bytes
 
 PROMPT = "    def __init__(self, "
 LONG_CONTEXT = 4096
@@ -65,10 +65,9 @@ def train_teacher(out: Path, quick: bool) -> dict:
 
 def distill_student(out: Path, quick: bool):
     """Step 2 (zoo.train.distill): linearise the teacher, attention transfer, KD."""
-    from zoo.train.config import _build
-    from zoo.train.distill import Distiller, DistillRunConfig
+    from zoo.train.distill import Distiller, distill_config_from_dict
 
-    run = _build(DistillRunConfig, student_run(out, quick), "").check()
+    run = distill_config_from_dict(student_run(out, quick))
     distiller = Distiller(run, overwrite=True)
     return distiller, distiller.fit()
 
@@ -107,15 +106,16 @@ def plot_decode(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m zoo.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m zoo.app.demo",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/demo", help="the run directory")
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     args = parser.parse_args(argv)
     out = Path(args.out)
     torch.manual_seed(0)
     start = time.perf_counter()
-    from zoo.bench.harness import device_name
-    from zoo.train.distill import measure_decode, write_report
+    from zoo.app.bench.harness import device_name
+    from zoo.app.distill_report import measure_decode, write_report
 
     print("== 1. a softmax-attention teacher, trained on the Python standard library (bytes)")
     teacher_summary = train_teacher(out, args.quick)

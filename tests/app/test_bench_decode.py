@@ -1,6 +1,6 @@
 """The decode benchmarks' reports: what they conclude from the rows they are given."""
 
-from zoo.bench.decode import decode_report, smollm2_report
+from zoo.app.bench.decode import decode_report, smollm2_report
 
 
 def _row(config, context, eager, compiled, peer_ms=None, bounded=True):
