@@ -139,7 +139,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    from zoo.infer.text import add_generate_arguments
+    from zoo.app.generate import add_generate_arguments
 
     add_generate_arguments(p)
 
@@ -147,7 +147,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 @command("generate", "generate text from a checkpoint, a config (untrained) or smollm2-135m",
          _generate_arguments)
 def run_generate(args: argparse.Namespace) -> int:
-    from zoo.infer.text import run_generate_command
+    from zoo.app.generate import run_generate_command
 
     return run_generate_command(args)
 
