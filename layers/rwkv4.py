@@ -160,28 +160,28 @@ class ChannelMixState(MixerState):
     shift: torch.Tensor
 
 
-@register_ffn("rwkv4_cmix")
-class Rwkv4ChannelMix(FFN):
-    """RWKV-4 channel mixing. x: (B, T, d_model) -> (B, T, d_model).
+class RwkvChannelMix(FFN):
+    """RWKV channel mixing, the one body of RWKV-4's and RWKV-6's. x: (B, T, d_model) -> same.
 
-    out = sigmoid(receptance(xr)) * value(relu(key(xk))^2), xk / xr interpolating x with the
-    previous token (x * mix + prev * (1 - mix)). hidden_size defaults to 4 * d_model.
+    out = sigmoid(receptance(xr)) * value(relu(key(xk))^2), where xk and xr interpolate each
+    token with the one before it. The versions differ only in their interpolation weights
+    (names and which side they weigh, kept so each version's checkpoints load by name) and in
+    hidden_size's default: a subclass holds those and `interpolate`.
     """
 
     state_class = ChannelMixState
 
-    def __init__(self, d_model: int, *, hidden_size: int | None = None):
+    def __init__(self, d_model: int, hidden_size: int):
         super().__init__(d_model)
-        hidden_size = hidden_size or 4 * d_model
-        self.time_mix_key = nn.Parameter(torch.empty(1, 1, d_model))
-        self.time_mix_receptance = nn.Parameter(torch.empty(1, 1, d_model))
         self.key = Linear(d_model, hidden_size, bias=False)
         self.receptance = Linear(d_model, d_model, bias=False)
         self.value = Linear(hidden_size, d_model, bias=False)
-        with torch.no_grad():
-            # RWKV-LM's ramp at mid depth: an FFN is built without knowing its layer
-            self.time_mix_key.copy_(_channel_ramp(d_model) ** 0.5)
-            self.time_mix_receptance.copy_(_channel_ramp(d_model) ** 0.5)
+
+    def interpolate(
+        self, x: torch.Tensor, shifted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(xk, xr): the inputs of key and receptance, from x and the previous tokens."""
+        raise NotImplementedError
 
     def init_state(self, batch_size, device=None, dtype=None):
         return ChannelMixState(torch.zeros(
@@ -194,9 +194,28 @@ class Rwkv4ChannelMix(FFN):
 
     def forward(self, x, state=None):
         check_ffn_state(self, x, state)
-        shifted = token_shift(x, state.shift if state is not None else None)
-        xk = x * self.time_mix_key + shifted * (1 - self.time_mix_key)
-        xr = x * self.time_mix_receptance + shifted * (1 - self.time_mix_receptance)
+        xk, xr = self.interpolate(x, token_shift(x, state.shift if state is not None else None))
         k = torch.relu(self.key(xk)).square()
         out = torch.sigmoid(self.receptance(xr)) * self.value(k)
         return out, ChannelMixState(last_token(x))
+
+
+@register_ffn("rwkv4_cmix")
+class Rwkv4ChannelMix(RwkvChannelMix):
+    """RWKV-4 channel mixing: x * time_mix_* + prev * (1 - time_mix_*), as transformers'
+    `RwkvFeedForward` names it. hidden_size defaults to 4 * d_model.
+    """
+
+    def __init__(self, d_model: int, *, hidden_size: int | None = None):
+        super().__init__(d_model, hidden_size or 4 * d_model)
+        self.time_mix_key = nn.Parameter(torch.empty(1, 1, d_model))
+        self.time_mix_receptance = nn.Parameter(torch.empty(1, 1, d_model))
+        with torch.no_grad():
+            # RWKV-LM's ramp at mid depth: an FFN is built without knowing its layer
+            self.time_mix_key.copy_(_channel_ramp(d_model) ** 0.5)
+            self.time_mix_receptance.copy_(_channel_ramp(d_model) ** 0.5)
+
+    def interpolate(self, x, shifted):
+        xk = x * self.time_mix_key + shifted * (1 - self.time_mix_key)
+        xr = x * self.time_mix_receptance + shifted * (1 - self.time_mix_receptance)
+        return xk, xr

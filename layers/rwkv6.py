@@ -26,10 +26,10 @@ from torch import nn
 from zoo.kernels import linear_attention
 from zoo.kernels.wkv4 import state_dtype
 
-from .base import FFN, Mixer, MixerState
+from .base import Mixer, MixerState
 from .linear import Linear
 from .registry import register_ffn, register_mixer
-from .rwkv4 import ChannelMixState, _channel_ramp, check_ffn_state, last_token, token_shift
+from .rwkv4 import RwkvChannelMix, _channel_ramp, last_token, token_shift
 
 
 @dataclasses.dataclass
@@ -168,42 +168,21 @@ class Rwkv6TimeMix(Mixer):
 
 
 @register_ffn("rwkv6_cmix")
-class Rwkv6ChannelMix(FFN):
-    """RWKV-6 channel mixing. x: (B, T, d_model) -> (B, T, d_model).
-
-    As RWKV-4's, with RWKV-6's interpolation x + (prev - x) * time_maa_*; hidden_size defaults
-    to RWKV-LM's 3.5 * d_model rounded down to a multiple of 32.
+class Rwkv6ChannelMix(RwkvChannelMix):
+    """RWKV-6 channel mixing: RWKV-4's with RWKV-6's interpolation x + (prev - x) * time_maa_*
+    (time_maa = 1 - RWKV-4's time_mix); hidden_size defaults to RWKV-LM's 3.5 * d_model
+    rounded down to a multiple of 32.
     """
 
-    state_class = ChannelMixState
-
     def __init__(self, d_model: int, *, hidden_size: int | None = None):
-        super().__init__(d_model)
-        hidden_size = hidden_size or max(32, int(3.5 * d_model) // 32 * 32)
+        super().__init__(d_model, hidden_size or max(32, int(3.5 * d_model) // 32 * 32))
         self.time_maa_k = nn.Parameter(torch.empty(1, 1, d_model))
         self.time_maa_r = nn.Parameter(torch.empty(1, 1, d_model))
-        self.key = Linear(d_model, hidden_size, bias=False)
-        self.receptance = Linear(d_model, d_model, bias=False)
-        self.value = Linear(hidden_size, d_model, bias=False)
         with torch.no_grad():
             # RWKV-LM's ramp at mid depth: an FFN is built without knowing its layer
             self.time_maa_k.copy_(1.0 - _channel_ramp(d_model) ** 0.5)
             self.time_maa_r.copy_(1.0 - _channel_ramp(d_model) ** 0.5)
 
-    def init_state(self, batch_size, device=None, dtype=None):
-        return ChannelMixState(torch.zeros(
-            batch_size, self.d_model, device=device or self.key.weight.device,
-            dtype=dtype or self.key.weight.dtype,
-        ))
-
-    def state_size(self, seq_len, dtype=torch.float32):
-        return self.d_model * torch.empty((), dtype=dtype).element_size()
-
-    def forward(self, x, state=None):
-        check_ffn_state(self, x, state)
-        delta = token_shift(x, state.shift if state is not None else None) - x
-        xk = x + delta * self.time_maa_k
-        xr = x + delta * self.time_maa_r
-        k = torch.relu(self.key(xk)).square()
-        out = torch.sigmoid(self.receptance(xr)) * self.value(k)
-        return out, ChannelMixState(last_token(x))
+    def interpolate(self, x, shifted):
+        delta = shifted - x
+        return x + delta * self.time_maa_k, x + delta * self.time_maa_r
