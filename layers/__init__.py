@@ -6,6 +6,7 @@ Importing this package registers every mixer and FFN below; a new mixer module a
 # Importing the modules registers their mixers and FFNs.
 from . import (  # noqa: F401
     attention,
+    bounded_memory,
     ffn,
     hyena,
     linear_attention,

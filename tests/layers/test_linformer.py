@@ -1,16 +1,17 @@
-"""Linformer: the causal bounded-memory mixer against its token-by-token definition, its
-bounded state, the refusal of the bidirectional form as a causal mixer, and the bidirectional
-module on its own (the contract suite covers the registered mixer's state contract)."""
+"""Linformer: the causal bounded-memory (ABC-style) mixer registered as `linformer` against its
+token-by-token definition, its bounded state, the refusal of the bidirectional form as a causal
+mixer, and the paper's bidirectional module on its own (the contract suite covers the registered
+mixer's state contract)."""
 
 import pytest
 import torch
 
 from zoo.layers import build_mixer, validate_mixer_spec
-from zoo.layers.linformer import (
-    LinformerSelfAttention,
+from zoo.layers.bounded_memory_attention import (
     bounded_memory_attention_chunked,
     bounded_memory_attention_reference,
 )
+from zoo.layers.linformer import LinformerSelfAttention
 from zoo.testing import assert_close
 
 
