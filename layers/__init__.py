@@ -17,6 +17,7 @@ from . import (  # noqa: F401
     retnet,
     rwkv4,
     rwkv6,
+    window_linear_attention,
 )
 from .base import FFN, Mixer, MixerState
 from .norms import RMSNorm, build_norm
