@@ -198,11 +198,11 @@ def fast_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool, b
     an error where it does not apply; "inductor": `compiled_decode_step`; True: native where it
     applies, inductor otherwise."""
     if mode in (True, "native"):
-        reason = native.unsupported(model, layout, batch_size)
-        if reason is None:
+        support = native.native_support(model, layout, batch_size)
+        if support:
             return native.native_decode_step(model, layout, greedy)
         if mode == "native":
-            raise ValueError(f"compile='native' does not apply to this model: {reason}")
+            raise ValueError(f"compile='native' does not apply to this model: {support.reason}")
     return compiled_decode_step(model, layout, greedy)
 
 

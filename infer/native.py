@@ -4,13 +4,14 @@ SwiGLU or GELU FFNs and RMSNorm (Llama, SmolLM2, attention-tiny) decodes through
 step. Same arguments and results as `compiled_decode_step`'s step (the cache as tensors and
 ints); logits equal the model's own up to summation order (float32).
 
-    reason = unsupported(model, layout, batch_size)   # None where the native step applies
-    step = native_decode_step(model, layout, greedy)
+    support = native_support(model, layout, batch_size)   # truthy where the step applies
+    step = native_decode_step(model, layout, greedy)        # else support.reason says why not
     logits_or_tokens, tensors, ints = step(ids, tensors, ints)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -32,8 +33,25 @@ NativeStep = Callable[
 ]
 
 
-def unsupported(model: ZooForCausalLM, layout: CacheLayout, batch_size: int) -> str | None:
-    """Why `model` cannot take the native step with this cache, or None where it can."""
+@dataclasses.dataclass(frozen=True)
+class NativeSupport:
+    """Whether a model takes the native step (truthy when it does) and, when not, why."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def native_support(model: ZooForCausalLM, layout: CacheLayout, batch_size: int) -> NativeSupport:
+    """Whether `model` can take the native step with this cache layout and batch size."""
+    reason = _why_not_native(model, layout, batch_size)
+    return NativeSupport(ok=reason is None, reason=reason or "")
+
+
+def _why_not_native(model: ZooForCausalLM, layout: CacheLayout, batch_size: int) -> str | None:
+    """The first check `model` fails, or None where it passes them all."""
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
         return f"the model is on {weight.device}; the native step runs on the CPU"
@@ -119,7 +137,7 @@ def _weights(model: ZooForCausalLM) -> tuple[list, list, str]:
 
 
 def native_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool) -> NativeStep:
-    """The native step for `model` (check `unsupported` first):
+    """The native step for `model` (check `native_support` first):
 
         out, tensors, ints = step(ids (B, 1), tensors, ints)
 

@@ -172,7 +172,7 @@ def compiled_step_kind(model: ZooForCausalLM, device: str) -> str:
     from zoo.infer.generate import prefill
 
     layout = prefill(model, [[0]]).cache.flatten()[0]
-    return "native" if native.unsupported(model, layout, 1) is None else "inductor"
+    return "native" if native.native_support(model, layout, 1) else "inductor"
 
 
 @register_bench(

@@ -10,7 +10,7 @@ import torch
 import zoo
 from zoo.infer import generate
 from zoo.infer.generate import decode_step, fast_decode_step, prefill
-from zoo.infer.native import native_decode_step, unsupported
+from zoo.infer.native import NativeSupport, native_decode_step, native_support
 
 # the module (zoo.infer.generate is also the function's name)
 loop = importlib.import_module("zoo.infer.generate")
@@ -50,7 +50,7 @@ def test_native_step_equals_the_models_own_step(variant, caches_equal):
     start.cache.reserve(8)
     eager_cache = copy.deepcopy(start.cache)
     layout, tensors, ints = start.cache.flatten()
-    assert unsupported(model, layout, 2) is None
+    assert native_support(model, layout, 2) == NativeSupport(ok=True, reason="")
     step = native_decode_step(model, layout, greedy=False)
     tokens = start.logits.argmax(-1)
     for _ in range(6):
@@ -91,7 +91,8 @@ def test_other_models_take_torch_compile_and_say_why_not_native(monkeypatch):
     start = prefill(mamba, [[1, 2, 3]])
     layout = start.cache.flatten()[0]
     assert fast_decode_step(mamba, layout, False, 1, True) == "inductor step"
-    assert "layer 0's mixer is Mamba" in unsupported(mamba, layout, 1)
+    support = native_support(mamba, layout, 1)
+    assert not support and "layer 0's mixer is Mamba" in support.reason
     with pytest.raises(ValueError, match="compile='native' does not apply to this model: "
                        "layer 0's mixer is Mamba"):
         fast_decode_step(mamba, layout, False, 1, "native")
@@ -108,15 +109,15 @@ def test_other_models_take_torch_compile_and_say_why_not_native(monkeypatch):
 def test_unsupported_stacks_are_named(change, reason):
     model = _model(**change)
     layout = prefill(model, [[1, 2]]).cache.flatten()[0]
-    assert reason in unsupported(model, layout, 1)
+    assert reason in native_support(model, layout, 1).reason
 
 
 def test_large_batches_and_float64_are_left_to_torch_compile():
     model = _model()
     layout = prefill(model, [[1, 2]]).cache.flatten()[0]
-    assert "batch 17 > 16 rows" in unsupported(model, layout, 17)
+    assert "batch 17 > 16 rows" in native_support(model, layout, 17).reason
     model.double()
-    assert "torch.float64" in unsupported(model, layout, 1)
+    assert "torch.float64" in native_support(model, layout, 1).reason
 
 
 def test_bfloat16_model_decodes_natively_close_to_eager():
