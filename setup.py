@@ -1,4 +1,4 @@
-"""Maps the top-level folders to `zoo.*` packages and lists their subpackages (see DESIGN.md)."""
+"""Maps the top-level folders to `zoo.*` packages and lists their subpackages (docs/design.md)."""
 
 from pathlib import Path
 

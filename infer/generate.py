@@ -4,9 +4,10 @@
     result.tokens        # generated ids per row (the stop token included when one was hit)
     result.stats         # prefill / decode tokens per second, state bytes per sequence
 
-Read top to bottom, as gpt-fast lays it out: the lean model step (`decode_step`), the prefill
-of a ragged batch (`prefill`), the decode loop (`decode_steps`, a generator that never reads a
-value back to the host unless stopping needs it) and `generate` / `stream` around them.
+Laid out as gpt-fast lays it out: the lean model step (`decode_step`, step.py), the prefill of
+a ragged batch (`prefill`, prefill.py), the compiled and native steps (compiled.py), and here the
+decode loop (`decode_steps`, a generator that never reads a value back to the host unless
+stopping needs it) with `generate` / `stream` around it.
 
 Ragged batches. Left padding feeds pad tokens into a recurrence and corrupts its state, so zoo
 never pads a prompt. Rows are prefilled at their own lengths, grouped by length (each group in
@@ -23,22 +24,31 @@ the batch keeps stepping them on a filler token until every row is done.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from zoo.cache import CacheLayout, ZooCache
-from zoo.layers import MixerState
+from zoo.cache import ZooCache
 from zoo.model import ZooForCausalLM
 
-from . import native
+from .compiled import (  # noqa: F401  (the compile machinery's names, also importable from here)
+    COMPILE_MODES,
+    CompiledStep,
+    compiled_decode_step,
+    fast_decode_step,
+)
+from .prefill import (  # noqa: F401  (the prefill's names, also importable from here)
+    Prefilled,
+    Prompts,
+    merge_caches,
+    normalize_prompts,
+    prefill,
+    states_mergeable,
+)
 from .sampling import SamplingConfig, choose_tokens
-
-Prompts = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+from .step import decode_step, flushing_denormals, forward_logits  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -84,281 +94,6 @@ class GenerationResult:
     @property
     def sequences(self) -> list[list[int]]:
         return [p + t for p, t in zip(self.prompts, self.tokens)]
-
-
-# ---------------------------------------------------------------------------------------------
-# The model step
-
-
-def decode_step(model: ZooForCausalLM, ids: torch.Tensor, cache: ZooCache) -> torch.Tensor:
-    """Feed ids (B, T) through the states in `cache` (updated in place); the logits of the last
-    position (B, V). No input validation: the hot path skips forward()'s host-side id check."""
-    hidden, _, _ = model.model(ids, None, cache)
-    return model.lm_head(hidden[:, -1])
-
-
-def forward_logits(model: ZooForCausalLM, ids: torch.Tensor, cache: ZooCache) -> torch.Tensor:
-    """Like decode_step, but the logits of every position (B, T, V): speculative verification."""
-    hidden, _, _ = model.model(ids, None, cache)
-    return model.lm_head(hidden)
-
-
-class _CompiledSteps(dict):
-    """A model's compiled steps, kept in its __dict__. They close over that model object, so a
-    copy of the model (deepcopy, pickle) starts without them rather than running the
-    original's weights."""
-
-    def __deepcopy__(self, memo) -> _CompiledSteps:
-        return _CompiledSteps()
-
-    def __reduce__(self):
-        return _CompiledSteps, ()
-
-
-CompiledStep = Callable[
-    [torch.Tensor, list[torch.Tensor], list[int]],
-    tuple[torch.Tensor, list[torch.Tensor], list[int]],
-]
-
-
-def _skip_module_and_global_guards(entries) -> list[bool]:
-    """A guard_filter_fn: keep every guard but those on nn.Modules and on globals."""
-    off_modules = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
-    off_globals = torch.compiler.skip_guard_on_globals_unsafe(entries)
-    return [keep and also for keep, also in zip(off_modules, off_globals)]
-
-
-def compiled_decode_step(
-    model: ZooForCausalLM, layout: CacheLayout, greedy: bool = False
-) -> CompiledStep:
-    """`decode_step` under torch.compile, on a cache taken apart by `ZooCache.flatten`:
-
-        logits, tensors, ints = step(ids, tensors, ints)
-
-    With greedy=True the step returns the argmax tokens (B,) in place of the logits: greedy
-    decoding then runs no op outside the graph (the argmax alone was 3 us a token).
-
-    The step takes and returns the cache's tensors and integers, not its objects: dynamo
-    then rebuilds no state objects after each step (a tenth of a tiny model's step, 1 ms of
-    SmolLM2's). One compiled step per model, dtype, device and layout, kept on the model.
-
-    On CUDA the step is compiled without CUDA graphs (see `_compile_options`); checked against
-    eager decoding on an H200 for every tiny config (tests/infer/test_generate_cuda.py).
-
-    On the CPU a tiny model's step is all fixed cost: one call per op. Inductor fuses the step's
-    small ops into a few C++ kernels, and its decompose-mm pass turns one-row products (batch
-    1, sides up to 2048) into reductions it fuses too, where each would be a BLAS call of a few
-    microseconds. Shapes start static; the first step whose lengths differ (a KV cache, the
-    token count) recompiles once with them dynamic. Attention reads its KV cache through the
-    C++ decode kernel, an opaque op in the graph; where the PyTorch path stands in (float64, no
-    compiler), one more compile comes when a KV cache passes 4096 tokens: inductor
-    sums longer float32 reductions (the softmax over the cache) in cascaded blocks for
-    precision, and guards the length on that side of 4096.
-    """
-    weight = next(model.parameters())
-    # a .to() keeps the parameter objects (whose guards are skipped, below): compile anew
-    key = (weight.dtype, weight.device, layout, greedy)
-    steps = model.__dict__.setdefault("_zoo_compiled_decode_steps", _CompiledSteps())
-    if key not in steps:
-        on_cuda = weight.device.type == "cuda"
-
-        def step(ids, tensors, ints):
-            cache = layout.unflatten(tensors, ints)
-            logits = decode_step(model, ids, cache)
-            new_layout, tensors, ints = cache.flatten()
-            if new_layout != layout:  # checked while tracing; costs nothing per step
-                raise RuntimeError(f"a decode step changed the cache's layout: {new_layout}")
-            if greedy:  # as choose_tokens picks greedily
-                return logits.float().argmax(dim=-1), tensors, ints
-            return logits, tensors, ints
-
-        # dynamo keeps compiled graphs per code object: a code object of this model's own keeps
-        # another model (whose module guards are skipped too) from running this one's graphs
-        step.__code__ = step.__code__.replace(co_name=f"decode_step_{len(steps)}_{id(model):x}")
-        # Guards on the model's modules are skipped: checking hundreds of parameters cost a
-        # tenth of SmolLM2's step. Weights may change in place, and a new dtype or device
-        # compiles anew (the key above); swapping modules needs a new model object. Guards on
-        # globals (the functions and classes the layers call: torch's, einops', zoo's) go too,
-        # another 8% of a tiny model's step: monkeypatching one of them after the step
-        # compiled goes unnoticed.
-        # The size asserts inductor puts before each kernel re-check what the guards on the
-        # inputs checked already (and the parameters' layouts, which only module surgery
-        # changes): 20% of a tiny model's compiled step.
-        steps[key] = torch.compile(step, dynamic=None, options=_compile_options(on_cuda))
-    return steps[key]
-
-
-COMPILE_MODES = (False, True, "inductor", "native")
-
-
-def fast_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool, batch_size: int,
-                     mode: bool | str = True) -> CompiledStep:
-    """The step `generate(compile=mode)` runs. "native": zoo.infer.native's C++ step, one call
-    per token (CPU; stacks of attention with SwiGLU or GELU FFNs and RMSNorm; at most 16 rows),
-    an error where it does not apply; "inductor": `compiled_decode_step`; True: native where it
-    applies, inductor otherwise."""
-    if mode in (True, "native"):
-        support = native.native_support(model, layout, batch_size)
-        if support:
-            return native.native_decode_step(model, layout, greedy)
-        if mode == "native":
-            raise ValueError(f"compile='native' does not apply to this model: {support.reason}")
-    return compiled_decode_step(model, layout, greedy)
-
-
-def _compile_options(on_cuda: bool) -> dict:
-    """torch.compile's options for the decode step. No CUDA graphs on CUDA: the step's new
-    states are its outputs and the next step's inputs, which a graph replay overwrites
-    (cudagraph trees refused every bounded mixer on an H200), and attention's in-place KV
-    writes make inductor skip the capture anyway."""
-    options = {"guard_filter_fn": _skip_module_and_global_guards, "size_asserts": False}
-    if not on_cuda:
-        options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
-    return options
-
-
-@contextlib.contextmanager
-def flushing_denormals(enabled: bool = True) -> Iterator[None]:
-    """CPU floats below ~1e-38 read as zero inside the block (x86 FTZ/DAZ).
-
-    A recurrent state decays old contributions geometrically, and after thousands of tokens
-    some reach the denormal range, where x86 arithmetic is many times slower: Mamba-tiny's
-    compiled step went from 0.063 to 0.083 ms/token after an 8k-token prompt. Values that small
-    cannot change a token. The mode is per thread and torch has no getter for it: it is
-    switched back off (torch's default) on exit.
-    """
-    if not enabled:
-        yield
-        return
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts and prefill
-
-
-def normalize_prompts(prompts: Prompts, vocab_size: int) -> list[list[int]]:
-    """A list of token-id lists; a flat list or a 1-D tensor is one prompt. Ids are checked here,
-    once, so the decode loop never validates."""
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        prompts = [prompts]
-    rows = [list(map(int, row)) for row in prompts]
-    if not rows:
-        raise ValueError("prompts is empty: give at least one prompt of token ids")
-    for i, row in enumerate(rows):
-        if not row:
-            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
-        bad = [t for t in row if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompts[{i}] contains token id {bad[0]}, outside the vocabulary "
-                f"[0, {vocab_size}) (config.vocab_size={vocab_size})"
-            )
-    return rows
-
-
-def _merge_states(states: list[MixerState | None]) -> MixerState | None:
-    """Concatenate per-group states along the batch, or raise ValueError when a field (a length,
-    a buffer capacity) differs between groups."""
-    if all(s is None for s in states):
-        return None
-    first = states[0]
-    if any(s is None or type(s) is not type(first) for s in states):
-        raise ValueError("states of different kinds")
-    changes = {}
-    for field in dataclasses.fields(first):
-        values = [getattr(s, field.name) for s in states]
-        if isinstance(values[0], torch.Tensor):
-            if any(v.shape[1:] != values[0].shape[1:] for v in values):
-                raise ValueError(f"{field.name} shapes differ")
-            changes[field.name] = torch.cat(values, dim=0)
-        elif any(v != values[0] for v in values):
-            raise ValueError(f"{field.name} differs")
-    return dataclasses.replace(first, **changes)
-
-
-def merge_caches(caches: list[ZooCache]) -> ZooCache | None:
-    """One cache holding the rows of every cache in order, or None when some state carries a
-    per-batch length (attention, Hyena) that differs between the caches."""
-    merged = ZooCache(len(caches[0]))
-    try:
-        for i in range(len(merged)):
-            mixer = _merge_states([c.layers[i][0] for c in caches])
-            ffn = _merge_states([c.layers[i][1] for c in caches])
-            merged.layers[i] = (mixer, ffn)
-    except ValueError:
-        return None
-    merged.seen_tokens = max(c.seen_tokens for c in caches)
-    return merged
-
-
-_MERGEABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def states_mergeable(model: ZooForCausalLM) -> bool:
-    """Whether states after different prompt lengths concatenate along the batch: probed once
-    per model by prefilling one- and two-token prompts and trying."""
-    if model not in _MERGEABLE:
-        device = model.lm_head.weight.device
-        caches = []
-        for length in (1, 2):
-            cache = model.new_cache()
-            decode_step(model, torch.zeros(1, length, dtype=torch.long, device=device), cache)
-            caches.append(cache)
-        _MERGEABLE[model] = merge_caches(caches) is not None
-    return _MERGEABLE[model]
-
-
-@dataclasses.dataclass
-class Prefilled:
-    logits: torch.Tensor  # (B, V): the distribution of each row's next token
-    cache: ZooCache
-    tails: list[list[int]]  # prompt tokens each row still has to feed (catch-up), often empty
-    merged: bool
-
-
-def prefill(model: ZooForCausalLM, prompts: list[list[int]]) -> Prefilled:
-    """Run every prompt through the model in the parallel form (see the module docstring)."""
-    device = model.lm_head.weight.device
-    lengths = [len(p) for p in prompts]
-    if len(set(lengths)) == 1:
-        cache = model.new_cache()
-        logits = decode_step(model, torch.tensor(prompts, device=device), cache)
-        return Prefilled(logits, cache, [[] for _ in prompts], merged=False)
-
-    if not states_mergeable(model):
-        # Length-carrying states: prefill the common prefix together, feed the rest step by step.
-        shortest = min(lengths)
-        cache = model.new_cache()
-        ids = torch.tensor([p[:shortest] for p in prompts], device=device)
-        logits = decode_step(model, ids, cache)
-        return Prefilled(logits, cache, [p[shortest:] for p in prompts], merged=False)
-
-    groups: dict[int, list[int]] = {}
-    for row, length in enumerate(lengths):
-        groups.setdefault(length, []).append(row)
-    order, caches, logits = [], [], []
-    for rows in groups.values():
-        cache = model.new_cache()
-        ids = torch.tensor([prompts[r] for r in rows], device=device)
-        logits.append(decode_step(model, ids, cache))
-        caches.append(cache)
-        order += rows
-    merged = merge_caches(caches)
-    if merged is None:
-        raise RuntimeError("states_mergeable() said yes but the prefilled states do not merge")
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    inverse = inverse.to(device)
-    return Prefilled(torch.cat(logits).index_select(0, inverse),
-                     merged.index_select(inverse), [[] for _ in prompts], merged=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +188,7 @@ def decode_steps(
 # generate and stream
 
 
-def _stop_tokens(model: ZooForCausalLM, stop_tokens, eos_token_id) -> list[int]:
+def resolve_stop_tokens(model: ZooForCausalLM, stop_tokens, eos_token_id) -> list[int]:
     if stop_tokens is None and eos_token_id is None:
         eos_token_id = model.config.eos_token_id  # transformers' default as well
     found: list[int] = []
@@ -531,7 +266,7 @@ def generate(
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
     rows = normalize_prompts(prompts, model.config.vocab_size)
     device = model.lm_head.weight.device
-    stops = _stop_tokens(model, stop_tokens, eos_token_id)
+    stops = resolve_stop_tokens(model, stop_tokens, eos_token_id)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

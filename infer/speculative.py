@@ -34,8 +34,10 @@ from zoo.layers.attention import AttentionState
 from zoo.layers.hyena import HyenaState
 from zoo.model import ZooForCausalLM
 
-from .generate import _stop_tokens, decode_step, forward_logits, normalize_prompts
+from .generate import resolve_stop_tokens
+from .prefill import normalize_prompts
 from .sampling import SamplingConfig, probabilities, sample_from_probs
+from .step import decode_step, forward_logits
 
 # States whose older objects stay valid when a newer one appends (see their docstrings).
 _APPEND_ONLY = (AttentionState, HyenaState)
@@ -169,7 +171,7 @@ def speculative_generate(
         raise ValueError(f"speculative decoding takes one prompt, got {len(rows)}")
     prompt_ids = rows[0]
     sampling = SamplingConfig(temperature, top_k, top_p)
-    stops = set(_stop_tokens(target, stop_tokens, eos_token_id))
+    stops = set(resolve_stop_tokens(target, stop_tokens, eos_token_id))
     device = target.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     modes = (target.training, draft.training)

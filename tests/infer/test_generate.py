@@ -312,7 +312,7 @@ def test_plain_greedy_picks_its_tokens_inside_the_compiled_step(make_model):
 def test_the_compile_options_are_accepted(on_cuda):
     """torch.compile refuses a mode together with options: the CUDA step once asked for both
     (every compiled CUDA decode failed)."""
-    from zoo.infer.generate import _compile_options
+    from zoo.infer.compiled import _compile_options
 
     step = torch.compile(lambda x: x * 2 + 1, dynamic=None, options=_compile_options(on_cuda))
     x = torch.randn(3)

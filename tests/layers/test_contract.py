@@ -1,4 +1,4 @@
-"""The state contract (DESIGN.md), checked for every registered mixer and each of its
+"""The state contract (docs/design.md), checked for every registered mixer and each of its
 `test_variants`: registering a mixer is enough to have it tested here."""
 
 import dataclasses
