@@ -12,23 +12,7 @@ from pathlib import Path
 import torch
 
 from zoo.model import ZooForCausalLM
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255."""
-
-    eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).exists() for name in
-               ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+from zoo.tokenizer import ByteTokenizer, has_tokenizer_files
 
 
 def load_for_generation(
@@ -50,7 +34,7 @@ def load_for_generation(
     elif path.is_dir() and (path / "config.json").exists():
         model = ZooForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = None
-        if _has_tokenizer(path):
+        if has_tokenizer_files(path):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path)

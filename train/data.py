@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from zoo.tokenizer import ByteTokenizer
 from zoo.train.config import DataSection, RunConfigError
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
@@ -50,24 +51,6 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255. Byte 0 (NUL, absent from text) separates documents."""
-
-    vocab_size = 256
-    eos_id = 0
-    fingerprint = "byte"
-
-    def encode(self, text: str | bytes) -> list[int]:
-        data = text if isinstance(text, bytes) else text.encode("utf-8")
-        return list(data)
-
-    def encode_array(self, data: bytes) -> np.ndarray:
-        return np.frombuffer(data, dtype=np.uint8)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:

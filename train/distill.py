@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from zoo.config import ConfigError, ZooConfig, load_config
 from zoo.model import ZooForCausalLM
+from zoo.tokenizer import has_tokenizer_files
 from zoo.train import losses as L
 from zoo.train.checkpoint import (
     CheckpointError,
@@ -317,11 +318,6 @@ def _save_tokenizer(tokenizer: Any, name: str) -> str:
     return str(folder)
 
 
-def _has_tokenizer_files(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                "tokenizer.model", "vocab.json"))
-
-
 def _zoo_run_tokenizer(run_config: Mapping[str, Any] | None) -> str | None:
     if not run_config:
         return None
@@ -392,7 +388,7 @@ def _load_teacher_model(source: str, dtype: torch.dtype) -> tuple[nn.Module, str
 
 
 def _dir_tokenizer(folder: Path) -> str | None:
-    return str(folder) if _has_tokenizer_files(folder) else None
+    return str(folder) if has_tokenizer_files(folder) else None
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
