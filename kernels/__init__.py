@@ -10,13 +10,14 @@ from .decode_attention import decode_attention
 from .fft_conv import fft_conv
 from .linear_attention import linear_attention
 from .moe import moe_experts
+from .precision import compute_dtype
 from .rms_norm import rms_norm
 from .selective_scan import selective_scan
 from .window_linear_attention import window_linear_attention
 from .wkv4 import wkv4
 
 __all__ = [
-    "BACKENDS", "causal_conv1d", "decode_attention", "fft_conv", "linear_attention",
-    "moe_experts", "resolve_backend", "rms_norm", "selective_scan", "wkv4",
+    "BACKENDS", "causal_conv1d", "compute_dtype", "decode_attention", "fft_conv",
+    "linear_attention", "moe_experts", "resolve_backend", "rms_norm", "selective_scan", "wkv4",
     "window_linear_attention",
 ]

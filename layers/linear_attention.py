@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from zoo.kernels import compute_dtype
 from zoo.kernels.linear_attention import linear_attention
 
 from .base import Mixer, MixerState
@@ -114,13 +115,12 @@ class LinearAttention(Mixer):
     def init_state(self, batch_size, device=None, dtype=None):
         device = device or self.q_proj.weight.device
         # the op keeps its running sum in float32 (float64 for float64 inputs)
-        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         return LinearAttentionState(
-            torch.zeros(self._memory_shape(batch_size), device=device, dtype=state_dtype)
+            torch.zeros(self._memory_shape(batch_size), device=device, dtype=compute_dtype(dtype))
         )
 
     def state_size(self, seq_len, dtype=torch.float32):
-        element = 8 if dtype == torch.float64 else 4
+        element = compute_dtype(dtype).itemsize
         shape = self._memory_shape(1)
         return element * shape[1] * shape[2] * shape[3]
 

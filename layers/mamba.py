@@ -17,16 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels import causal_conv1d, selective_scan
+from zoo.kernels import causal_conv1d, compute_dtype, selective_scan
 
 from .base import Mixer, MixerState
 from .linear import Linear
 from .registry import register_mixer
 
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The SSM state stays float32 under bf16/fp16 weights (as mamba_ssm keeps it)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# the SSM state stays float32 under bf16/fp16 weights (as mamba_ssm keeps it): the compute
+# dtype; mamba2 imports the name
+state_dtype = compute_dtype
 
 
 def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, floor: float) -> None:

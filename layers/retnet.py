@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from zoo.kernels import compute_dtype
 from zoo.kernels.linear_attention import linear_attention
 
 from .base import Mixer, MixerState
@@ -147,12 +148,11 @@ class MultiScaleRetention(Mixer):
 
     def init_state(self, batch_size, device=None, dtype=None):
         device = device or self.q_proj.weight.device
-        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         shape = (batch_size, self.n_heads, self.key_dim, self.value_dim)
-        return RetNetState(torch.zeros(shape, device=device, dtype=state_dtype))
+        return RetNetState(torch.zeros(shape, device=device, dtype=compute_dtype(dtype)))
 
     def state_size(self, seq_len, dtype=torch.float32):
-        element = 8 if dtype == torch.float64 else 4  # the op's float32 / float64 state
+        element = compute_dtype(dtype).itemsize  # the op's float32 / float64 state
         return element * self.n_heads * self.key_dim * self.value_dim
 
     def forward(self, x, state=None):

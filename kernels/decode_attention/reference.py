@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import compute_dtype
+
 
 def decode_attention_reference(
     q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: float
@@ -13,7 +15,7 @@ def decode_attention_reference(
     q: (B, H, D); keys_t: (B, H_kv, D, L), keys transposed; values: (B, H_kv, L, D).
     Query head h reads KV head h // (H // H_kv). Returns (B, H, D) in q's dtype.
     """
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     groups = q.shape[1] // keys_t.shape[1]
     keys = keys_t.transpose(2, 3).repeat_interleave(groups, dim=1).to(compute)  # (B, H, L, D)
     values = values.repeat_interleave(groups, dim=1).to(compute)

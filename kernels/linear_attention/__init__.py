@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..backend import resolve_backend
+from ..precision import compute_dtype
 from .reference import NORMALIZE_EPS, linear_attention_reference
-from .torch_chunked import compute_dtype, linear_attention_chunked
+from .torch_chunked import linear_attention_chunked
 
 
 def linear_attention(
@@ -72,7 +73,7 @@ def linear_attention(
     # state, the decay and every backend's kernels.
     ones = torch.ones_like(v[..., :1])
     num, final_state = core(q, k, torch.cat([v, ones], -1), decay, bonus, scale, initial_state,
-                            output_final_state, chunk_size, output_dtype=compute_dtype(q))
+                            output_final_state, chunk_size, output_dtype=compute_dtype(q.dtype))
     o = num[..., :-1] / (num[..., -1:] + NORMALIZE_EPS)
     return o.to(q.dtype), final_state
 

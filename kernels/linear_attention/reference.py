@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import compute_dtype
+
 NORMALIZE_EPS = 1e-6
 
 
@@ -49,7 +51,7 @@ def linear_attention_reference(
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = q.dtype
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q.dtype)
     q, k, v = (scale * q.to(dtype)), k.to(dtype), v.to(dtype)
     g = expand_log_decay(decay, B, T, H, K, dtype)
     u = bonus.to(dtype) if bonus is not None else None

@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..precision import compute_dtype
 from .reference import expand_log_decay
-from .torch_chunked import _bonus_term, compute_dtype, log_decay_floor
+from .torch_chunked import _bonus_term, log_decay_floor
 
 MAX_K = 256
 NO_DECAY, SCALAR_DECAY, CHANNEL_DECAY = 0, 1, 2
@@ -427,6 +428,5 @@ def linear_attention_triton(
                                                    bonus is not None, chunk_size)
     if bonus is not None:
         o = o + _bonus_term(q, k, v, bonus, scale, torch.float32)
-    if q.dtype == torch.float64:
-        final_state = final_state.to(compute_dtype(q))
+    final_state = final_state.to(compute_dtype(q.dtype))  # float64 inputs: a float64 state
     return o.to(output_dtype or q.dtype), (final_state if output_final_state else None)

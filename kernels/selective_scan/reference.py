@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64 (the oracle's precision); everything else computes in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ..precision import compute_dtype
 
 
 def expand_groups(BC: torch.Tensor, D: int) -> torch.Tensor:
@@ -44,7 +41,7 @@ def selective_scan_reference(
     initial_state: (B, D, N). Returns y (B, D, T) in u's dtype and, when asked, the state after
     the last step (B, D, N) in float32 (float64 for float64 inputs).
     """
-    dtype = compute_dtype(u)
+    dtype = compute_dtype(u.dtype)
     batch, dim, T = u.shape
     dt = delta.to(dtype)
     if delta_bias is not None:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import compute_dtype, expand_groups
+from ..precision import compute_dtype
+from .reference import expand_groups
 
 DEFAULT_CHUNK = 4
 
@@ -168,7 +169,7 @@ def selective_scan_chunked(
     chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as `selective_scan_reference`; the scan core is `SelectiveScanChunked`."""
-    dtype = compute_dtype(u)
+    dtype = compute_dtype(u.dtype)
     dt = delta.to(dtype)
     if delta_bias is not None:
         dt = dt + delta_bias.to(dtype)[:, None]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decode_attention.reference import decode_attention_reference
+from ..precision import compute_dtype
 from ..rms_norm.reference import rms_norm_reference
 
 LAYER_FIELDS = (
@@ -30,7 +31,7 @@ def transformer_decode_step_reference(
     """See `zoo.kernels.transformer_decode_step`; ids (B,) -> logits (B, V) or tokens (B,)."""
     g = dict(zip(GLOBAL_FIELDS, globals_))
     dtype = g["embed"].dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = compute_dtype(dtype)
     B, D = ids.shape[0], head_dim
     x = g["embed"][ids].to(compute)  # (B, d)
     if g["embed_norm"] is not None:

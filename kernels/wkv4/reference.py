@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import compute_dtype
+
 # The "empty" running maximum: e^(max - anything finite) is exactly 0 in float32 and float64.
 EMPTY_MAX = -1e38
 
@@ -27,9 +29,9 @@ def empty_wkv4_state(
     return state
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The state is float32 for half inputs (as in transformers' kernel), float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# the state's dtype is the compute dtype (float32 for half inputs, as in transformers' kernel);
+# the name stays because zoo.layers' RWKV mixers size their states with it
+state_dtype = compute_dtype
 
 
 def wkv4_reference(
@@ -45,7 +47,7 @@ def wkv4_reference(
     Returns y (B, T, C) in v's dtype and, when asked, the state after the last token (B, 3, C).
     """
     B, T, C = k.shape
-    acc = state_dtype(k.dtype)
+    acc = compute_dtype(k.dtype)
     if initial_state is None:
         initial_state = empty_wkv4_state(B, C, k.device, acc)
     num, den, mx = initial_state.to(acc).unbind(1)

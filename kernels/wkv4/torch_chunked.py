@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import empty_wkv4_state, state_dtype
+from ..precision import compute_dtype
+from .reference import empty_wkv4_state
 
 
 def wkv4_torch(
@@ -32,7 +33,7 @@ def wkv4_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as `wkv4_reference`; k, v: (B, T, C), w, u: (C,), state (B, 3, C)."""
     B, T, C = k.shape
-    acc = state_dtype(k.dtype)
+    acc = compute_dtype(k.dtype)
     if initial_state is None:
         initial_state = empty_wkv4_state(B, C, k.device, acc)
     num, den, mx = initial_state.to(acc).unbind(1)
