@@ -1,10 +1,11 @@
-"""zoo.kernels: each op is a PyTorch reference, a fast PyTorch path for the CPU and Triton
-kernels (forward and backward), behind one public function with `backend=`.
+"""zoo.kernels: each op is a PyTorch reference, a fast PyTorch path for the CPU, Triton kernels
+(forward and backward) and, where one pays, a C++ CPU kernel, behind one public function with
+`backend=`; `backend.resolve_backend` is the one switch that every op's `backend=` goes through.
 
 This floor imports torch (and, lazily, triton) only.
 """
 
-from .backend import BACKENDS, resolve_backend
+from .backend import BACKENDS, OpBackends, resolve_backend
 from .causal_conv1d import causal_conv1d
 from .decode_attention import decode_attention
 from .fft_conv import fft_conv
@@ -17,7 +18,7 @@ from .window_linear_attention import window_linear_attention
 from .wkv4 import wkv4
 
 __all__ = [
-    "BACKENDS", "causal_conv1d", "compute_dtype", "decode_attention", "fft_conv",
+    "BACKENDS", "OpBackends", "causal_conv1d", "compute_dtype", "decode_attention", "fft_conv",
     "linear_attention", "moe_experts", "resolve_backend", "rms_norm", "selective_scan", "wkv4",
     "window_linear_attention",
 ]

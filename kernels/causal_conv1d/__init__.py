@@ -11,11 +11,12 @@ import importlib.util
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import OpBackends, resolve_backend
 from .reference import causal_conv1d_reference
 from .torch_fast import causal_conv1d_torch
 
 ACTIVATIONS = (None, "silu", "swish")
+OP_BACKENDS = OpBackends("causal_conv1d")
 
 
 def _cuda_package_available() -> bool:
@@ -58,7 +59,7 @@ def causal_conv1d(
             f"causal_conv1d: initial_state must be (B, W - 1, D) = {(B, W - 1, D)}, "
             f"got {tuple(initial_state.shape)}"
         )
-    backend = resolve_backend(backend, x, "causal_conv1d")
+    backend = resolve_backend(backend, x, OP_BACKENDS)
     if backend == "reference":
         return causal_conv1d_reference(x, weight, bias, activation, initial_state,
                                        output_final_state)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import BACKENDS, resolve_backend
+from ..backend import OpBackends, requires_grad, resolve_backend
 from . import cpu
 from .reference import decode_attention_reference
 from .torch_fast import decode_attention_torch
 
-DECODE_BACKENDS = (*BACKENDS, "cpu")
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OP_BACKENDS = OpBackends(
+    "decode_attention", cpu_dtypes=CPU_KERNEL_DTYPES, backward=False,
+    # looked up when called, so that replacing the module's function (tests do) takes effect
+    cpu_kernel=lambda: _cpu_kernel_available(),
+)
 
 
 def decode_attention(
@@ -35,36 +39,13 @@ def decode_attention(
     """
     _check_shapes(q, keys_t, values)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, keys_t, values)
-    )
-    if backend not in DECODE_BACKENDS:
-        raise ValueError(f"decode_attention: backend={backend!r} is not one of {DECODE_BACKENDS}")
-    if backend == "auto" and not q.is_cuda:
-        use_kernel = (q.dtype in CPU_KERNEL_DTYPES and not needs_grad
-                      and _cpu_kernel_available())
-        backend = "cpu" if use_kernel else "torch"
-    elif backend == "auto" and needs_grad:
-        backend = "torch"
-    if backend != "cpu":
-        backend = resolve_backend(backend, q, "decode_attention")
-    if backend in ("cpu", "triton") and needs_grad:
-        raise ValueError(
-            f"decode_attention: backend={backend!r} has no backward; inputs that require "
-            "gradients need backend='torch' or 'reference'"
-        )
+    backend = resolve_backend(backend, q, OP_BACKENDS,
+                              needs_grad=requires_grad(q, keys_t, values))
     if backend == "reference":
         return decode_attention_reference(q, keys_t, values, scale)
     if backend == "torch":
         return decode_attention_torch(q, keys_t, values, scale)
     if backend == "cpu":
-        if q.is_cuda or q.dtype not in CPU_KERNEL_DTYPES:
-            raise ValueError(
-                f"decode_attention: backend='cpu' takes CPU tensors of {CPU_KERNEL_DTYPES}, got "
-                f"{q.dtype} on {q.device}"
-            )
-        if not _cpu_kernel_available():
-            raise RuntimeError("decode_attention: the CPU kernel did not build (see the warning)")
         return cpu.decode_attention_cpu(q, keys_t, values, scale)
     from .triton_kernels import decode_attention_triton
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import OpBackends, resolve_backend
 from .reference import fft_conv_reference
 from .torch_fast import DIRECT_MAX_T, fft_conv_direct, fft_conv_fft, fft_conv_torch
 
 TRITON_MAX_T = 64
+OP_BACKENDS = OpBackends("fft_conv")
 
 
 def fft_conv(
@@ -73,7 +74,7 @@ def fft_conv(
         raise ValueError(f"fft_conv: bias must be (D={D},), got {tuple(bias.shape)}")
     if backend == "auto" and u.is_cuda and T > TRITON_MAX_T:
         backend = "torch"
-    backend = resolve_backend(backend, u, "fft_conv")
+    backend = resolve_backend(backend, u, OP_BACKENDS)
     if backend == "reference":
         return fft_conv_reference(u, k, bias, initial_state)
     if backend == "torch":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import OpBackends, resolve_backend
 from ..precision import compute_dtype
 from .reference import NORMALIZE_EPS, linear_attention_reference
 from .torch_chunked import linear_attention_chunked
+
+OP_BACKENDS = OpBackends("linear_attention")
 
 
 def linear_attention(
@@ -58,7 +60,7 @@ def linear_attention(
         (float64 for float64 inputs) or None.
     """
     _check_inputs(q, k, v, decay, bonus, normalize, initial_state, chunk_size)
-    backend = resolve_backend(backend, q, "linear_attention")
+    backend = resolve_backend(backend, q, OP_BACKENDS)
     scale = 1.0 if scale is None else float(scale)
     if backend == "reference":
         return linear_attention_reference(q, k, v, decay, bonus, scale, normalize,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import OpBackends, resolve_backend
 from .reference import moe_experts_reference
 from .torch_fast import moe_experts_torch, sort_slots_by_expert
 
 ACTIVATIONS = ("swiglu", "gelu")
+OP_BACKENDS = OpBackends("moe_experts")
 
 
 def moe_experts(
@@ -79,7 +80,7 @@ def moe_experts(
             f"moe_experts: expert_ids must lie in [0, {E}) or be -1 (dropped), got values in "
             f"[{expert_ids.min().item()}, {expert_ids.max().item()}]"
         )
-    backend = resolve_backend(backend, x, "moe_experts")
+    backend = resolve_backend(backend, x, OP_BACKENDS)
     if backend == "reference":
         return moe_experts_reference(x, gate_up_proj, down_proj, expert_ids, weights, activation)
     if backend == "torch":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import OpBackends, resolve_backend
 from .reference import rms_norm_reference
 from .torch_fast import rms_norm_torch
+
+OP_BACKENDS = OpBackends("rms_norm")
 
 
 def rms_norm(
@@ -25,7 +27,7 @@ def rms_norm(
             f"rms_norm: weight must be ({x.shape[-1]},) to match x's last dim, "
             f"got {tuple(weight.shape)}"
         )
-    backend = resolve_backend(backend, x, "rms_norm")
+    backend = resolve_backend(backend, x, OP_BACKENDS)
     if backend == "reference":
         return rms_norm_reference(x, weight, eps)
     if backend == "torch":

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import OpBackends, resolve_backend
 from .reference import selective_scan_reference
 from .torch_chunked import selective_scan_chunked
+
+OP_BACKENDS = OpBackends("selective_scan")
 
 
 def selective_scan(
@@ -50,7 +52,7 @@ def selective_scan(
         for float64 inputs) or None.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    backend = resolve_backend(backend, u, "selective_scan")
+    backend = resolve_backend(backend, u, OP_BACKENDS)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, output_final_state)
     if backend == "reference":
         return selective_scan_reference(*args)

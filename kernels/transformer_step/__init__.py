@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..backend import OpBackends, resolve_backend
 from ..cpu_build import build
 from .reference import GLOBAL_FIELDS, LAYER_FIELDS, transformer_decode_step_reference
 
@@ -17,7 +18,6 @@ SOURCES = [
     Path(__file__).parent.parent / "decode_attention" / "attend.h",
     Path(__file__).with_name("cpu_kernel.cpp"),
 ]
-STEP_BACKENDS = ("auto", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -25,6 +25,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def load() -> bool:
     """Build and register the kernel (once per process); False, with a warning, if it cannot."""
     return build("zoo_cpu_transformer_step", SOURCES, "the CPU transformer decode step")
+
+
+# the reference is its only PyTorch form
+OP_BACKENDS = OpBackends("transformer_decode_step", torch=False, triton=False, cpu_kernel=load,
+                         cpu_dtypes=KERNEL_DTYPES)
 
 
 def transformer_decode_step(
@@ -61,9 +66,6 @@ def transformer_decode_step(
         backend: "cpu" (the C++ kernel), "reference" (PyTorch) or "auto" (the kernel where it
             builds and the weights are float32, bfloat16 or float16 on the CPU).
     """
-    if backend not in STEP_BACKENDS:
-        raise ValueError(f"transformer_decode_step: backend={backend!r} is not one of "
-                         f"{STEP_BACKENDS}")
     n_layers = len(kv) // 2
     if len(globals_) != len(GLOBAL_FIELDS) or len(layer_weights) != len(LAYER_FIELDS) * n_layers:
         raise ValueError(
@@ -74,17 +76,11 @@ def transformer_decode_step(
     if activation not in ("swiglu", "gelu"):
         raise ValueError(f"transformer_decode_step: activation={activation!r} is not one of "
                          "('swiglu', 'gelu')")
-    embed = globals_[0]
-    if backend == "auto":
-        usable = embed.device.type == "cpu" and embed.dtype in KERNEL_DTYPES and load()
-        backend = "cpu" if usable else "reference"
+    backend = resolve_backend(backend, globals_[0], OP_BACKENDS)  # the embedding's dtype
     args = (ids, layer_weights, globals_, kv, list(lengths), list(positions), n_heads,
             n_kv_heads, head_dim, float(eps), activation, greedy)
     if backend == "reference":
         return transformer_decode_step_reference(*args)
-    if not load():
-        raise RuntimeError(
-            "transformer_decode_step: the CPU kernel did not build (see the warning)")
     return torch.ops.zoo_cpu.transformer_decode_step(*args)
 
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import OpBackends, resolve_backend
 from .reference import EMPTY_MAX, empty_wkv4_state, state_dtype, wkv4_reference
 from .torch_chunked import wkv4_torch
+
+OP_BACKENDS = OpBackends("wkv4")
 
 
 def wkv4(
@@ -56,7 +58,7 @@ def wkv4(
             f"wkv4: initial_state must be (B, 3, C) = {(B, 3, C)} rows (num, den, max), "
             f"got {tuple(initial_state.shape)}"
         )
-    backend = resolve_backend(backend, k, "wkv4")
+    backend = resolve_backend(backend, k, OP_BACKENDS)
     # one token (decoding): the recurrent step is the whole computation, and the cheapest
     if backend == "reference" or (backend == "torch" and T == 1):
         return wkv4_reference(w, u, k, v, initial_state, output_final_state)
