@@ -12,6 +12,7 @@ import importlib.util
 import torch
 
 from ..backend import OpBackends, resolve_backend
+from .recurrent import causal_conv1d_recurrent
 from .reference import causal_conv1d_reference
 from .torch_fast import causal_conv1d_torch
 
@@ -42,7 +43,8 @@ def causal_conv1d(
         activation: None, "silu" or "swish" (the same function).
         initial_state: optional (B, W - 1, D): the inputs that came before x.
         output_final_state: also return the last W - 1 inputs, (B, W - 1, D).
-        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch", "triton" or "reference".
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch" (a dot product per
+            channel for one token, a convolution otherwise), "triton" or "reference".
     Returns:
         (y, final_state): y (B, T, D); final_state or None.
     """
@@ -62,6 +64,10 @@ def causal_conv1d(
     backend = resolve_backend(backend, x, OP_BACKENDS)
     if backend == "reference":
         return causal_conv1d_reference(x, weight, bias, activation, initial_state,
+                                       output_final_state)
+    if backend == "torch" and T == 1:
+        # one token (decoding): a dot product per channel, cheaper on the CPU than a conv1d call
+        return causal_conv1d_recurrent(x, weight, bias, activation, initial_state,
                                        output_final_state)
     if backend == "torch":
         return causal_conv1d_torch(x, weight, bias, activation, initial_state, output_final_state)
@@ -87,4 +93,6 @@ def _causal_conv1d_cuda(x, weight, bias, activation, initial_state, output_final
     return out.transpose(1, 2), None
 
 
-__all__ = ["causal_conv1d", "causal_conv1d_reference", "causal_conv1d_torch"]
+__all__ = [
+    "causal_conv1d", "causal_conv1d_recurrent", "causal_conv1d_reference", "causal_conv1d_torch",
+]

@@ -1,4 +1,4 @@
-"""The CPU path: one grouped `conv1d` over the state-padded sequence (a weighted sum for T = 1)."""
+"""The CPU path: one grouped `conv1d` over the state-padded sequence."""
 
 from __future__ import annotations
 
@@ -21,14 +21,8 @@ def causal_conv1d_torch(
     if initial_state is None:
         initial_state = x.new_zeros(B, W - 1, D)
     padded = torch.cat([initial_state.to(x.dtype), x], dim=1)
-    if T == 1:
-        # decoding: one dot product per channel; a conv1d call costs ~20x more on the CPU
-        y = (padded * weight.t()).sum(dim=1, keepdim=True)
-        if bias is not None:
-            y = y + bias
-    else:
-        y = F.conv1d(rearrange(padded, "b t d -> b d t"), weight.unsqueeze(1), bias, groups=D)
-        y = rearrange(y, "b d t -> b t d")
+    y = F.conv1d(rearrange(padded, "b t d -> b d t"), weight.unsqueeze(1), bias, groups=D)
+    y = rearrange(y, "b d t -> b t d")
     if activation is not None:
         y = F.silu(y)
     # row-major even for a batch of one (a compiled decode step guards on the state's strides)

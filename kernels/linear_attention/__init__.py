@@ -7,10 +7,13 @@ GLA and RWKV-6 (per-channel decay, RWKV-6's bonus u). See `reference.py` for the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..backend import OpBackends, resolve_backend
 from ..precision import compute_dtype
+from .recurrent import linear_attention_recurrent
 from .reference import NORMALIZE_EPS, linear_attention_reference
 from .torch_chunked import linear_attention_chunked
 
@@ -54,7 +57,8 @@ def linear_attention(
         chunk_size: tokens per chunk of the chunked forms (the Triton backend needs a power of
             two >= 16); any T works, not only multiples of it. The Triton backend takes
             K <= 256 and any V.
-        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch", "triton" or "reference".
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch" (the recurrence for one
+            token, chunks otherwise), "triton" or "reference".
     Returns:
         (o, final_state): o (B, T, H, V) in q's dtype; final_state (B, H, K, V[+1]) in float32
         (float64 for float64 inputs) or None.
@@ -65,17 +69,21 @@ def linear_attention(
     if backend == "reference":
         return linear_attention_reference(q, k, v, decay, bonus, scale, normalize,
                                           initial_state, output_final_state)
-    if backend == "torch":
-        core = linear_attention_chunked
+    if backend == "torch" and q.shape[1] == 1:  # one token (decoding): the recurrence itself
+        core = linear_attention_recurrent
+    elif backend == "torch":
+        core = functools.partial(linear_attention_chunked, chunk_size=chunk_size)
     else:
-        from .triton_kernels import linear_attention_triton as core
+        from .triton_kernels import linear_attention_triton
+
+        core = functools.partial(linear_attention_triton, chunk_size=chunk_size)
     if not normalize:
-        return core(q, k, v, decay, bonus, scale, initial_state, output_final_state, chunk_size)
+        return core(q, k, v, decay, bonus, scale, initial_state, output_final_state)
     # z_t rides along as a last value column of ones, so numerator and denominator share the
     # state, the decay and every backend's kernels.
     ones = torch.ones_like(v[..., :1])
     num, final_state = core(q, k, torch.cat([v, ones], -1), decay, bonus, scale, initial_state,
-                            output_final_state, chunk_size, output_dtype=compute_dtype(q.dtype))
+                            output_final_state, output_dtype=compute_dtype(q.dtype))
     o = num[..., :-1] / (num[..., -1:] + NORMALIZE_EPS)
     return o.to(q.dtype), final_state
 
@@ -118,4 +126,7 @@ def _check_inputs(q, k, v, decay, bonus, normalize, initial_state, chunk_size) -
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
-__all__ = ["linear_attention", "linear_attention_chunked", "linear_attention_reference"]
+__all__ = [
+    "linear_attention", "linear_attention_chunked", "linear_attention_recurrent",
+    "linear_attention_reference",
+]

@@ -66,10 +66,6 @@ def linear_attention_chunked(
     g = expand_log_decay(decay, B, T, H, K, dtype)
     if g is not None:
         g = g.clamp(min=log_decay_floor(dtype))
-    if T == 1:
-        o, state = _recurrent_step(q, k, v, g, bonus, scale, initial_state, dtype)
-        return o.to(output_dtype), (state if output_final_state else None)
-
     C = chunk_size
     n_chunks = math.ceil(T / C)
     pad = n_chunks * C - T
@@ -154,19 +150,3 @@ def _bonus_term(q, k, v, bonus, scale, dtype):
     weight = (q.to(dtype) * bonus.to(dtype) * k.to(dtype)).sum(-1, keepdim=True)
     return scale * weight * v.to(dtype)
 
-
-def _recurrent_step(q, k, v, g, bonus, scale, initial_state, dtype):
-    """T = 1: the recurrence itself is the cheapest form (decoding)."""
-    q_t, k_t, v_t = (scale * q[:, 0].to(dtype)), k[:, 0].to(dtype), v[:, 0].to(dtype)
-    B, H, K = q_t.shape
-    state = (initial_state.to(dtype) if initial_state is not None
-             else q_t.new_zeros(B, H, K, v.shape[-1]))
-    kv = k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
-    new_state = state if g is None else torch.exp(g[:, 0]).unsqueeze(-1) * state
-    new_state = new_state + kv
-    if bonus is not None:
-        o = torch.einsum("bhk,bhkv->bhv", q_t, state)
-        o = o + _bonus_term(q[:, 0], k[:, 0], v[:, 0], bonus, scale, dtype)
-    else:
-        o = torch.einsum("bhk,bhkv->bhv", q_t, new_state)
-    return o.unsqueeze(1), new_state

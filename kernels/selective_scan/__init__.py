@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import OpBackends, resolve_backend
+from .recurrent import selective_scan_recurrent
 from .reference import selective_scan_reference
 from .torch_chunked import selective_scan_chunked
 
@@ -46,7 +47,8 @@ def selective_scan(
         delta_softplus: apply softplus to delta (+ bias).
         initial_state: optional (B, D, N), the state before the first step.
         output_final_state: also return the state after the last step.
-        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch", "triton" or "reference".
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch" (the recurrence for one
+            step, chunks otherwise), "triton" or "reference".
     Returns:
         (y, final_state): y (B, D, T) in u's dtype; final_state (B, D, N) in float32 (float64
         for float64 inputs) or None.
@@ -56,6 +58,8 @@ def selective_scan(
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, output_final_state)
     if backend == "reference":
         return selective_scan_reference(*args)
+    if backend == "torch" and u.shape[-1] == 1:  # one step (decoding): the recurrence itself
+        return selective_scan_recurrent(*args)
     if backend == "torch":
         return selective_scan_chunked(*args)
     from .triton_kernels import selective_scan_triton
@@ -99,4 +103,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
                          f"got {tuple(initial_state.shape)}")
 
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_reference"]
+__all__ = [
+    "selective_scan", "selective_scan_chunked", "selective_scan_recurrent",
+    "selective_scan_reference",
+]

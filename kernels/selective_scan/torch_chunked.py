@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import compute_dtype
-from .reference import expand_groups
 
 DEFAULT_CHUNK = 4
 
@@ -143,17 +142,6 @@ class SelectiveScanChunked(torch.autograd.Function):
                 dh0, None)
 
 
-def _single_step(u, dt, A, B, C, h0):
-    """T = 1, the decoding step: the recurrence once, in autograd-visible ops (no chunk set-up).
-    u, dt: (b, d, 1); B, C: (b, n, 1) or (b, g, n, 1). Returns y (b, d, 1), state (b, d, n)."""
-    dim = u.shape[1]
-    Bd, Cd = expand_groups(B, dim)[..., 0], expand_groups(C, dim)[..., 0]  # (b, d, n)
-    if h0 is None:  # zeros rather than a skip, so that A still gets its (zero) gradient
-        h0 = u.new_zeros(Bd.shape)
-    state = torch.exp(dt * A) * h0 + (dt * u) * Bd
-    return (state * Cd).sum(-1, keepdim=True), state
-
-
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -170,20 +158,30 @@ def selective_scan_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as `selective_scan_reference`; the scan core is `SelectiveScanChunked`."""
     dtype = compute_dtype(u.dtype)
+    dt = time_steps(delta, delta_bias, delta_softplus, dtype)
+    uf = u.to(dtype)
+    h0 = initial_state.to(dtype) if initial_state is not None else None
+    y, final_state = SelectiveScanChunked.apply(uf, dt, A.to(dtype), B.to(dtype), C.to(dtype), h0,
+                                                chunk_size)
+    return skip_and_gate(y, uf, D, z).to(u.dtype), (final_state if output_final_state else None)
+
+
+def time_steps(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool,
+               dtype: torch.dtype) -> torch.Tensor:
+    """dt = softplus(delta + delta_bias) (each part when asked), (B, D, T) in `dtype`."""
     dt = delta.to(dtype)
     if delta_bias is not None:
         dt = dt + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    uf = u.to(dtype)
-    h0 = initial_state.to(dtype) if initial_state is not None else None
-    if u.shape[-1] == 1:
-        y, final_state = _single_step(uf, dt, A.to(dtype), B.to(dtype), C.to(dtype), h0)
-    else:
-        y, final_state = SelectiveScanChunked.apply(uf, dt, A.to(dtype), B.to(dtype),
-                                                    C.to(dtype), h0, chunk_size)
+    return dt
+
+
+def skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None,
+                  z: torch.Tensor | None) -> torch.Tensor:
+    """(y + D * u) * silu(z) (each term when given), in y's dtype; y, u, z: (B, D, T)."""
     if D is not None:
-        y = y + D.to(dtype)[:, None] * uf
+        y = y + D.to(y.dtype)[:, None] * u
     if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y.to(u.dtype), (final_state if output_final_state else None)
+        y = y * F.silu(z.to(y.dtype))
+    return y

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import OpBackends, resolve_backend
+from .recurrent import wkv4_recurrent
 from .reference import EMPTY_MAX, empty_wkv4_state, state_dtype, wkv4_reference
 from .torch_chunked import wkv4_torch
 
@@ -41,7 +42,8 @@ def wkv4(
         k, v: (B, T, C) keys and values.
         initial_state: optional (B, 3, C) rows (num, den, max), as returned before.
         output_final_state: also return the state after the last token, (B, 3, C).
-        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch", "triton" or "reference".
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch" (the recurrent step for
+            one token, chunks otherwise), "triton" or "reference".
     Returns:
         (y, final_state): y (B, T, C) in v's dtype; final_state or None.
     """
@@ -59,9 +61,10 @@ def wkv4(
             f"got {tuple(initial_state.shape)}"
         )
     backend = resolve_backend(backend, k, OP_BACKENDS)
-    # one token (decoding): the recurrent step is the whole computation, and the cheapest
-    if backend == "reference" or (backend == "torch" and T == 1):
+    if backend == "reference":
         return wkv4_reference(w, u, k, v, initial_state, output_final_state)
+    if backend == "torch" and T == 1:  # one token (decoding): the recurrent step is cheapest
+        return wkv4_recurrent(w, u, k, v, initial_state, output_final_state)
     if backend == "torch":
         return wkv4_torch(w, u, k, v, initial_state, output_final_state)
     from .triton_kernels import wkv4_triton
@@ -70,5 +73,6 @@ def wkv4(
 
 
 __all__ = [
-    "EMPTY_MAX", "empty_wkv4_state", "state_dtype", "wkv4", "wkv4_reference", "wkv4_torch",
+    "EMPTY_MAX", "empty_wkv4_state", "state_dtype", "wkv4", "wkv4_recurrent", "wkv4_reference",
+    "wkv4_torch",
 ]

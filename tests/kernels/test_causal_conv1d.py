@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from zoo.kernels import causal_conv1d
+from zoo.kernels.causal_conv1d import causal_conv1d_recurrent
 from zoo.testing import assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -90,3 +91,44 @@ def test_cuda_auto_backend_matches_reference():
     y, h = causal_conv1d(x, w, b, activation="silu", initial_state=h0, output_final_state=True)
     assert_close("y", ref, y, 1e-5)
     assert_close("final_state", ref_h, h, 1e-6)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_recurrent_token_by_token_matches_reference(W, activation):
+    B, T, D = 2, 9, 12
+    x, w, b, h0 = _inputs(B, T, D, W, torch.float32, with_state=True)
+    leaves = [x, w, b, h0]
+    dy, dht = torch.randn(B, T, D), torch.randn(B, W - 1, D)
+
+    ref_y, ref_ht = _run("reference", x, w, b, h0, activation, dtype=torch.float64)
+    ((ref_y * dy.double()).sum() + (ref_ht * dht.double()).sum()).backward()
+    ref_grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+
+    ys, state = [], h0
+    for t in range(T):
+        y_t, state = causal_conv1d_recurrent(x[:, t : t + 1], w, b, activation, state,
+                                             output_final_state=True)
+        ys.append(y_t)
+    y = torch.cat(ys, 1)
+    ((y * dy).sum() + (state * dht).sum()).backward()
+    assert_close("y", ref_y, y, 1e-5)
+    assert_close("final_state", ref_ht, state, 1e-6)
+    for name, ref, t in zip(["dx", "dw", "db", "dh0"], ref_grads, leaves):
+        assert_close(name, ref, t.grad, 1e-5)
+
+
+def test_one_token_on_the_torch_path_is_the_recurrent_form():
+    x, w, b, h0 = (t.detach() for t in _inputs(2, 1, 8, 4, torch.float32, with_state=True))
+    y, ht = causal_conv1d(x, w, b, activation="silu", initial_state=h0, output_final_state=True,
+                          backend="torch")
+    y_rec, ht_rec = causal_conv1d_recurrent(x, w, b, "silu", h0, True)
+    assert torch.equal(y, y_rec) and torch.equal(ht, ht_rec)
+    assert ht.is_contiguous()
+
+
+def test_recurrent_form_takes_one_token():
+    with pytest.raises(ValueError, match=r"causal_conv1d_recurrent: takes one token .* T = 3"):
+        causal_conv1d_recurrent(torch.randn(1, 3, 4), torch.randn(4, 2))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from zoo.kernels import linear_attention
+from zoo.kernels.linear_attention import linear_attention_recurrent
 from zoo.testing import assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -190,3 +191,63 @@ def test_triton_limits_are_clear_errors():
     big = torch.randn(1, 5, 1, 300)
     with pytest.raises(ValueError, match="K <= 256"):
         linear_attention(big, big, v, backend="triton")
+
+
+def _token(decay, t):
+    """The decay of token t alone: (H,) applies to every token, the others are sliced."""
+    return decay if decay is None or decay.dim() == 1 else decay[:, t : t + 1]
+
+
+@pytest.mark.parametrize("form", DECAY_FORMS)
+@pytest.mark.parametrize("with_bonus", [False, True])
+def test_recurrent_token_by_token_matches_reference(form, with_bonus):
+    B, T, H, K, V = 2, 9, 2, 16, 8
+    inputs = _inputs(B, T, H, K, V, form, with_bonus, with_state=True)
+    q, k, v, decay, bonus, h0 = (inputs[n] for n in
+                                 ("q", "k", "v", "decay", "bonus", "initial_state"))
+    do, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+    leaves = [t for t in (q, k, v, decay, bonus, h0) if t is not None]
+
+    o_ref, ht_ref = linear_attention(
+        q.double(), k.double(), v.double(), decay=None if decay is None else decay.double(),
+        bonus=None if bonus is None else bonus.double(), scale=0.25, initial_state=h0.double(),
+        output_final_state=True, backend="reference")
+    ((o_ref * do.double()).sum() + (ht_ref * dht.double()).sum()).backward()
+    grads_ref = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+
+    outputs, state = [], h0
+    for t in range(T):
+        o_t, state = linear_attention_recurrent(
+            q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], _token(decay, t), bonus, 0.25,
+            state, output_final_state=True)
+        outputs.append(o_t)
+    o = torch.cat(outputs, 1)
+    ((o * do).sum() + (state * dht).sum()).backward()
+    assert o.dtype == torch.float32 and state.dtype == torch.float32
+    assert_close("o", o_ref, o, 2e-5)
+    assert_close("final_state", ht_ref, state, 2e-5)
+    for name, ref, t in zip(["dq", "dk", "dv", "ddecay", "dbonus", "dh0"],
+                            grads_ref, leaves):
+        assert_close(name, ref, t.grad, 5e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_one_token_on_the_torch_path_is_the_recurrent_form(normalize):
+    inputs = _inputs(2, 1, 2, 8, 8, "channel", True, True, normalize)
+    q, k, v, decay, bonus, h0 = (inputs[n].detach() for n in
+                                 ("q", "k", "v", "decay", "bonus", "initial_state"))
+    o, ht = linear_attention(q, k, v, decay=decay, bonus=bonus, normalize=normalize,
+                             initial_state=h0, output_final_state=True, backend="torch")
+    if normalize:  # the public function's ones column, as it builds it
+        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    num, state = linear_attention_recurrent(q, k, v, decay, bonus, 1.0, h0, True)
+    expected = num[..., :-1] / (num[..., -1:] + 1e-6) if normalize else num
+    assert torch.equal(o, expected) and torch.equal(ht, state)
+
+
+def test_recurrent_form_takes_one_token():
+    q = torch.randn(1, 3, 2, 4)
+    with pytest.raises(ValueError, match=r"linear_attention_recurrent: takes one token .* T = 3"):
+        linear_attention_recurrent(q, q, q)

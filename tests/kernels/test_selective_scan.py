@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from zoo.kernels import selective_scan
+from zoo.kernels.selective_scan import selective_scan_recurrent
 from zoo.testing import assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -147,3 +148,48 @@ def test_cuda_auto_backend_matches_reference():
     y, h = _run("auto", leaves, True)
     assert_close("y", ref_y, y, 1e-4)
     assert_close("final_state", ref_h, h, 1e-4)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("extras", [False, True])
+def test_recurrent_step_by_step_matches_reference(groups, extras):
+    batch, dim, N, T = 2, 8, 4, 9
+    leaves = _inputs(batch, dim, N, T, groups, extras, with_state=True)
+    present = [(name, t) for name, t in zip(NAMES, leaves) if t is not None]
+    dy, dht = torch.randn(batch, dim, T), torch.randn(batch, dim, N)
+
+    ref_y, ref_ht = _run("reference", leaves, extras, dtype=torch.float64)
+    ((ref_y * dy.double()).sum() + (ref_ht * dht.double()).sum()).backward()
+    ref_grads = [t.grad.clone() for _, t in present]
+    for _, t in present:
+        t.grad = None
+
+    u, delta, A, B, C, D, z, bias, h = leaves
+    ys = []
+    for t in range(T):
+        step = slice(t, t + 1)
+        y_t, h = selective_scan_recurrent(
+            u[..., step], delta[..., step], A, B[..., step], C[..., step], D,
+            None if z is None else z[..., step], bias, extras, h, output_final_state=True)
+        ys.append(y_t)
+    y = torch.cat(ys, -1)
+    ((y * dy).sum() + (h * dht).sum()).backward()
+    assert y.dtype == torch.float32 and h.dtype == torch.float32
+    assert_close("y", ref_y, y, 1e-5)
+    assert_close("final_state", ref_ht, h, 1e-5)
+    for (name, t), ref in zip(present, ref_grads):
+        assert_close(f"d{name}", ref, t.grad, 1e-4)
+
+
+def test_one_step_on_the_torch_path_is_the_recurrent_form():
+    u, delta, A, B, C, D, z, bias, h0 = [t.detach() for t in _inputs(2, 8, 4, 1, 2, True, True)]
+    args = (u, delta, A, B, C, D, z, bias, True, h0, True)
+    for got, expected in zip(selective_scan(*args, backend="torch"),
+                             selective_scan_recurrent(*args)):
+        assert torch.equal(got, expected)
+
+
+def test_recurrent_form_takes_one_step():
+    u, A, B = torch.randn(1, 4, 3), -torch.rand(4, 2), torch.randn(1, 2, 3)
+    with pytest.raises(ValueError, match=r"selective_scan_recurrent: takes one step .* T = 3"):
+        selective_scan_recurrent(u, u, A, B, B)

@@ -3,7 +3,7 @@ import torch
 from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
 
 from zoo.kernels import wkv4
-from zoo.kernels.wkv4 import empty_wkv4_state
+from zoo.kernels.wkv4 import empty_wkv4_state, wkv4_recurrent
 from zoo.testing import assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -148,3 +148,43 @@ def test_cuda_auto_backend_matches_reference():
     y, h = wkv4(w, u, k, v, output_final_state=True)
     assert_close("y", ref, y, 1e-5)
     assert_close("final_state", ref_h, h, 1e-5)
+
+
+@pytest.mark.parametrize("key_scale", [1.0, 60.0])
+def test_recurrent_token_by_token_matches_reference(key_scale):
+    B, T, C = 2, 9, 16
+    w, u, k, v, h0 = _inputs(B, T, C, torch.float32, True, key_scale)
+    leaves = [w, u, k, v, h0]
+    dy, dht = torch.randn(B, T, C), torch.randn(B, 3, C)
+
+    ref_y, ref_ht = _run("reference", w, u, k, v, h0, dtype=torch.float64)
+    ((ref_y * dy.double()).sum() + (ref_ht * dht.double()).sum()).backward()
+    ref_grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+
+    ys, state = [], h0
+    for t in range(T):
+        y_t, state = wkv4_recurrent(w, u, k[:, t : t + 1], v[:, t : t + 1], state,
+                                    output_final_state=True)
+        ys.append(y_t)
+    y = torch.cat(ys, 1)
+    ((y * dy).sum() + (state * dht).sum()).backward()
+    assert_close("y", ref_y, y, 1e-5)
+    for i, row in enumerate(["num", "den", "max"]):
+        assert_close(f"final_state {row}", ref_ht[:, i], state[:, i], 1e-5)
+    for name, ref, t in zip(["dw", "du", "dk", "dv", "dh0"], ref_grads, leaves):
+        assert_close(name, ref, t.grad, 1e-4)
+
+
+def test_one_token_on_the_torch_path_is_the_recurrent_form():
+    w, u, k, v, h0 = (t.detach() for t in _inputs(2, 1, 8, torch.float32, True))
+    for got, expected in zip(wkv4(w, u, k, v, h0, True, backend="torch"),
+                             wkv4_recurrent(w, u, k, v, h0, True)):
+        assert torch.equal(got, expected)
+
+
+def test_recurrent_form_takes_one_token():
+    k = torch.randn(1, 3, 4)
+    with pytest.raises(ValueError, match=r"wkv4_recurrent: takes one token .* T = 3"):
+        wkv4_recurrent(torch.randn(4), torch.randn(4), k, k)
