@@ -1,9 +1,11 @@
 """`make demo`: the zoo's story in about six minutes on a 2-core CPU.
 
 1. Train a small softmax-attention teacher on the Python standard library (byte level).
-2. Linearise it: every attention layer becomes Hedgehog linear attention (q/k/v/o copied),
-   attention transfer trains the feature maps to mimic each layer's attention, then end-to-end
-   knowledge distillation (forward KL to the teacher's logits + a little data CE).
+2. Linearise it as LoLCATs does: every attention layer becomes softmax attention over the last
+   64 tokens plus Hedgehog linear attention over every token before them (q/k/v/o and the
+   rotary positions copied), attention transfer trains the feature maps to mimic each layer's
+   attention, then end-to-end knowledge distillation (forward KL to the teacher's logits + a
+   little data CE).
 3. Print both validation perplexities, a greedy sample from each, and decode ms/token of each at
    a short and a long context (the teacher's KV cache grows; the student's state does not), and
    write the same as `runs/demo/REPORT.md` with PNG plots beside it.
@@ -40,7 +42,8 @@ def student_run(out: Path, quick: bool) -> dict:
     return {
         "name": "demo-student", "out_dir": str(out / "student"),
         "teacher": {"source": str(out / "teacher")},
-        "student": {"linearize": {"mixer": {"type": "linear_attention",
+        # LoLCATs' student: softmax over the last 64 tokens, Hedgehog linear attention before
+        "student": {"linearize": {"mixer": {"type": "window_linear_attention", "window": 64,
                                             "feature_map": "hedgehog"}}},
         "distill": {"forward_kl": 1.0, "ce": 0.2, "temperature": 1.0},
         "transfer": {"steps": 10 if quick else 150, "lr": 1e-2, "batch_size": 8},
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"teacher: val ppl {teacher_summary['val_ppl']:.3f} after "
           f"{teacher_summary['step']} steps ({teacher_summary['seconds']:.0f} s)\n")
 
-    print("== 2. linearise it (Hedgehog linear attention in every layer), attention transfer, KD")
+    print("== 2. linearise it (64-token window + Hedgehog linear attention in every layer), "
+          "attention transfer, KD")
     distiller, summary = distill_student(out, args.quick)
     teacher, student = distiller.teacher.model, distiller.student
 
@@ -131,23 +135,25 @@ def main(argv: list[str] | None = None) -> None:
     decode = measure_decode({"teacher": teacher, "student": student}, contexts)
     n_sample = 60 if args.quick else 160
     samples = {"teacher (attention)": sample(teacher, n_sample),
-               "student (linear attention)": sample(student, n_sample)}
+               "student (window + linear attention)": sample(student, n_sample)}
     print(f"held-out perplexity: teacher {summary['teacher_val_ppl']:.3f}, student "
           f"{summary['student_val_ppl']:.3f} "
           f"({summary['student_val_ppl'] / summary['teacher_val_ppl']:.2f}x)")
     for row in decode:
         print(f"  {row['model']:8s} decode at {row['context']:5d} context: "
-              f"{row['ms_per_token']:6.2f} ms/token, state {human_bytes(row['state_bytes'])}")
+              f"{row['ms_per_token']:6.2f} ms/token, state {human_bytes(row['state_bytes'])}, "
+              f"{row['achieved_GB_per_s']:.2f} GB/s")
     for name, text in samples.items():
         print(f"\n--- {name}:\n{text}")
     decode_png = plot_decode(decode, out / "decode.png")
     notes = [
         f"Teacher trained by `zoo train` ({teacher_summary['step']} steps x 16 x 256 bytes); "
         f"its loss curve: teacher/loss.png.",
-        "Student = the teacher with every attention layer replaced by Hedgehog linear attention "
-        "(no positional encoding inside the linear attention: the teacher's rotary positions "
-        "have no counterpart there); distillation curves: student/distill.png.",
-        f"Decode timings: batch 1, median of 3 x 8 steps; the {contexts[-1]:,}-token attention "
+        "Student = the teacher with every attention layer replaced by softmax attention over "
+        "the last 64 tokens plus Hedgehog linear attention over the tokens before them (LoLCATs; "
+        "feature maps on the rotary-embedded q and k); distillation curves: "
+        "student/distill.png.",
+        f"Decode timings: batch 1, the median of 8 steps; the {contexts[-1]:,}-token attention "
         "cache after a 256-token real prefill is filled with synthetic keys/values (decode cost "
         f"depends on the cache's length, not its values). Plot: {decode_png.name}.",
         f"Whole demo: {time.perf_counter() - start:.0f} s.",

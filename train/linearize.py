@@ -40,8 +40,9 @@ from zoo.model import ZooForCausalLM
 
 ATTENTION = "attention"
 # Options a replacement mixer inherits from the teacher's attention when it accepts them and
-# the caller did not set them: the head layout decides whether q/k/v/o can be copied.
-INHERITED_OPTIONS = ("n_heads", "n_kv_heads", "qkv_bias")
+# the caller did not set them: the head layout decides whether q/k/v/o can be copied, and the
+# rotary base whether the student's q and k carry the positions the teacher's softmax saw.
+INHERITED_OPTIONS = ("n_heads", "n_kv_heads", "qkv_bias", "rope_theta")
 
 
 @dataclasses.dataclass

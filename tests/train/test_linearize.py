@@ -189,3 +189,20 @@ def test_smollm2_keep_all_equals_teacher_and_hedgehog_student_builds():
     assert student.linearization.replaced == [i for i in range(30) if i not in (0, 15, 29)]
     assert student.config.vocab_size == 49152 and student.tokenizer is not None
     assert torch.isfinite(student(ids).logits).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rope_theta", [10000.0, 500.0])
+def test_window_student_equals_the_teacher_while_the_window_holds_every_token(rope_theta):
+    """Sliding-window + linear attention with W >= T is the teacher's softmax exactly: the
+    copied q/k/v/o, and the teacher's rotary base, inherited."""
+    torch.manual_seed(0)
+    config = zoo.load_config("attention-tiny", n_layers=2)
+    config.mixer = {**config.mixer, "rope_theta": rope_theta}
+    teacher = zoo.ZooForCausalLM(config).eval()
+    student = linearize(teacher, {"type": "window_linear_attention", "window": 64})
+    assert student.config.mixer["rope_theta"] == rope_theta
+    ids = torch.randint(0, 256, (2, 40))
+    assert relative_error(teacher(ids).logits, student(ids).logits) < 1e-5
+    longer = torch.randint(0, 256, (1, 150))  # past the window the linear part takes over
+    assert relative_error(teacher(longer).logits, student(longer).logits) > 1e-4
