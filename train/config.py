@@ -16,12 +16,13 @@ what is allowed (`train.batch_size=0 must be a positive integer`).
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from zoo.config import read_yaml, shipped_names
 
 STRATEGIES = ("none", "ddp", "fsdp")
 SOURCES = ("text", "mqar", "selective_copying", "induction_heads")
@@ -307,29 +308,12 @@ def _deepcopy(data: Any) -> Any:
 
 def shipped_runs() -> list[str]:
     """Names of the run configs shipped in zoo.configs.train."""
-    folder = importlib.resources.files("zoo.configs.train")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return shipped_names("zoo.configs.train")
 
 
 def read_run_yaml(name_or_path: str | Path) -> dict:
     """The YAML mapping of a run config file, or of a shipped run ("demo", "mqar")."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"run config {str(path)!r} does not exist")
-        text = path.read_text()
-    else:
-        resource = importlib.resources.files("zoo.configs.train") / f"{name_or_path}.yaml"
-        if not resource.is_file():
-            raise RunConfigError(
-                f"{str(name_or_path)!r} is neither a YAML file nor a shipped run config; "
-                f"shipped: {', '.join(shipped_runs())}"
-            )
-        text = resource.read_text()
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, Mapping):
-        raise RunConfigError(f"{name_or_path}: a run config must be a YAML mapping of sections")
-    return dict(data)
+    return read_yaml(name_or_path, "zoo.configs.train", "run config", RunConfigError)
 
 
 def load_run_config(

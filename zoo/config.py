@@ -142,10 +142,46 @@ def _as_spec(spec: Any) -> dict:
     raise ConfigError(f"a mixer/ffn spec must be a mapping with a 'type' key, got {spec!r}")
 
 
+def shipped_names(package: str) -> list[str]:
+    """The stems of the YAML files shipped in `package` ("zoo.configs", "zoo.configs.train")."""
+    folder = importlib.resources.files(package)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def shipped_configs() -> list[str]:
     """Names of the configs shipped in zoo.configs (the YAML files' stems)."""
-    folder = importlib.resources.files("zoo.configs")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return shipped_names("zoo.configs")
+
+
+def read_yaml(
+    name_or_path: str | Path, package: str, kind: str, error: type[ValueError] = ConfigError
+) -> dict:
+    """The YAML mapping in a file, or in the config shipped in `package` under that name.
+
+    A name ending in .yaml / .yml, or naming a file that exists, is a path; anything else is the
+    stem of a YAML file in `package`. `kind` ("config", "run config") names what was asked for
+    in the errors: FileNotFoundError for a missing path, `error` for a name `package` does not
+    ship and for YAML that is not a mapping.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"{kind} file {str(path)!r} does not exist")
+        text = path.read_text()
+    else:
+        resource = importlib.resources.files(package) / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise error(
+                f"{str(name_or_path)!r} is neither a YAML file nor a shipped {kind}; "
+                f"shipped: {', '.join(shipped_names(package))}"
+            )
+        text = resource.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, Mapping):
+        raise error(
+            f"{name_or_path}: a {kind} must be a YAML mapping, got a {type(data).__name__}"
+        )
+    return dict(data)
 
 
 def load_config(name_or_path: str | Path, **overrides: Any) -> ZooConfig:
@@ -153,23 +189,7 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> ZooConfig:
 
     Keyword overrides replace top-level fields (`load_config("attention-tiny", n_layers=4)`).
     """
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
-    else:
-        resource = importlib.resources.files("zoo.configs") / f"{name_or_path}.yaml"
-        if not resource.is_file():
-            raise ConfigError(
-                f"{str(name_or_path)!r} is neither a YAML file nor a shipped config; "
-                f"shipped: {shipped_configs()}"
-            )
-        text = resource.read_text()
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{name_or_path}: the YAML must be a mapping of config fields")
-    data = {**data, **overrides}
+    data = {**read_yaml(name_or_path, "zoo.configs", "config"), **overrides}
     allowed = {f.name for f in dataclasses.fields(ZooConfig)} | {"tie_embeddings"}
     unknown = sorted(set(data) - allowed)
     if unknown:
