@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from zoo.kernels import compute_dtype
 from zoo.kernels.window_linear_attention import (
     WindowLinearAttentionState,
     window_linear_attention,
@@ -131,7 +132,7 @@ class WindowLinearAttention(Mixer):
     def init_state(self, batch_size, device=None, dtype=None):
         device = device or self.q_proj.weight.device
         dtype = dtype or self.q_proj.weight.dtype
-        memory_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        memory_dtype = compute_dtype(dtype)
         B, W, H, D, F = (batch_size, self.window, self.n_kv_heads, self.head_dim,
                          self.feature_map.feature_dim)
         window_zeros = lambda dim: torch.zeros(B, W, H, dim, device=device, dtype=dtype)

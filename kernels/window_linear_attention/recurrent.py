@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import compute_dtype
 from .reference import combine, per_head_scale
-from .state import WindowLinearAttentionState, compute_dtype, next_state, window_context
+from .state import WindowLinearAttentionState, next_state, window_context
 
 
 def window_linear_attention_step(
@@ -24,7 +25,7 @@ def window_linear_attention_step(
     v (B, 1, H, Dv); phi_q, phi_k (B, 1, H, F)."""
     B, _, H, D = q.shape
     W = window
-    dtype = compute_dtype(q)
+    dtype = compute_dtype(q.dtype)
     scale = D ** -0.5 if scale is None else scale
     context = window_context(k, v, phi_k, initial_state, W, dtype)  # (B, W + 1, H, ·)
     scores = scale * torch.einsum("bhd,bwhd->bhw", q[:, 0].to(dtype), context.k[:, 1:])

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .state import WindowLinearAttentionState, compute_dtype, empty_state
+from ..precision import compute_dtype
+from .state import WindowLinearAttentionState, empty_state
 
 
 def per_head_scale(linear_scale: torch.Tensor | None, B: int, H: int,
@@ -51,7 +52,7 @@ def window_linear_attention_reference(
     """
     B, T, H, D = q.shape
     W = window
-    dtype = compute_dtype(q)
+    dtype = compute_dtype(q.dtype)
     scale = D ** -0.5 if scale is None else scale
     if initial_state is None:
         initial_state = empty_state(B, W, H, D, v.shape[-1], phi_k.shape[-1],

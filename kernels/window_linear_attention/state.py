@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..precision import compute_dtype
+
 
 class WindowLinearAttentionState(NamedTuple):
     """The state after the last token, per batch row and head (H as the op's q).
@@ -37,11 +39,6 @@ class WindowLinearAttentionState(NamedTuple):
     filled: int
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; every other dtype computes (and keeps S, z) in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def empty_state(
     batch_size: int, window: int, heads: int, key_dim: int, value_dim: int, feature_dim: int,
     *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
@@ -50,7 +47,7 @@ def empty_state(
     """The state before any token: zero tensors, filled = 0. The window tensors are `dtype`,
     S and z `memory_dtype` (default: float64 for float64, float32 otherwise)."""
     B, W, H = batch_size, window, heads
-    memory_dtype = memory_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+    memory_dtype = memory_dtype or compute_dtype(dtype)
     window_zeros = lambda dim: torch.zeros(B, W, H, dim, device=device, dtype=dtype)
     return WindowLinearAttentionState(
         k=window_zeros(key_dim), v=window_zeros(value_dim), phi_k=window_zeros(feature_dim),

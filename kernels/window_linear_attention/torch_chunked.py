@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..linear_attention import linear_attention
+from ..precision import compute_dtype
 from .reference import combine, per_head_scale
-from .state import Context, WindowLinearAttentionState, compute_dtype, next_state, window_context
+from .state import Context, WindowLinearAttentionState, next_state, window_context
 
 WindowPart = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -93,7 +94,7 @@ def compose(
     o = combine(A, a, num, den, per_head_scale(linear_scale, B, H, dtype)).to(q.dtype)
     if not output_final_state:
         return o, None
-    return o, next_state(context, S, z, T, window, k, v, phi_k, compute_dtype(q))
+    return o, next_state(context, S, z, T, window, k, v, phi_k, compute_dtype(q.dtype))
 
 
 def window_linear_attention_chunked(
@@ -114,4 +115,4 @@ def window_linear_attention_chunked(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return compose(q, k, v, phi_q, phi_k, window, linear_scale, scale, initial_state,
                    output_final_state, chunk_size, window_part=banded_window_attention,
-                   backend="torch", dtype=compute_dtype(q))
+                   backend="torch", dtype=compute_dtype(q.dtype))

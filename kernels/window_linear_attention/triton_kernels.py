@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
-from .state import WindowLinearAttentionState, compute_dtype
+from ..precision import compute_dtype
+from .state import WindowLinearAttentionState
 from .torch_chunked import compose
 
 MAX_DIM = 256
@@ -234,7 +235,7 @@ def window_linear_attention_triton(
                          f"got {chunk_size}")
     scale = D ** -0.5 if scale is None else scale
     # float32 inputs get exact float32 products; lower precision inputs may use TF32
-    precision = "ieee" if compute_dtype(q) == q.dtype else "tf32"
+    precision = "ieee" if compute_dtype(q.dtype) == q.dtype else "tf32"
 
     def window_part(q, kx, vx, scale, window, start, block):
         return WindowAttentionFunction.apply(q, kx, vx, scale, window, start, precision)
