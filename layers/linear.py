@@ -1,11 +1,11 @@
 """`Linear`: `nn.Linear` whose products with a few rows (decoding) use every CPU core.
 
 On the CPU, MKL runs a matrix-vector product (and skinny products of up to ~16 rows) on one
-thread: SmolLM2-135M's 113 MB output head took 6.6 ms per token on the 2-core machine this was
-written on (17 GB/s, where one pass over memory reads 78 GB/s), and 9-13 ms for 2-16 rows.
-Viewing the weight's rows as a batch of blocks turns the product into a batched GEMM, which MKL
-spreads over the cores: 1.6-2.2 ms for the same head. Parameters, state-dict names and results
-(up to summation order) are those of `nn.Linear`; training-sized inputs take `F.linear`.
+thread, which reads the weight at a fraction of the memory's bandwidth; viewing the weight's rows
+as a batch of blocks turns the product into a batched GEMM, which MKL spreads over the cores
+(what that gained on SmolLM2's output head: README, "Measured: decoding"). Parameters,
+state-dict names and results (up to summation order) are those of `nn.Linear`; training-sized
+inputs take `F.linear`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def row_blocks(out_features: int) -> int:
-    """How many blocks to split the weight's rows into: 16 (more cores than this machine has;
-    the batched product hands blocks to however many threads there are), or fewer when 16
+    """How many blocks to split the weight's rows into: 16 (the batched product hands blocks to
+    however many threads there are, so more blocks than cores costs nothing), or fewer when 16
     does not divide out_features; 1 means "do not split"."""
     for blocks in (16, 8, 4, 2):
         if out_features % blocks == 0:

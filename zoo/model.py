@@ -65,9 +65,9 @@ def align_parameters(module: nn.Module, alignment: int = CACHE_LINE) -> int:
     Why: decoding reads every weight once a token with 64-byte vector loads, and a load that
     straddles two cache lines costs more. Weights loaded from a safetensors file are views of
     the mapped file at offsets set by its header (8-byte aligned), and transformers' GGUF
-    reader builds them from NumPy arrays (16-byte aligned): SmolLM2-135M's compiled fp32
-    decode step took 11.6 ms a token that way and 10.7 aligned, on the 2-core AVX-512 machine
-    this was written on while its memory read at ~80 GB/s (13.2 and 12.6 at ~50 GB/s).
+    reader builds them from NumPy arrays (16-byte aligned), so most of them start off a cache
+    line (what aligning gained on SmolLM2's decode step: README, "Measured: decoding";
+    benchmarks/results/cpu/decode-smollm2.md has the step's timings with aligned weights).
     """
     # tied weights are one Parameter, met once; a buffer that is the same view of the same
     # data as another tensor gets the same copy
