@@ -13,7 +13,7 @@ from zoo.infer.generate import decode_step, fast_decode_step, prefill
 from zoo.infer.native import NativeSupport, native_decode_step, native_support
 
 # the module (zoo.infer.generate is also the function's name)
-loop = importlib.import_module("zoo.infer.generate")
+compiled = importlib.import_module("zoo.infer.compiled")
 
 
 def _model(seed=0, **changes):
@@ -77,7 +77,7 @@ def test_compile_true_takes_the_native_step_where_it_applies(monkeypatch):
     def no_inductor(*args, **kwargs):
         raise AssertionError("torch.compile's step was asked for")
 
-    monkeypatch.setattr(loop, "compiled_decode_step", no_inductor)
+    monkeypatch.setattr(compiled, "compiled_decode_step", no_inductor)
     model = _model()
     prompts = _prompts([4, 6], seed=3)
     assert generate(model, prompts, max_new_tokens=5, compile=True).tokens == generate(
@@ -85,7 +85,7 @@ def test_compile_true_takes_the_native_step_where_it_applies(monkeypatch):
 
 
 def test_other_models_take_torch_compile_and_say_why_not_native(monkeypatch):
-    monkeypatch.setattr(loop, "compiled_decode_step", lambda *args: "inductor step")
+    monkeypatch.setattr(compiled, "compiled_decode_step", lambda *args: "inductor step")
     torch.manual_seed(0)
     mamba = zoo.ZooForCausalLM(zoo.load_config("mamba-tiny")).eval()
     start = prefill(mamba, [[1, 2, 3]])

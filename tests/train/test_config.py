@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from zoo import cli
+from zoo.app import cli
 from zoo.train import RunConfigError, Trainer, load_run_config, shipped_runs
 from zoo.train.config import apply_overrides, from_dict
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zoo
-from zoo import cli
+from zoo.app import cli
 from zoo.train import Trainer
 from zoo.train.config import from_dict
 from zoo.train.metrics import read_metrics, train_losses
