@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -332,8 +333,11 @@ def attention_transfer(
         student.train()
         bar = tqdm(range(steps), desc="attention transfer", unit="step", disable=not progress,
                    dynamic_ncols=True)
+        start, tokens = time.perf_counter(), 0
         for step in bar:
-            inputs, outputs = teacher_mixer_io(teacher, batches(step).to(device), layers)
+            ids = batches(step).to(device)
+            tokens += ids.numel()
+            inputs, outputs = teacher_mixer_io(teacher, ids, layers)
             losses = layer_mse(student, inputs, outputs)
             loss = torch.stack(list(losses.values())).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -344,7 +348,8 @@ def attention_transfer(
             history.append(record)
             if log is not None:
                 log(record)
-            bar.set_postfix(mse=f"{record['loss']:.4g}")
+            bar.set_postfix(mse=f"{record['loss']:.4g}",
+                            tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
         student.eval()
         return TransferResult(steps, trained, history, before, evaluate())
     finally:
