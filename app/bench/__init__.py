@@ -13,6 +13,7 @@ def load_entries() -> None:
         decode_attention,
         hyena,
         linear_attention,
+        linearize_ablation,
         mamba,
         model,
         moe,
