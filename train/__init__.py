@@ -14,8 +14,9 @@ from zoo.train.distill import Distiller, DistillRunConfig, load_distill_config
 
 # `zoo.train.linearize` is the function; the module stays importable by its dotted name
 from zoo.train.linearize import attention_transfer, linearize
+from zoo.train.lora import LoraSpec, add_lora, merge_lora
 from zoo.train.trainer import Trainer
 
-__all__ = ["CheckpointError", "DistillRunConfig", "Distiller", "RunConfig", "RunConfigError",
-           "Trainer", "attention_transfer", "linearize", "load_distill_config", "load_run_config",
-           "shipped_runs"]
+__all__ = ["CheckpointError", "DistillRunConfig", "Distiller", "LoraSpec", "RunConfig",
+           "RunConfigError", "Trainer", "add_lora", "attention_transfer", "linearize",
+           "load_distill_config", "load_run_config", "merge_lora", "shipped_runs"]

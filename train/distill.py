@@ -10,6 +10,8 @@ linearisation (attention transfer) as an optional first stage.
              # or {config: linear-attention-small, overrides: {...}}
     distill: {forward_kl: 1.0, reverse_kl: 0.0, ce: 0.0, hidden: 0.0, seq_kd: 0.0,
               temperature: 2.0, teacher_logits: online}   # online | cache
+             # + lora: {rank: 8, alpha: 16, dropout: 0, targets: [q_proj, k_proj, v_proj,
+             #   o_proj]}                             # stage 2 through LoRA (LoLCATs)
     transfer: {steps: 100, lr: 1.0e-2}       # stage 1 (linearised students only)
     data: {tokenizer: teacher}               # train's data section; "teacher" = its tokenizer
     optim / train / checkpoint: as in `zoo train`
@@ -29,6 +31,15 @@ Sequence-level KD (`seq_kd` > 0): each step the teacher continues the first
 `seq_kd_temperature`; zoo teachers decode through their recurrent cache), and the student is
 trained with cross-entropy on the generated tokens. It costs seq_len - prompt teacher decode
 steps per training step.
+
+LoRA in stage 2 (`distill.lora`, null = off): after stage 1, the replaced layers' projections
+(`targets`; `layers` overrides which layers) get low-rank adapters (zoo.train.lora) and their
+base weights freeze. `distill.trainable` then says what trains beside the adapters: `adapters`
+(the default with LoRA) nothing (LoLCATs: the feature maps stay as stage 1 left them), `new` the
+linearisation's new parameters, `mixers` the replaced mixers' other parameters; `all` is
+refused, as it would train the weights the adapters stand in for. Checkpoints hold the adapters
+unmerged (a resume re-injects them before loading); `final/` holds the merged student, a plain
+zoo model.
 
 Single process: the teacher and the student share one device (no DDP/FSDP here).
 """
@@ -60,9 +71,11 @@ from zoo.tokenizer import has_tokenizer_files
 from zoo.train import losses as L
 from zoo.train.checkpoint import (
     CheckpointError,
+    check_model_tensors,
     latest_checkpoint,
     load_checkpoint,
     read_state,
+    restore_rng,
     save_checkpoint,
     save_final,
 )
@@ -90,11 +103,18 @@ from zoo.train.data import (
     load_tokenizer,
 )
 from zoo.train.linearize import attention_transfer, linearize
+from zoo.train.lora import (
+    LoraSpec,
+    adapted_base_parameter_names,
+    add_lora,
+    check_lora,
+    merge_lora,
+)
 from zoo.train.metrics import METRICS_FILE, MetricsLog, read_metrics
 from zoo.train.trainer import IGNORE, build_optimizer, seed_everything, warmup_cosine
 
 TEACHER_LOGITS = ("online", "cache")
-TRAINABLE = ("all", "mixers", "new")
+TRAINABLE = ("all", "mixers", "new", "adapters")
 DTYPES = ("float32", "bfloat16")
 LOSS_FIELDS = ("forward_kl", "reverse_kl", "ce", "hidden", "seq_kd")
 PLOT_FILE = "distill.png"
@@ -137,7 +157,9 @@ class DistillSection:
     teacher_logits: str = "online"  # online | cache
     cache_top_k: int = 64  # cached logits per position; 0 = the full vocabulary
     cache_dir: str | None = None  # default $XDG_CACHE_HOME/zoo/teacher_logits
-    trainable: str = "all"  # stage 2: all | mixers (replaced layers' mixers) | new
+    trainable: str | None = None  # stage 2: all | mixers (replaced layers' mixers) | new |
+    # adapters (only LoRA's); null: all, or adapters with lora (which adds them to mixers / new)
+    lora: dict | None = None  # stage 2 LoRA: {rank, alpha, dropout, targets, layers}; null = off
 
 
 @dataclasses.dataclass
@@ -212,10 +234,26 @@ class DistillRunConfig:
         _check_int(d, "cache_top_k", "distill", minimum=0)
         if d.cache_dir is not None:
             _check_str(d, "cache_dir", "distill")
-        _check_choice(d, "trainable", TRAINABLE, "distill")
-        if d.trainable != "all" and s.linearize is None:
+        if d.trainable is not None:
+            _check_choice(d, "trainable", TRAINABLE, "distill")
+        if d.trainable not in (None, "all") and s.linearize is None:
             _fail("distill.trainable", d.trainable,
                   "other than 'all' needs a linearised student (student.linearize)")
+        if d.lora is not None:
+            try:
+                LoraSpec.from_dict(d.lora)
+            except ValueError as error:
+                raise RunConfigError(f"distill.{error}") from None
+            if s.linearize is None:
+                _fail("distill.lora", d.lora, "needs a linearised student (student.linearize): "
+                      "the adapters go on its replaced layers")
+            if d.trainable == "all":
+                _fail("distill.trainable", d.trainable,
+                      "with distill.lora would train the base weights the adapters stand in "
+                      "for; allowed with LoRA: adapters (only the adapters), new (+ the "
+                      "linearisation's new parameters), mixers (+ the replaced mixers' others)")
+        elif d.trainable == "adapters":
+            _fail("distill.trainable", d.trainable, "needs distill.lora (the adapters to train)")
         if d.layer_map is not None and not isinstance(d.layer_map, list):
             _fail("distill.layer_map", d.layer_map,
                   "must be a list of [student_layer, teacher_layer] pairs")
@@ -653,18 +691,30 @@ class Distiller:
         self.samples_seen = 0
         self.transfer_done = False
         self.resume_from = resume_from
+        self.n_params = sum(p.numel() for p in self.student.parameters())  # without adapters
+        self.lora = None if d.lora is None else LoraSpec.from_dict(d.lora)
+        self.adapters: list[str] = []  # the LoRA adapters' parameter names, once added
         self._checkpoint = load_checkpoint(resume_from, self.student.config) if (
             resume_from is not None) else None
         if self._checkpoint is not None:
             weights = self._checkpoint.model
-            self.student.load_state_dict(
-                {k: v for k, v in weights.items() if not k.startswith(PROJECTION_PREFIX)})
+            student_weights = {k: v for k, v in weights.items()
+                               if not k.startswith(PROJECTION_PREFIX)}
+            if self.lora is not None:
+                self._add_lora()  # a stage-2 checkpoint holds the adapters, unmerged
+            try:
+                check_model_tensors(resume_from, student_weights, self.student.state_dict())
+            except CheckpointError as error:
+                raise CheckpointError(f"{error} (distill.lora={d.lora!r}: was it changed since "
+                                      "the checkpoint?)") from None
+            self.student.load_state_dict(student_weights)
             if self.projection is not None:
                 self.projection.load_state_dict(
                     {k[len(PROJECTION_PREFIX):]: v for k, v in weights.items()
                      if k.startswith(PROJECTION_PREFIX)})
             self.transfer_done = True  # stage 1 is in the checkpointed weights
-        self.n_params = sum(p.numel() for p in self.student.parameters())
+        elif self.lora is not None:
+            self._add_lora(check_only=True)  # a bad target fails now, not after stage 1
 
     # -----------------------------------------------------------------------------------------
 
@@ -756,15 +806,31 @@ class Distiller:
     # -----------------------------------------------------------------------------------------
     # stage 2
 
+    def _add_lora(self, check_only: bool = False) -> None:
+        """LoRA adapters on the replaced layers (or distill.lora.layers), after stage 1."""
+        try:
+            if check_only:
+                check_lora(self.student, self.lora, layers=self.report.replaced)
+            else:
+                self.adapters = add_lora(self.student, self.lora, layers=self.report.replaced)
+        except ValueError as error:
+            raise RunConfigError(f"distill.{error}") from None
+
     def _set_trainable(self) -> list[nn.Parameter]:
-        mode, report = self.run.distill.trainable, self.report
+        d, report = self.run.distill, self.report
+        mode = d.trainable or ("adapters" if d.lora is not None else "all")
         if mode == "all":
             names = None
+        elif mode == "adapters":
+            names = set()
         elif mode == "new":
             names = set(report.new_parameters(self.student))
         else:  # mixers of the replaced layers
             prefixes = tuple(f"model.layers.{i}.mixer." for i in report.replaced)
             names = {n for n, _ in self.student.named_parameters() if n.startswith(prefixes)}
+        if self.adapters:
+            # the adapted projections' own weights stay as they are; their adapters train
+            names = (names - set(adapted_base_parameter_names(self.student))) | set(self.adapters)
         for name, p in self.student.named_parameters():
             p.requires_grad_(names is None or name in names)
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -930,6 +996,8 @@ class Distiller:
                                     "stage": "after_transfer"})
                 transfer["val_ppl_after"] = after["val_ppl"]
                 transfer["val_ppl_before"] = linearised_eval["val_ppl"]
+        if self.lora is not None and not self.adapters:
+            self._add_lora()
         self.params = self._set_trainable()
         optim_run = RunConfig(optim=run.optim, train=run.train)
         self.optimizer = build_optimizer(_ParamsOnly(self.params), optim_run)
@@ -944,6 +1012,7 @@ class Distiller:
             self.step = ck.step
             self.samples_seen = int(ck.train_state["samples_seen"])
             self.metrics.truncate_after(self.step)
+            restore_rng(ck.rng)  # LoRA dropout and seq-KD sampling continue as they would have
         bar = tqdm(total=t.steps, initial=self.step, desc=f"{run.name} (KD)", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         kd_start = time.perf_counter()
@@ -970,6 +1039,9 @@ class Distiller:
         self.metrics.write({"kind": "eval", "step": self.step, **last_eval,
                             "tokens": self.samples_seen * t.seq_len})
         checkpoint = self.save()
+        if self.adapters:
+            merge_lora(self.student)  # final/ is a plain zoo model: merged, original keys
+            self.adapters = []
         final = save_final(ZooForCausalLM, self.student.config, self.student.state_dict(),
                            self.out_dir / "final")
         if self.data.tokenizer not in ("byte",) and Path(self.data.tokenizer).is_dir():
@@ -992,6 +1064,7 @@ class Distiller:
             "student_val_loss": last_eval["val_loss"], "student_val_ppl": last_eval["val_ppl"],
             "val_tokens": last_eval["val_tokens"],
             "transfer": transfer, "transfer_seconds": transfer_seconds,
+            "lora": None if self.lora is None else self.lora.to_dict(),
             "kd_steps": self.step, "kd_seconds": kd_seconds,
             "kd_tokens": self.samples_seen * t.seq_len,
             "tokens_seen": self.samples_seen * t.seq_len + (transfer or {}).get("tokens", 0),

@@ -341,3 +341,162 @@ def test_cli_distill(tmp_path, corpus, teacher_model, capsys):
     # bad fields through the CLI: exit code 2 and the field in the message
     assert main(["distill", str(path), "--set", "distill.temperature=-1"]) == 2
     assert "distill.temperature" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA in stage 2 (distill.lora)
+
+LORA = {"lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1}}  # trainable: adapters by default
+
+
+def _safetensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_distill_with_lora_trains_only_the_adapters_and_saves_a_merged_student(
+        tmp_path, corpus, teacher_model):
+    from transformers import AutoModelForCausalLM
+
+    from zoo.train.checkpoint import list_checkpoints
+    from zoo.train.lora import tuner_layers
+
+    run = load_distill_config(_run(tmp_path, corpus, distill=LORA, transfer={"steps": 2},
+                                   train={"steps": 3, "eval_interval": 0}))
+    distiller = Distiller(run, teacher=teacher_model, progress=False)
+    summary = distiller.fit()
+    assert summary["lora"]["rank"] == 4 and summary["lora"]["targets"] == [
+        "q_proj", "k_proj", "v_proj", "o_proj"]
+    out = tmp_path / "out"
+    # the last KD checkpoint holds the adapters, unmerged (what --resume continues from)
+    held = _safetensors(list_checkpoints(out / "checkpoints")[-1])
+    assert "model.layers.0.mixer.q_proj.lora_B.default.weight" in held
+    assert not any(".lora_" in k for k in held if ".layers.1." in k)  # kept layer: no adapters
+    # final/ is the merged student: the plain zoo keys, nothing of peft
+    final = _safetensors(out / "final")
+    assert not any("lora" in k or "base_layer" in k for k in final)
+    new = set(distiller.report.new)  # the linearisation's own tensors (Hedgehog's maps)
+    assert new and set(final) <= set(teacher_model.state_dict()) | new
+    # the in-memory student was merged too, and AutoModelForCausalLM loads what was saved
+    assert not tuner_layers(distiller.student)
+    loaded = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    assert isinstance(loaded, zoo.ZooForCausalLM)
+    ids = _batch(n=2, t=40)
+    with torch.no_grad():
+        expected = distiller.student.eval()(ids, use_cache=False).logits
+        assert torch.equal(loaded(ids, use_cache=False).logits, expected)
+    # what trained: the adapted projections (merged into them) and nothing else; everything
+    # stage 1 did not touch is still the teacher's, bit for bit
+    teacher = teacher_model.state_dict()
+    for key, value in final.items():
+        if ".layers.0.mixer." in key and key.rsplit(".", 2)[-2] in (
+                "q_proj", "k_proj", "v_proj", "o_proj"):
+            assert not torch.equal(value, teacher[key]), key
+        elif key not in new:
+            assert torch.equal(value, teacher[key]), key
+
+
+def test_distill_with_lora_resumes_exactly(tmp_path, corpus, teacher_model):
+    """A run stopped after KD step 4 (newest checkpoint: step 3), resumed, ends with the
+    weights and losses of the same run uninterrupted (dropout on: the RNG is restored too)."""
+    from zoo.train.metrics import train_losses
+
+    sections = {"distill": LORA, "transfer": {"steps": 2},
+                "train": {"steps": 6, "eval_interval": 0, "log_interval": 1},
+                "checkpoint": {"interval": 3, "keep_last": 2}}
+    reference = load_distill_config(_run(tmp_path, corpus, out_dir=str(tmp_path / "ref"),
+                                         **sections))
+    Distiller(reference, teacher=teacher_model, progress=False).fit()
+
+    run = load_distill_config(_run(tmp_path, corpus, out_dir=str(tmp_path / "cut"),
+                                   **sections))
+    first = Distiller(run, teacher=teacher_model, progress=False)
+    step = first.train_step
+
+    def stop_after_four():
+        if first.step == 4:
+            raise KeyboardInterrupt  # a kill mid-KD, after the step-3 checkpoint
+        return step()
+
+    first.train_step = stop_after_four
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    assert not (tmp_path / "cut" / "final").exists()
+    resumed = Distiller(run, resume=True, teacher=teacher_model, progress=False)
+    assert resumed.resume_from.name == "step_000003" and resumed.adapters
+    resumed.fit()
+
+    expected, got = _safetensors(tmp_path / "ref" / "final"), _safetensors(tmp_path / "cut" /
+                                                                          "final")
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "ref")
+
+
+def test_resume_refuses_a_checkpoint_whose_adapters_do_not_fit(tmp_path, corpus, teacher_model):
+    from zoo.train.checkpoint import CheckpointError
+
+    path = _run(tmp_path, corpus, distill=LORA, transfer={"steps": 0},
+                train={"steps": 2, "eval_interval": 0}, checkpoint={"interval": 1})
+    Distiller(load_distill_config(path), teacher=teacher_model, progress=False).fit()
+    changed = load_distill_config(path, ["distill.lora.rank=2"])
+    with pytest.raises(CheckpointError, match="distill.lora"):
+        Distiller(changed, resume=True, teacher=teacher_model, progress=False)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("distill.lora.rank=0", "distill.lora.rank"),
+    ("distill.lora.alpha=-1", "distill.lora.alpha"),
+    ("distill.lora.dropout=1", "distill.lora.dropout"),
+    ("distill.lora.targets=q_proj", "distill.lora.targets"),
+    ("distill.lora.layers=[]", "distill.lora.layers"),
+    ("distill.lora.bogus=1", "distill.lora.bogus"),
+    ("distill.lora=4", "distill.lora"),
+    ("distill.trainable=all", "distill.trainable='all' with distill.lora"),
+    ("distill.lora=null;distill.trainable=adapters",
+     "distill.trainable='adapters' needs distill.lora"),
+    ("student={config: attention-tiny};distill.trainable=all",
+     "distill.lora=.* needs a linearised student"),
+])
+def test_bad_lora_fields_are_named(tmp_path, corpus, override, field):
+    path = _run(tmp_path, corpus, distill=LORA)
+    with pytest.raises(RunConfigError, match=field):
+        load_distill_config(path, override.split(";"))
+
+
+@pytest.mark.parametrize("trainable,extra", [(None, set()), ("new", {"feature_map"}),
+                                              ("mixers", {"feature_map"})])
+def test_what_trains_in_stage_two_with_lora(tmp_path, corpus, teacher_model, trainable, extra):
+    """The adapters always; the adapted projections' own weights never; beside them what
+    distill.trainable names (the default with LoRA: nothing else)."""
+    run = load_distill_config(_run(tmp_path, corpus, distill={
+        **LORA, "trainable": trainable}, transfer={"steps": 0}))
+    distiller = Distiller(run, teacher=teacher_model, progress=False)
+    distiller._add_lora()
+    params = distiller._set_trainable()
+    trained = [n for n, p in distiller.student.named_parameters() if p.requires_grad]
+    assert len(params) == len(trained)
+    adapters = [n for n in trained if ".lora_" in n]
+    assert adapters == distiller.adapters and len(adapters) == 8  # q/k/v/o of layer 0, A and B
+    # model.layers.0.mixer.<module>...: the Hedgehog feature maps are the new parameters
+    assert {n.split(".")[4] for n in trained if n not in adapters} == extra
+    assert all(n.startswith("model.layers.0.mixer.") for n in trained)
+
+
+def test_lora_targets_the_student_lacks_fail_before_stage_one(tmp_path, corpus, teacher_model):
+    run = load_distill_config(_run(tmp_path, corpus, distill={
+        **LORA, "lora": {"targets": ["q_proj", "wq"]}}))
+    with pytest.raises(RunConfigError, match=r"distill.lora.targets.*'wq'.*allowed"):
+        Distiller(run, teacher=teacher_model, progress=False)
+
+
+def test_shipped_run_configs_leave_lora_off():
+    from zoo.train.config import shipped_runs
+
+    names = [n for n in shipped_runs() if n.startswith("smollm2")]
+    assert names
+    for name in names:
+        config = load_distill_config(name)
+        assert config.distill.lora is None and config.distill.trainable != "adapters"
