@@ -42,7 +42,8 @@ from zoo.model import ZooForCausalLM
 ATTENTION = "attention"
 # Options a replacement mixer inherits from the teacher's attention when it accepts them and
 # the caller did not set them: the head layout decides whether q/k/v/o can be copied, and the
-# rotary base whether the student's q and k carry the positions the teacher's softmax saw.
+# rotary base whether the student's q and k carry the positions the teacher's softmax saw (the
+# teacher's effective base: Attention's default where its spec leaves rope_theta out).
 INHERITED_OPTIONS = ("n_heads", "n_kv_heads", "qkv_bias", "rope_theta")
 
 
@@ -103,9 +104,12 @@ def _replacement_spec(mixer: str | Mapping[str, Any], teacher_attention: dict) -
             f"linearize: mixer.type={spec['type']!r} is not registered; allowed: {sorted(MIXERS)}"
         )
     accepted = options_of(MIXERS[spec["type"]])
+    # a spec without rope_theta rotates with Attention's default base, which a student whose
+    # own default is no rotation (linear attention) would otherwise not inherit
+    teacher = {"rope_theta": options_of(MIXERS[ATTENTION])["rope_theta"], **teacher_attention}
     for option in INHERITED_OPTIONS:
-        if option in accepted and option not in spec and option in teacher_attention:
-            spec[option] = teacher_attention[option]
+        if option in accepted and option not in spec and option in teacher:
+            spec[option] = teacher[option]
     return spec
 
 

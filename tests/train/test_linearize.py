@@ -206,3 +206,45 @@ def test_window_student_equals_the_teacher_while_the_window_holds_every_token(ro
     assert relative_error(teacher(ids).logits, student(ids).logits) < 1e-5
     longer = torch.randint(0, 256, (1, 150))  # past the window the linear part takes over
     assert relative_error(teacher(longer).logits, student(longer).logits) > 1e-4
+
+
+@pytest.mark.parametrize("teacher_theta,spec,expected", [
+    ("omitted", {}, 10000.0),  # Attention's default, which the teacher's layers rotate with
+    (500.0, {}, 500.0),
+    (None, {}, None),  # a position-free teacher gives a position-free student
+    ("omitted", {"rope_theta": None}, None),  # the caller's explicit null keeps it free
+    (500.0, {"rope_theta": 2000.0}, 2000.0),
+    ("omitted", {"feature_maps_after_rotary": False}, 10000.0),
+])
+def test_linear_attention_student_inherits_the_teachers_effective_rotary_base(
+        teacher_theta, spec, expected):
+    config = zoo.load_config("attention-tiny", n_layers=2)
+    assert "rope_theta" not in config.mixer  # the shipped config relies on the default
+    if teacher_theta != "omitted":
+        config.mixer = {**config.mixer, "rope_theta": teacher_theta}
+    teacher = zoo.ZooForCausalLM(config).eval()
+    student = linearize(teacher, {**HEDGEHOG, **spec})
+    assert student.config.mixer["rope_theta"] == expected
+    assert student.linearization.mixer["rope_theta"] == expected
+    for i in student.linearization.replaced:
+        mixer = student.model.layers[i].mixer
+        theta = None if mixer.rotary is None else mixer.rotary.theta
+        assert theta == expected, f"layer {i}"
+        teacher_rotary = teacher.model.layers[i].mixer.rotary
+        if expected is not None and "rope_theta" not in spec:
+            assert theta == teacher_rotary.theta
+
+
+@torch.no_grad()
+def test_rotary_student_decodes_token_by_token_to_its_full_forward():
+    """The inherited rotary positions ride in the state: the student's logits one token at a
+    time equal its whole-sequence logits."""
+    student = linearize(_teacher(n_layers=2), HEDGEHOG)
+    assert student.model.layers[0].mixer.rotary is not None
+    ids = torch.randint(0, 256, (2, 19))
+    full = student(ids, use_cache=False).logits
+    cache, pieces = None, []
+    for t in range(ids.shape[1]):
+        out = student(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache, pieces = out.cache, [*pieces, out.logits]
+    assert relative_error(full, torch.cat(pieces, dim=1)) < 1e-5
