@@ -12,6 +12,9 @@ like any zoo model). Every student tensor whose name and shape the teacher also 
 embeddings, norms, FFNs, the head, and the q/k/v/o projections of mixers that name them as
 attention does (linear attention); everything else (Hedgehog's feature maps, RetNet's gate,
 a projection whose shape differs) keeps its fresh initialisation and is reported as new.
+A Mamba-2 replacement ("mamba2") takes its shape from the teacher's attention and is filled from
+it under other names after Mamba-in-Llama (q -> C, k -> B, v -> x, o -> out_proj; the mapping and
+what stays fresh: `zoo.train.mamba_init`); the report's `sources` names where each came from.
 
 Stage 1 follows LoLCATs (Zhang et al. 2024, "attention transfer"): each replaced layer's mixer
 is trained to reproduce the teacher attention's output, by MSE, on the teacher's own normed
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 from zoo.config import ZooConfig
 from zoo.layers import MIXERS, options_of
 from zoo.model import ZooForCausalLM
+from zoo.train.mamba_init import MappedTensor, mamba2_from_attention, mamba2_spec_from_attention
 
 ATTENTION = "attention"
 # Options a replacement mixer inherits from the teacher's attention when it accepts them and
@@ -56,6 +60,9 @@ class LinearizeReport:
     copied: list[str]  # student state-dict names copied from the teacher
     new: list[str]  # student state-dict names freshly initialised
     mixer: dict[str, Any]  # the replacement spec (after inheriting the teacher's heads)
+    # student tensors filled from teacher tensors of other names (Mamba-2's in_proj from q/k/v):
+    # the teacher's names; one listed in `new` too was filled in part, its other rows fresh
+    sources: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def new_parameters(self, model: nn.Module) -> list[str]:
         """Names of the student's parameters that were not copied (the stage-1 trainables)."""
@@ -77,7 +84,22 @@ class LinearizeReport:
             f"{json.dumps(self.mixer)}; kept attention at {self.kept}\n"
             f"copied from the teacher ({len(self.copied)} tensors): {group(self.copied)}\n"
             f"new ({len(self.new)} tensors): {group(self.new) or 'none'}"
+            + self._sources_line()
         )
+
+    def _sources_line(self) -> str:
+        """The mapped tensors, once per kind: "in_proj.weight <- q_proj.weight, ... x2"."""
+        if not self.sources:
+            return ""
+        new = set(self.new)
+        kinds: dict[str, int] = {}
+        for name, sources in self.sources.items():
+            local = [s.rsplit(".mixer.", 1)[-1] for s in sources]
+            key = (f"{name.rsplit('.mixer.', 1)[-1]} <- {', '.join(local)}"
+                   + (" (in part; the rest fresh, trained as new)" if name in new else ""))
+            kinds[key] = kinds.get(key, 0) + 1
+        listed = "; ".join(f"{k} x{n}" if n > 1 else k for k, n in kinds.items())
+        return f"\nmapped from the teacher's attention under other names: {listed}"
 
 
 def as_zoo_teacher(teacher: Any) -> ZooForCausalLM:
@@ -133,6 +155,35 @@ def _check_keep(keep_attention: Iterable[int], attention_layers: list[int], n_la
     return sorted(set(keep))
 
 
+# Replacement mixers shaped after the teacher's attention and filled from its tensors under other
+# names: type -> (derive the spec's shape from the teacher's attention spec and d_model, fill one
+# layer's student mixer from the teacher's attention module).
+ATTENTION_MAPPINGS: dict[str, tuple[Callable[..., dict], Callable[..., dict[str, MappedTensor]]]]
+ATTENTION_MAPPINGS = {"mamba2": (mamba2_spec_from_attention, mamba2_from_attention)}
+
+
+def _fit_to_attention(spec: dict, teacher_attention: dict, d_model: int) -> dict:
+    """spec with the options a mapped replacement derives from the teacher's attention."""
+    mapping = ATTENTION_MAPPINGS.get(spec["type"])
+    return spec if mapping is None else mapping[0](spec, teacher_attention, d_model)
+
+
+def _map_from_attention(teacher: ZooForCausalLM, student: ZooForCausalLM,
+                        replaced: Sequence[int]) -> dict[str, MappedTensor]:
+    """Fill each replaced layer whose mixer has a mapping from the teacher's attention there;
+    returns what was filled, by full state-dict name, with full teacher names as sources."""
+    mapped: dict[str, MappedTensor] = {}
+    for i in replaced:
+        mixer = student.model.layers[i].mixer
+        mapping = ATTENTION_MAPPINGS.get(student.config.layer_spec(i)[0]["type"])
+        if mapping is None:
+            continue
+        prefix = f"model.layers.{i}.mixer."
+        for name, m in mapping[1](teacher.model.layers[i].mixer, mixer).items():
+            mapped[prefix + name] = MappedTensor([prefix + s for s in m.sources], m.whole)
+    return mapped
+
+
 def student_config(teacher_config: ZooConfig, mixer: str | Mapping[str, Any],
                    keep_attention: Iterable[int] = ()) -> tuple[ZooConfig, LinearizeReport]:
     """The student's config: the teacher's, with every attention layer not in keep_attention
@@ -148,14 +199,16 @@ def student_config(teacher_config: ZooConfig, mixer: str | Mapping[str, Any],
     layer_specs = []
     for i, (m, f) in enumerate(specs):
         if i in replaced:
-            spec = _replacement_spec(mixer, m)
+            spec = _fit_to_attention(_replacement_spec(mixer, m), m, teacher_config.d_model)
             # the first replaced layer's spec is the config's default; layers whose teacher
             # had another head layout become per-layer overrides below
             replacement = replacement or spec
             m = spec
         layer_specs.append((m, f))
     if replacement is None:  # every attention layer kept: the student is the teacher's shape
-        replacement = _replacement_spec(mixer, specs[attention_layers[0]][0])
+        first = specs[attention_layers[0]][0]
+        replacement = _fit_to_attention(_replacement_spec(mixer, first), first,
+                                        teacher_config.d_model)
     default = (replacement, teacher_config.ffn)
     if not replaced:
         default = (teacher_config.mixer, teacher_config.ffn)
@@ -191,7 +244,9 @@ def linearize(
             name ("smollm2-135m") that `zoo.from_hf` reads.
         mixer: the replacement, a registered mixer type or spec, e.g. {"type":
             "linear_attention", "feature_map": "hedgehog"}; n_heads / n_kv_heads / qkv_bias come
-            from the teacher's attention when the mixer takes them and the spec leaves them out.
+            from the teacher's attention when the mixer takes them and the spec leaves them out;
+            "mamba2" derives expand, head_dim, d_state, n_groups and bias from it the same way,
+            and a value the caller set that the mapping cannot use is a ValueError naming it.
         keep_attention: layer indices that stay softmax attention (a hybrid); negative indices
             count from the end.
     Returns:
@@ -211,7 +266,12 @@ def linearize(
             copied.append(name)
         else:
             new.append(name)
-    report.copied, report.new = copied, new
+    mapped = _map_from_attention(teacher, student, report.replaced)
+    whole = {name for name, m in mapped.items() if m.whole}
+    done = set(copied) | whole
+    report.copied = [name for name in target if name in done]
+    report.new = [name for name in new if name not in whole]
+    report.sources = {name: m.sources for name, m in mapped.items()}
     student.linearization = report
     student.tokenizer = getattr(teacher, "tokenizer", None)
     return student.eval()
