@@ -60,10 +60,10 @@ def student_run(out: Path, name: str, mixer: dict, distill: dict, quick: bool) -
         "teacher": {"source": str(out / "teacher")},
         "student": {"linearize": {"mixer": mixer}},
         "distill": {"forward_kl": 1.0, "ce": 0.2, "temperature": 1.0, **distill},
-        "transfer": {"steps": 10 if quick else 150, "lr": 1e-2, "batch_size": 8},
+        "transfer": {"steps": 10 if quick else 100, "lr": 1e-2, "batch_size": 8},
         "data": {"source": "text", "tokenizer": "teacher", "max_bytes": 3_000_000},
         "optim": {"lr": 2e-3, "warmup_steps": 10},
-        "train": {"steps": 10 if quick else 400, "batch_size": 16, "seq_len": 256,
+        "train": {"steps": 10 if quick else 200, "batch_size": 16, "seq_len": 256,
                   "eval_interval": 100, "eval_batches": 4},
         "checkpoint": {"interval": 0, "keep_last": 1},
     }
@@ -71,16 +71,18 @@ def student_run(out: Path, name: str, mixer: dict, distill: dict, quick: bool) -
 
 def ablation_report(rows: list[dict]) -> str:
     lines = ["| student | what changes | held-out ppl | x teacher | decode ms/token at 8k | "
-             "state | tokens seen |", "|---|---|---|---|---|---|---|"]
+             "state | tokens seen | student mixer as built |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['variant']} | {r['change']} | - | - | - | - | "
+            lines.append(f"| {r['variant']} | {r['change']} | - | - | - | - | - | "
                          f"not run: {r['skipped']} |")
             continue
         lines.append(
             f"| {r['variant']} | {r['change']} | {r['student_ppl']:.3f} | "
             f"x{r['ppl_ratio']:.3f} | {r['decode_ms_8k']:.3f} | "
-            f"{r['state_bytes_8k'] / 2**10:.0f} KiB | {r['tokens_seen']:,} |")
+            f"{r['state_bytes_8k'] / 2**10:.0f} KiB | {r['tokens_seen']:,} | "
+            f"{_spec_text(r.get('student_mixer'), r.get('copied_mixer_tensors'))} |")
     teacher = next((r for r in rows if not r.get("skipped")), None)
     if teacher is not None:
         lines += ["", f"Teacher (softmax attention): held-out perplexity "
@@ -88,6 +90,13 @@ def ablation_report(rows: list[dict]) -> str:
                   f"ms/token at 8k with a {teacher['teacher_state_bytes_8k'] / 2**20:.1f} MiB KV "
                   "cache."]
     return "\n".join(lines)
+
+
+def _spec_text(spec: dict | None, copied: int | None) -> str:
+    if not spec:
+        return "-"
+    shown = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("n_heads", "n_kv_heads"))
+    return shown + ("" if copied is None else f"; {copied} mixer tensors copied")
 
 
 def ablation_plot(rows: list[dict], path: Path) -> None:
@@ -154,6 +163,9 @@ def bench_linearize_ablation(options: BenchOptions) -> list[dict]:
         decode = time_decode(student, context, 8, real_prefill=256)
         rows.append({
             "variant": name, "change": change, "mixer": mixer, "distill": distill,
+            # what was built: inherited options (rotary base, heads) and what was copied
+            "student_mixer": dict(student.config.mixer),
+            "copied_mixer_tensors": sum(".mixer." in n for n in distiller.report.copied),
             "student_ppl": summary["student_val_ppl"], "teacher_ppl": summary["teacher_val_ppl"],
             "ppl_ratio": summary["student_val_ppl"] / summary["teacher_val_ppl"],
             "val_tokens": summary["val_tokens"], "tokens_seen": summary["tokens_seen"],

@@ -31,5 +31,5 @@ def test_report_gives_the_ratio_and_names_a_skipped_row():
              "teacher_decode_ms_8k": 0.9, "teacher_state_bytes_8k": 8 * 2**20},
             {"variant": "Mamba-2 student", "change": "q -> C", "skipped": "no mapping"}]
     report = ablation_report(rows)
-    assert "| window 64 | LoLCATs' layer | 3.300 | x1.100 | 0.500 | 300 KiB | 1,000 |" in report
+    assert "| window 64 | LoLCATs' layer | 3.300 | x1.100 | 0.500 | 300 KiB | 1,000 | - |" in report
     assert "not run: no mapping" in report and "8.0 MiB KV cache" in report
