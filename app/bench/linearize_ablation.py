@@ -53,20 +53,18 @@ def teacher_dir(out: Path, quick: bool) -> Path:
 
 
 def student_run(out: Path, name: str, mixer: dict, distill: dict, quick: bool) -> dict:
-    """One variant's distillation run: the demo's recipe with a fixed token budget."""
+    """One variant's distillation run: the demo's recipe with another student and a fixed
+    token budget (the same steps, batch and length for every variant)."""
+    from zoo.app.demo import student_run as demo_run
+
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    return {
-        "name": f"ablation-{slug}", "out_dir": str(out / "students" / slug),
-        "teacher": {"source": str(out / "teacher")},
-        "student": {"linearize": {"mixer": mixer}},
-        "distill": {"forward_kl": 1.0, "ce": 0.2, "temperature": 1.0, **distill},
-        "transfer": {"steps": 10 if quick else 100, "lr": 1e-2, "batch_size": 8},
-        "data": {"source": "text", "tokenizer": "teacher", "max_bytes": 3_000_000},
-        "optim": {"lr": 2e-3, "warmup_steps": 10},
-        "train": {"steps": 10 if quick else 200, "batch_size": 16, "seq_len": 256,
-                  "eval_interval": 100, "eval_batches": 4},
-        "checkpoint": {"interval": 0, "keep_last": 1},
-    }
+    run = demo_run(out, quick)
+    run.update(name=f"ablation-{slug}", out_dir=str(out / "students" / slug),
+               student={"linearize": {"mixer": mixer}})
+    run["distill"] = {**run["distill"], **distill}
+    run["transfer"]["steps"] = 10 if quick else 100
+    run["train"]["steps"] = 10 if quick else 200
+    return run
 
 
 def ablation_report(rows: list[dict]) -> str:
