@@ -268,11 +268,21 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
 @command("distill", "distil a teacher into a zoo student (linearise, attention transfer, KD)",
          _distill_arguments)
 def run_distill(args: argparse.Namespace) -> int:
+    import signal
+
     from zoo.app.distill_report import distill_cli
+    from zoo.train import CheckpointError
 
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
-    summary = distill_cli(args.run_config, args.set, resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.no_progress, report=args.report, contexts=contexts)
+    try:
+        summary = distill_cli(args.run_config, args.set, resume=args.resume,
+                              overwrite=args.overwrite, progress=not args.no_progress,
+                              report=args.report, contexts=contexts)
+    except CheckpointError as error:
+        print(f"zoo distill: error: {error}", file=sys.stderr)
+        return 2
+    if summary["interrupted"]:
+        return 128 + signal.Signals[summary["interrupted"]].value
     print(f"done in {summary['seconds']:.0f} s: teacher ppl {summary['teacher_val_ppl']:.3f}, "
           f"student ppl {summary['student_val_ppl']:.3f} "
           f"({summary['student_val_ppl'] / summary['teacher_val_ppl']:.2f}x) on "

@@ -111,7 +111,7 @@ def distill_cli(run: str, overrides: Sequence[str], *, resume: bool, overwrite: 
     config = load_distill_config(run, overrides)
     distiller = Distiller(config, resume=resume, overwrite=overwrite, progress=progress)
     summary = distiller.fit()
-    if report:
+    if report and not summary["interrupted"]:
         models = {"student": distiller.student}
         if distiller.teacher.is_zoo:
             models["teacher"] = distiller.teacher.model

@@ -15,7 +15,7 @@ a run config mean the same whatever the batch shape.
 - `cross_entropy`: next-token CE on the data (labels -100 are ignored).
 - `hidden_mse` with `HiddenProjection`: white-box KD, MSE between student hidden states and the
   teacher's at mapped layers, through a learned linear map where the widths differ.
-Sequence-level KD (CE on sequences the teacher generates) lives in distill.py: it is a data
+Sequence-level KD (CE on sequences the teacher generates) lives in distill/: it is a data
 transformation followed by `cross_entropy`.
 """
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,10 +28,7 @@ from zoo.config import ConfigError, load_config
 from zoo.model import ZooForCausalLM
 from zoo.train import distributed
 from zoo.train.checkpoint import (
-    CheckpointError,
     check_model_tensors,
-    latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -42,45 +36,19 @@ from zoo.train.checkpoint import (
 )
 from zoo.train.config import RunConfig, RunConfigError
 from zoo.train.data import build_dataset
-from zoo.train.metrics import (
-    METRICS_FILE,
-    PLOT_FILE,
-    MetricsLog,
-    format_eval_table,
-    plot_losses,
+from zoo.train.loop import (
+    LoopPlan,
+    StopSignals,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    run_steps,
+    seed_everything,
 )
+from zoo.train.metrics import PLOT_FILE, MetricsLog, format_eval_table, plot_losses
+from zoo.train.run_folder import RunFolder
 
 IGNORE = -100
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """The learning-rate factor at `step` (0-based): linear warm-up, then cosine to min_ratio."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: norms' gains and biases are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    o = run.optim
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-    )
 
 
 def _stats_to_json(stats: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +90,7 @@ class Trainer:
             torch.set_num_threads(run.train.threads)
         self.device = self.dist.device
         self.out_dir = Path(run.out_dir)
+        self.folder = RunFolder(self.out_dir, outputs=(PLOT_FILE,), command="zoo train")
         try:
             self.model_config = load_config(run.model.config, **dict(run.model.overrides))
         except ConfigError as error:
@@ -159,68 +128,21 @@ class Trainer:
         ):
             # MoE: an expert no token was routed to in a step has no gradient.
             self.train_model.find_unused_parameters = True
-        self.optimizer = build_optimizer(self.train_model, run)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: warmup_cosine(step, warmup=run.optim.warmup_steps,
-                                       total=run.train.steps, min_ratio=run.optim.min_lr_ratio),
-        )
+        self.optimizer = build_optimizer(self.train_model.parameters(), run.optim)
+        self.scheduler = build_scheduler(self.optimizer, run.optim, run.train.steps)
         if checkpoint is not None:
             self._restore(checkpoint)
         self.resumed_from = checkpoint.path if checkpoint is not None else None
-        self._stop_signal = 0
 
     # -----------------------------------------------------------------------------------------
     # set-up
 
     def _prepare_out_dir(self, resume: bool | str | Path, overwrite: bool) -> Path | None:
-        ckpt_root = self.out_dir / "checkpoints"
-        holds_run = (self.out_dir / METRICS_FILE).exists() or bool(list_checkpoints(ckpt_root))
-        resume_from = None
-        if resume:
-            resume_from = Path(resume) if not isinstance(resume, bool) else latest_checkpoint(
-                ckpt_root)
-            if resume_from is None:
-                raise CheckpointError(
-                    f"--resume: no checkpoint in {ckpt_root} to resume from; run without "
-                    "--resume to start"
-                )
-        elif holds_run and not overwrite:
-            raise RunConfigError(
-                f"out_dir={str(self.out_dir)!r} already holds a run ({METRICS_FILE} or "
-                "checkpoints); pass --resume to continue it, --overwrite to start again, or "
-                "--set out_dir=... for a new folder"
-            )
+        resume_from = self.folder.resume_point(resume, overwrite)
         if self.dist.is_main:
-            self._lock_out_dir()
-            if overwrite and not resume:
-                import shutil
-
-                for name in (METRICS_FILE, PLOT_FILE):
-                    (self.out_dir / name).unlink(missing_ok=True)
-                for name in ("checkpoints", "final"):
-                    shutil.rmtree(self.out_dir / name, ignore_errors=True)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "run.yaml").write_text(
-                yaml.safe_dump(self.run.to_dict(), sort_keys=False)
-            )
+            self.folder.claim(self.run.to_dict(), fresh=overwrite and not resume)
         distributed.barrier(self.dist)
         return resume_from
-
-    def _lock_out_dir(self) -> None:
-        """One run per out_dir: two writers would interleave checkpoints and metrics. The lock
-        dies with the process, SIGKILL included."""
-        import fcntl
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.out_dir / ".lock", "a+")  # noqa: SIM115 (held for the run)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RunConfigError(
-                f"out_dir={str(self.out_dir)!r} is in use by another running zoo train; wait "
-                "for it or choose another out_dir"
-            ) from None
 
     def _restore(self, checkpoint) -> None:
         distributed.load_full_state_dicts(
@@ -293,19 +215,12 @@ class Trainer:
                 loss.backward()
             ce_total += ce.detach()
         totals = distributed.all_reduce_sum(torch.stack([ce_total, aux_total]), info)
-        max_norm = run.optim.grad_clip if run.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr, grad_norm = optimizer_step(self.optimizer, self.scheduler,
+                                       self.train_model.parameters(), run.optim.grad_clip)
         self.step += 1
         self.samples_seen += run.train.batch_size
-        record: dict[str, Any] = {
-            "loss": float(totals[0] / count), "lr": lr, "grad_norm": float(grad_norm),
-        }
+        record: dict[str, Any] = {"loss": float(totals[0] / count), "lr": lr,
+                                  "grad_norm": grad_norm}
         if has_aux:
             record["aux_loss"] = float(totals[1]) / (accum * info.world_size)
             moe = {f"layer{i}": _stats_to_json(block.ffn.last_stats)
@@ -379,29 +294,6 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     # the loop
 
-    @contextlib.contextmanager
-    def _signals(self):
-        """SIGTERM and Ctrl-C ask for a checkpoint at the end of the current step; a second
-        Ctrl-C interrupts at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._stop_signal and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            if self.dist.is_main:
-                tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
-                           "(Ctrl-C again to abort without saving)")
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
     def _describe(self) -> str:
         run = self.run
         data = run.data.source
@@ -423,8 +315,6 @@ class Trainer:
         run, info = self.run, self.dist
         t = run.train
         start_time = time.perf_counter()
-        last_eval: dict[str, float] = {}
-        interrupted = None
         if self.progress:
             tqdm.write(self._describe())
         if info.is_main:
@@ -433,40 +323,15 @@ class Trainer:
             self.metrics.write({**event, "world_size": info.world_size,
                                 "parameters": self.n_params})
         if self.step == 0 and t.eval_interval:
-            last_eval = self._log_eval()
-        bar = tqdm(total=t.steps, initial=self.step, desc=run.name, unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
-        tokens_per_step = t.batch_size * t.seq_len
-        window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-        with self._signals():
-            while self.step < t.steps:
-                record = self.train_step()
-                window_steps += 1
-                window_loss += record["loss"]
-                now = time.perf_counter()
-                tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{tokens_per_s:,.0f}")
-                if self.step % t.log_interval == 0 or self.step == t.steps:
-                    self.metrics.write({
-                        "kind": "train", "step": self.step, **record,
-                        "loss": window_loss / window_steps,
-                        "tokens": self.samples_seen * t.seq_len,
-                        "tokens_per_s": tokens_per_s,
-                        "elapsed_s": now - start_time,
-                    })
-                    window_start, window_steps, window_loss = now, 0, 0.0
-                if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
-                    last_eval = self._log_eval()
-                if (run.checkpoint.interval and self.step % run.checkpoint.interval == 0
-                        and self.step < t.steps):
-                    self.save()
-                stop = distributed.all_reduce_max(self._stop_signal, info)
-                if stop and self.step < t.steps:
-                    interrupted = signal.Signals(stop).name
-                    break
-            bar.close()
+            self.log_eval()
+        plan = LoopPlan(name=run.name, steps=t.steps, batch_size=t.batch_size,
+                        seq_len=t.seq_len, log_interval=t.log_interval,
+                        eval_interval=t.eval_interval,
+                        checkpoint_interval=run.checkpoint.interval)
+        with StopSignals(announce=info.is_main).handled() as stop:
+            interrupted, _ = run_steps(
+                self, plan, self.metrics, stop, progress=self.progress, start_time=start_time,
+                agree=lambda signum: distributed.all_reduce_max(signum, info))
             if interrupted:
                 path = self.save()
                 if info.is_main:
@@ -475,7 +340,7 @@ class Trainer:
                                "continue with --resume")
                 return {"interrupted": interrupted, "step": self.step, "checkpoint": path,
                         "out_dir": self.out_dir}
-            last_eval = self._log_eval()
+            last_eval = self.log_eval()
             checkpoint = self.save()
             final = self.save_final()
         summary: dict[str, Any] = {
@@ -492,7 +357,8 @@ class Trainer:
                            f"{summary['plot']}")
         return summary
 
-    def _log_eval(self) -> dict[str, float]:
+    def log_eval(self) -> dict[str, float]:
+        """evaluate(), written to the metrics."""
         result = self.evaluate()
         if self.dist.is_main:
             self.metrics.write({"kind": "eval", "step": self.step, **result,
@@ -517,7 +383,5 @@ class Trainer:
         if getattr(self, "_threads_before", None):
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            lock.close()
-            self._lock = None
+        if hasattr(self, "folder"):
+            self.folder.release()

@@ -343,6 +343,59 @@ def test_cli_distill(tmp_path, corpus, teacher_model, capsys):
     assert "distill.temperature" in capsys.readouterr().err
 
 
+def test_sigterm_stops_kd_with_a_checkpoint_and_the_resumed_run_ends_as_uninterrupted(
+        tmp_path, corpus, teacher_model):
+    """Stage 2 runs in the training loop: SIGTERM ends it after the current step with a
+    checkpoint of that step; --resume from there ends with the weights and losses of the run
+    that was never stopped (the same loop, resume and RNG handling as `zoo train`)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from zoo.train.metrics import train_losses
+
+    sections = {"distill": LORA, "transfer": {"steps": 2},
+                "train": {"steps": 8, "eval_interval": 0, "log_interval": 1}}
+    reference = load_distill_config(_run(tmp_path, corpus, out_dir=str(tmp_path / "ref"),
+                                         **sections))
+    Distiller(reference, teacher=teacher_model, progress=False).fit()
+
+    run = load_distill_config(_run(tmp_path, corpus, out_dir=str(tmp_path / "cut"), **sections))
+    first = Distiller(run, teacher=teacher_model, progress=False)
+
+    def terminate():
+        while first.step < 2:
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate, daemon=True).start()
+    summary = first.fit()
+    assert summary["interrupted"] == "SIGTERM" and 2 <= summary["step"] < 8
+    assert summary["checkpoint"].name == f"step_{summary['step']:06d}"
+    assert not (tmp_path / "cut" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+    resumed = Distiller(run, resume=True, teacher=teacher_model, progress=False)
+    assert resumed.fit()["step"] == 8
+    expected, got = _safetensors(tmp_path / "ref" / "final"), _safetensors(tmp_path / "cut" /
+                                                                          "final")
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "ref")
+
+
+def test_one_distillation_per_out_dir_and_the_lock_is_released_after_fit(
+        tmp_path, corpus, teacher_model):
+    run = load_distill_config(_run(tmp_path, corpus, transfer={"steps": 0},
+                                   train={"steps": 1, "eval_interval": 0}))
+    first = Distiller(run, teacher=teacher_model, progress=False)
+    with pytest.raises(RunConfigError, match="in use by another running zoo distill"):
+        Distiller(run, overwrite=True, teacher=teacher_model, progress=False)
+    first.fit()
+    Distiller(run, overwrite=True, teacher=teacher_model, progress=False).fit()
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA in stage 2 (distill.lora)
 
