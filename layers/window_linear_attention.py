@@ -23,6 +23,7 @@ from zoo.kernels import compute_dtype
 from zoo.kernels.window_linear_attention import (
     WindowLinearAttentionState,
     window_linear_attention,
+    window_linear_attention_weights,
 )
 
 from .base import Mixer, MixerState
@@ -148,10 +149,10 @@ class WindowLinearAttention(Mixer):
         H, D, F = self.n_kv_heads, self.head_dim, self.feature_map.feature_dim
         return self.window * H * (2 * D + F) * element + H * F * (D + 1) * memory_element
 
-    def forward(self, x, state=None):
-        self.check_input(x, state)
-        B, T, _ = x.shape
-        position = 0 if state is None else state.position
+    def _project(self, x: torch.Tensor, position: int):
+        """x (B, T, d_model) at `position` -> q, k (rotated), v, phi_q, phi_k (B, T, H·, ·)
+        and r (H,)."""
+        T = x.shape[1]
         split = "b t (h d) -> b t h d"
         q = rearrange(self.q_proj(x), split, d=self.head_dim)
         k = rearrange(self.k_proj(x), split, d=self.head_dim)
@@ -165,6 +166,21 @@ class WindowLinearAttention(Mixer):
         phi_k = self.feature_map(mapped_k, "key")
         # the feature map's kernel_scale multiplies phi_q . phi_k: it folds into r
         linear_scale = self.log_linear_scale.exp() * self.feature_map.kernel_scale
+        return q_rot, k_rot, v, phi_q, phi_k, linear_scale
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d_model) from a fresh start -> (B, n_heads, T, T): the weight each query
+        gives each key (rows sum to 1), for attention transfer's cross-entropy."""
+        q, k, _, phi_q, phi_k, linear_scale = self._project(x, 0)
+        return window_linear_attention_weights(
+            q, self._repeat(k, 2), phi_q, self._repeat(phi_k, 2), self.window,
+            linear_scale=linear_scale, scale=self.head_dim ** -0.5)
+
+    def forward(self, x, state=None):
+        self.check_input(x, state)
+        T = x.shape[1]
+        position = 0 if state is None else state.position
+        q_rot, k_rot, v, phi_q, phi_k, linear_scale = self._project(x, position)
         o, final = window_linear_attention(
             q_rot, self._repeat(k_rot, 2), self._repeat(v, 2), phi_q, self._repeat(phi_k, 2),
             window=self.window, linear_scale=linear_scale, scale=self.head_dim ** -0.5,
