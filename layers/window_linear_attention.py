@@ -23,6 +23,7 @@ from zoo.kernels import compute_dtype
 from zoo.kernels.window_linear_attention import (
     WindowLinearAttentionState,
     window_linear_attention,
+    window_linear_attention_weights,
 )
 
 from .base import Mixer, MixerState
@@ -148,10 +149,10 @@ class WindowLinearAttention(Mixer):
         H, D, F = self.n_kv_heads, self.head_dim, self.feature_map.feature_dim
         return self.window * H * (2 * D + F) * element + H * F * (D + 1) * memory_element
 
-    def forward(self, x, state=None):
-        self.check_input(x, state)
-        B, T, _ = x.shape
-        position = 0 if state is None else state.position
+    def _project(self, x: torch.Tensor, position: int):
+        """x (B, T, d_model) at `position` -> q, k (rotated), v, phi_q, phi_k (B, T, H·, ·)
+        and r (H,)."""
+        T = x.shape[1]
         split = "b t (h d) -> b t h d"
         q = rearrange(self.q_proj(x), split, d=self.head_dim)
         k = rearrange(self.k_proj(x), split, d=self.head_dim)
@@ -165,6 +166,23 @@ class WindowLinearAttention(Mixer):
         phi_k = self.feature_map(mapped_k, "key")
         # the feature map's kernel_scale multiplies phi_q . phi_k: it folds into r
         linear_scale = self.log_linear_scale.exp() * self.feature_map.kernel_scale
+        return q_rot, k_rot, v, phi_q, phi_k, linear_scale
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d_model) from a fresh start -> (B, n_heads, T, T): the weight each query
+        gives each key (rows sum to 1), for attention transfer's cross-entropy."""
+        q, k, _, phi_q, phi_k, linear_scale = self._project(x, 0)
+        return window_linear_attention_weights(
+            q, self._repeat(k, 2), phi_q, self._repeat(phi_k, 2), self.window,
+            linear_scale=linear_scale, scale=self.head_dim ** -0.5)
+
+    def forward(self, x, state=None):
+        self.check_input(x, state)
+        T = x.shape[1]
+        position = 0 if state is None else state.position
+        q_rot, k_rot, v, phi_q, phi_k, linear_scale = self._project(x, position)
+        if T == 1 and state is not None:
+            return self._decode_step(q_rot, k_rot, v, phi_q, phi_k, linear_scale, state)
         o, final = window_linear_attention(
             q_rot, self._repeat(k_rot, 2), self._repeat(v, 2), phi_q, self._repeat(phi_k, 2),
             window=self.window, linear_scale=linear_scale, scale=self.head_dim ** -0.5,
@@ -177,6 +195,44 @@ class WindowLinearAttention(Mixer):
             o = o + 0.0 * phi_k.sum()
         y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
         return y, self._mixer_state(final, position + T)
+
+    def _decode_step(self, q, k, v, phi_q, phi_k, linear_scale,
+                     state: WindowLinearAttentionMixerState):
+        """One token against the state as it is stored, one copy per KV head: the query heads
+        of a group read their KV head's window and memory in place (no per-query-head copies
+        of the state, as the op's general path makes), and the shifted window is at once this
+        step's context and the next state. The op's recurrent step, term for term.
+
+        q (B, 1, H, D), k, v (B, 1, H_kv, D), phi_q (B, 1, H, F), phi_k (B, 1, H_kv, F)."""
+        B, W, G = q.shape[0], self.window, self.groups
+        Hk, D = self.n_kv_heads, self.head_dim
+        dtype = compute_dtype(q.dtype)
+        window_dtype = state.k.dtype
+        # the token entering the window; the oldest slot leaves it for the linear memory
+        keys = torch.cat([state.k[:, 1:], k.to(window_dtype)], dim=1)  # (B, W, H_kv, D)
+        values = torch.cat([state.v[:, 1:], v.to(window_dtype)], dim=1)
+        features = torch.cat([state.phi_k[:, 1:], phi_k.to(window_dtype)], dim=1)
+        S, z = state.S, state.z
+        if state.position >= W:  # a token left: slot 0 of the old window
+            leaving_f, leaving_v = state.phi_k[:, 0].to(dtype), state.v[:, 0].to(dtype)
+            S = S + torch.einsum("bkf,bkd->bkfd", leaving_f, leaving_v)
+            z = z + leaving_f
+        q_g = q.to(dtype).view(B, Hk, G, D)  # query head h reads KV head h // G
+        scores = torch.einsum("bkgd,bwkd->bkgw", q_g, keys.to(dtype)) * D ** -0.5
+        filled = min(state.position + 1, W)
+        if filled < W:  # the first W - filled slots hold no token yet
+            scores[..., : W - filled] = -torch.inf
+        p = torch.exp(scores - scores.amax(-1, keepdim=True).detach())
+        A = torch.einsum("bkgw,bwkd->bkgd", p, values.to(dtype))
+        phi_q_g = phi_q.to(dtype).view(B, Hk, G, -1)
+        r = linear_scale.to(dtype).view(Hk, G)
+        numerator = A + r[..., None] * torch.einsum("bkgf,bkfd->bkgd", phi_q_g, S)
+        denominator = p.sum(-1) + r * torch.einsum("bkgf,bkf->bkg", phi_q_g, z)
+        o = (numerator / denominator[..., None]).to(q.dtype).reshape(B, 1, Hk * G * D)
+        new_state = WindowLinearAttentionMixerState(
+            k=keys.detach(), v=values.detach(), phi_k=features.detach(), S=S.detach(),
+            z=z.detach(), position=state.position + 1)
+        return self.o_proj(o), new_state
 
     def _repeat(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """KV heads out to query heads: query head h reads KV head h // groups."""

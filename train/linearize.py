@@ -333,11 +333,41 @@ def layer_mse(student: ZooForCausalLM, inputs: Mapping[int, torch.Tensor],
     return losses
 
 
+def layer_attention_ce(student: ZooForCausalLM, teacher: ZooForCausalLM,
+                       inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per replaced layer: cross-entropy of the student mixer's attention rows against the
+    teacher attention's softmax rows on the same inputs (LoLCATs' xent), mean over (B, H, T)
+    of -sum_j p_tj log q_tj."""
+    losses = {}
+    for i, x in inputs.items():
+        with torch.no_grad():
+            p = teacher.model.layers[i].mixer.attention_weights(x)
+        q = student.model.layers[i].mixer.attention_weights(x.to(student.dtype))
+        # q > 0 wherever p > 0 (the window's exp and the features are positive); the clamp
+        # keeps 0 * log 0 at 0 above the diagonal
+        losses[i] = -(p * q.clamp_min(1e-30).log()).sum(-1).mean()
+    return losses
+
+
+def check_attention_weights(teacher: ZooForCausalLM, student: ZooForCausalLM,
+                            layers: Sequence[int]) -> None:
+    """The attention-weight cross-entropy needs both mixers' weights at every layer."""
+    for i in layers:
+        for who, model in (("teacher", teacher), ("student", student)):
+            mixer = model.model.layers[i].mixer
+            if not hasattr(mixer, "attention_weights"):
+                raise ValueError(
+                    f"attention_ce: the {who}'s layer {i} mixer ({type(mixer).__name__}) has no "
+                    "attention weights to compare; window_linear_attention students of "
+                    "softmax attention teachers have them (or set attention_ce=0)")
+
+
 @dataclasses.dataclass
 class TransferResult:
     steps: int
     trained_parameters: list[str]
-    history: list[dict[str, Any]]  # per step: {"step", "loss", "layers": {i: mse}}
+    history: list[dict[str, Any]]  # per step: {"step", "loss" (mean MSE), "layers": {i: mse},
+    # "attention_ce" (mean over layers, when on)}
     before: dict[int, float]  # per-layer MSE on the evaluation batch before training
     after: dict[int, float]  # ... and after
 
@@ -367,9 +397,12 @@ def attention_transfer(
     eval_ids: torch.Tensor | None = None,
     progress: bool = True,
     log: Callable[[dict[str, Any]], None] | None = None,
+    attention_ce: float = 0.0,
 ) -> TransferResult:
     """Stage 1: train the replaced layers' new parameters to match the teacher's attention
-    outputs (per-layer MSE on the teacher's own inputs); copied parameters stay frozen.
+    outputs (per-layer MSE on the teacher's own inputs), plus `attention_ce` x the
+    cross-entropy of their attention weights against the teacher's (LoLCATs' xent; 0: off);
+    copied parameters stay frozen.
 
     batches(step) -> ids (B, T); eval_ids: a fixed batch for the before/after MSE (default the
     first training batch). All of the student's parameters are trainable again on return.
@@ -378,6 +411,10 @@ def attention_transfer(
     if report is None:
         raise ValueError("attention_transfer: the student was not built by linearize()")
     layers = report.replaced
+    if attention_ce < 0:
+        raise ValueError(f"attention_ce={attention_ce} must be >= 0")
+    if attention_ce > 0:
+        check_attention_weights(teacher, student, layers)
     device = next(student.parameters()).device
     teacher.eval()
     eval_ids = batches(0) if eval_ids is None else eval_ids
@@ -404,11 +441,15 @@ def attention_transfer(
             inputs, outputs = teacher_mixer_io(teacher, ids, layers)
             losses = layer_mse(student, inputs, outputs)
             loss = torch.stack(list(losses.values())).mean()
+            record = {"step": step + 1, "loss": float(loss.detach()),
+                      "layers": {i: float(v.detach()) for i, v in losses.items()}}
+            if attention_ce > 0:
+                ce = torch.stack(list(layer_attention_ce(student, teacher, inputs).values()))
+                record["attention_ce"] = float(ce.detach().mean())
+                loss = loss + attention_ce * ce.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            record = {"step": step + 1, "loss": float(loss.detach()),
-                      "layers": {i: float(v.detach()) for i, v in losses.items()}}
             history.append(record)
             if log is not None:
                 log(record)

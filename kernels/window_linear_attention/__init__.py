@@ -9,7 +9,7 @@ import torch
 
 from ..backend import resolve_backend
 from .recurrent import window_linear_attention_step
-from .reference import window_linear_attention_reference
+from .reference import window_linear_attention_reference, window_linear_attention_weights
 from .state import WindowLinearAttentionState, empty_state
 from .torch_chunked import window_linear_attention_chunked
 
@@ -126,5 +126,5 @@ def _check_state(state, B, W, H, D, Dv, F) -> None:
 __all__ = [
     "WindowLinearAttentionState", "empty_state", "window_linear_attention",
     "window_linear_attention_chunked", "window_linear_attention_reference",
-    "window_linear_attention_step",
+    "window_linear_attention_step", "window_linear_attention_weights",
 ]

@@ -103,3 +103,38 @@ def combine(A: torch.Tensor, a: torch.Tensor, num: torch.Tensor, den: torch.Tens
     if r is not None:
         num, den = r[..., None] * num, r * den
     return (A + num) / (a + den)[..., None]
+
+
+def window_linear_attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    window: int,
+    linear_scale: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The weight each query gives each key from a fresh start, as a (B, H, T, T) matrix whose
+    rows sum to 1: exp(s_tj - m_t) inside the window, r phi_q_t . phi_k_j before it, over
+    their sum (the definition above, so weights @ v is o). LoLCATs' attention transfer
+    compares these rows with the teacher's softmax by cross-entropy. Quadratic in T: a
+    training-time tool. Float32 (float64 for float64 inputs); gradients as the op's.
+    """
+    B, T, H, D = q.shape
+    dtype = compute_dtype(q.dtype)
+    scale = D ** -0.5 if scale is None else scale
+    q, k, phi_q, phi_k = (x.to(dtype) for x in (q, k, phi_q, phi_k))
+    t = torch.arange(T, device=q.device)
+    distance = t[:, None] - t[None, :]  # query index minus key index
+    in_window = (distance >= 0) & (distance < window)
+    before = distance >= window
+    scores = scale * torch.einsum("bthd,bjhd->bhtj", q, k)
+    scores = scores.masked_fill(~in_window, -torch.inf)
+    m = scores.amax(-1, keepdim=True).detach()
+    softmax_part = torch.exp(scores - m)
+    linear_part = torch.einsum("bthf,bjhf->bhtj", phi_q, phi_k).masked_fill(~before, 0.0)
+    r = per_head_scale(linear_scale, B, H, dtype)
+    if r is not None:
+        linear_part = r[:, 0, :, None, None] * linear_part
+    numerator = softmax_part + linear_part
+    return numerator / numerator.sum(-1, keepdim=True)

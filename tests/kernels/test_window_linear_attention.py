@@ -151,6 +151,38 @@ def test_reference_matches_dense_definition_with_m_held_constant(window):
         assert_close("d" + name, ref, got, 1e-12)
 
 
+@pytest.mark.parametrize("window", [1, 5, 40])
+@pytest.mark.parametrize("scale_shape", ["head", "batch"])
+def test_attention_weights_are_rows_that_give_the_output(window, scale_shape):
+    """window_linear_attention_weights: rows summing to 1 whose product with v is o, and
+    gradients through them as through the op (what attention transfer's CE trains)."""
+    from zoo.kernels.window_linear_attention import window_linear_attention_weights
+
+    B, T, H, D = 2, 19, 3, 8
+    inputs, _ = _inputs(B, T, H, D, window, "none", scale_shape)
+    inputs = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
+    q, k, v, phi_q, phi_k = (inputs[n] for n in ("q", "k", "v", "phi_q", "phi_k"))
+    weights = window_linear_attention_weights(q, k, phi_q, phi_k, window,
+                                              linear_scale=inputs["linear_scale"])
+    assert weights.shape == (B, H, T, T)
+    assert_close("rows", torch.ones(B, H, T, dtype=torch.float64), weights.sum(-1), 1e-12)
+    assert torch.all(weights.triu(1) == 0)  # causal
+    o_ref, _ = window_linear_attention(q, k, v, phi_q, phi_k, window=window,
+                                       linear_scale=inputs["linear_scale"],
+                                       backend="reference")
+    o = torch.einsum("bhtj,bjhv->bthv", weights, v)
+    assert_close("weights @ v", o_ref, o, 1e-12)
+    do = torch.randn_like(o)
+    leaves = [inputs[n] for n in ("q", "k", "phi_q", "phi_k", "linear_scale")]
+    grads = torch.autograd.grad((o * do).sum(), leaves, allow_unused=True)
+    grads_ref = torch.autograd.grad((o_ref * do).sum(), leaves, allow_unused=True)
+    for name, got, ref in zip(("q", "k", "phi_q", "phi_k", "r"), grads, grads_ref):
+        if ref is None:
+            assert got is None or torch.all(got == 0), name
+        else:
+            assert_close("d" + name, ref, got, 1e-10)
+
+
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 @torch.no_grad()
 def test_window_covering_everything_is_causal_softmax_attention(backend):

@@ -156,3 +156,27 @@ def test_bad_options_name_the_field():
         WindowLinearAttention(D_MODEL, feature_map="nope")
     with pytest.raises(ValueError, match="has no option 'windows'"):
         build_mixer({"type": "window_linear_attention", "windows": 4}, D_MODEL)
+
+
+@pytest.mark.parametrize("options", [{"n_kv_heads": 2, "window": 6},
+                                     {"window": 1, "feature_maps_after_rotary": False}])
+@torch.no_grad()
+def test_attention_weights_give_the_mixers_output(options):
+    """The weights attention transfer's cross-entropy compares: o_proj(weights @ v) is the
+    mixer's forward, and the teacher's Attention.attention_weights is its softmax."""
+    mixer = _mixer(n_heads=4, **options)
+    x = torch.randn(2, 23, D_MODEL)
+    weights = mixer.attention_weights(x)
+    assert weights.shape == (2, 4, 23, 23)
+    assert_close("rows", torch.ones(2, 4, 23), weights.sum(-1), 1e-6)
+    v = rearrange(mixer.v_proj(x), "b t (h d) -> b t h d", d=mixer.head_dim)
+    v = v.repeat_interleave(mixer.groups, dim=2)
+    o = torch.einsum("bhtj,bjhd->bthd", weights, v)
+    assert_close("forward", mixer(x)[0], mixer.o_proj(rearrange(o, "b t h d -> b t (h d)")),
+                 1e-5)
+    for window in (None, 5):
+        teacher = _teacher(mixer, window)
+        p = teacher.attention_weights(x)
+        o = torch.einsum("bhtj,bjhd->bthd", p, v)
+        assert_close(f"teacher window={window}", teacher(x)[0],
+                     teacher.o_proj(rearrange(o, "b t h d -> b t (h d)")), 1e-5)

@@ -264,6 +264,8 @@ def test_a_tokenizer_other_than_the_teachers_is_refused(tmp_path, corpus, teache
     ("student.linearize.keep=[1]", "student.linearize.keep"),
     ("student.linearize.keep_attention=one", "student.linearize.keep_attention"),
     ("transfer.steps=-1", "transfer.steps"),
+    ("transfer.attention_ce=-1", "transfer.attention_ce"),
+    ("transfer.attention_ce=1", "transfer.attention_ce"),  # linear_attention has no weights
     ("train.seq_len=0", "train.seq_len"),
     ("teacher.source=", "teacher.source"),
     ("teacher.dtype=int8", "teacher.dtype"),

@@ -135,6 +135,35 @@ def test_attention_transfer_lowers_every_layer_mse_and_trains_only_new_parameter
     assert all(p.requires_grad for p in student.parameters())  # unfrozen on return
 
 
+def test_attention_ce_teaches_the_teachers_attention_weights():
+    """transfer with attention_ce: the cross-entropy of the student's attention rows against
+    the teacher's falls, and a student without attention weights is a named error."""
+    from zoo.train.linearize import layer_attention_ce, teacher_mixer_io
+
+    teacher = _teacher(n_layers=2)
+    window = {"type": "window_linear_attention", "window": 4, "feature_map": "hedgehog"}
+    student = linearize(teacher, window)
+    gen = torch.Generator().manual_seed(1)
+    eval_ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(9))
+
+    def ce() -> float:
+        inputs, _ = teacher_mixer_io(teacher, eval_ids, [0, 1])
+        with torch.no_grad():
+            return float(torch.stack(list(layer_attention_ce(student, teacher, inputs).values()))
+                         .mean())
+
+    before = ce()
+    result = attention_transfer(teacher, student, lambda s: torch.randint(0, 256, (4, 32),
+                                                                          generator=gen),
+                                steps=30, lr=2e-2, progress=False, attention_ce=1.0)
+    assert "attention_ce" in result.history[-1]
+    assert ce() < 0.9 * before, (before, ce())
+    linear = linearize(teacher, HEDGEHOG)
+    with pytest.raises(ValueError, match="attention_ce: the student's layer 0 mixer"):
+        attention_transfer(teacher, linear, lambda s: eval_ids, steps=1, progress=False,
+                           attention_ce=1.0)
+
+
 def test_elu_student_has_nothing_new_to_train_in_stage_one():
     teacher = _teacher(n_layers=2)
     student = linearize(teacher, {"type": "linear_attention", "feature_map": "elu+1"})

@@ -13,6 +13,8 @@ linearisation (attention transfer) as an optional first stage.
              # + lora: {rank: 8, alpha: 16, dropout: 0, targets: [q_proj, k_proj, v_proj,
              #   o_proj]}                             # stage 2 through LoRA (LoLCATs)
     transfer: {steps: 100, lr: 1.0e-2}       # stage 1 (linearised students only)
+              # + attention_ce: 0.5       # + CE on attention weights (LoLCATs' xent;
+              #                             window_linear_attention students)
     data: {tokenizer: teacher}               # train's data section; "teacher" = its tokenizer
     optim / train / checkpoint: as in `zoo train`
 

@@ -72,6 +72,8 @@ class TransferSection:
     lr: float = 1e-2
     batch_size: int = 8
     seq_len: int | None = None  # default train.seq_len
+    attention_ce: float = 0.0  # + this x the cross-entropy of the student's attention weights
+    # against the teacher's (LoLCATs' xent), beside the output MSE; window_linear_attention
 
 
 @dataclasses.dataclass
@@ -175,6 +177,16 @@ class DistillRunConfig:
         _check_int(t, "batch_size", "transfer", minimum=1)
         if t.seq_len is not None:
             _check_int(t, "seq_len", "transfer", minimum=1)
+        _check_float(t, "attention_ce", "transfer", low=0.0)
+        if t.attention_ce > 0 and s.linearize is not None:
+            from zoo.layers import MIXERS
+
+            mixer = s.linearize["mixer"]
+            kind = mixer if isinstance(mixer, str) else mixer.get("type")
+            if kind in MIXERS and not hasattr(MIXERS[kind], "attention_weights"):
+                _fail("transfer.attention_ce", t.attention_ce,
+                      f"needs a student mixer with attention weights (window_linear_attention); "
+                      f"{kind} has none: set it to 0")
         if t.steps and s.linearize is None:
             _fail("transfer.steps", t.steps,
                   "> 0 needs a linearised student (student.linearize); set it to 0")

@@ -250,11 +250,13 @@ class Distiller:
         def log(record: dict[str, Any]) -> None:
             self.metrics.write({"kind": "transfer", "step": record["step"],
                                 "loss": record["loss"],
-                                "layers": {str(k): v for k, v in record["layers"].items()}})
+                                "layers": {str(k): v for k, v in record["layers"].items()},
+                                **({"attention_ce": record["attention_ce"]}
+                                   if "attention_ce" in record else {})})
 
         result = attention_transfer(
             self.teacher.model, self.student, batch, steps=t.steps, lr=t.lr,
-            eval_ids=eval_ids, progress=self.progress, log=log)
+            eval_ids=eval_ids, progress=self.progress, log=log, attention_ce=t.attention_ce)
         seconds = time.perf_counter() - start
         summary = {
             "kind": "transfer_end", "steps": result.steps, "seconds": seconds,
