@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from zoo.train.config import OptimSection
+from zoo.train.config import CheckpointSection, OptimSection, TrainSection
 from zoo.train.metrics import MetricsLog
 
 
@@ -140,6 +140,13 @@ class LoopPlan:
     log_interval: int
     eval_interval: int
     checkpoint_interval: int
+
+    @classmethod
+    def of(cls, name: str, train: TrainSection, checkpoint: CheckpointSection) -> LoopPlan:
+        """The plan a run config's train and checkpoint sections give."""
+        return cls(name=name, steps=train.steps, batch_size=train.batch_size,
+                   seq_len=train.seq_len, log_interval=train.log_interval,
+                   eval_interval=train.eval_interval, checkpoint_interval=checkpoint.interval)
 
 
 def run_steps(job: StepJob, plan: LoopPlan, metrics: MetricsLog, stop: StopSignals, *,

@@ -324,10 +324,7 @@ class Trainer:
                                 "parameters": self.n_params})
         if self.step == 0 and t.eval_interval:
             self.log_eval()
-        plan = LoopPlan(name=run.name, steps=t.steps, batch_size=t.batch_size,
-                        seq_len=t.seq_len, log_interval=t.log_interval,
-                        eval_interval=t.eval_interval,
-                        checkpoint_interval=run.checkpoint.interval)
+        plan = LoopPlan.of(run.name, t, run.checkpoint)
         with StopSignals(announce=info.is_main).handled() as stop:
             interrupted, _ = run_steps(
                 self, plan, self.metrics, stop, progress=self.progress, start_time=start_time,

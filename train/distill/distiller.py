@@ -499,10 +499,7 @@ class Distiller:
             self.samples_seen = int(ck.train_state["samples_seen"])
             self.metrics.truncate_after(self.step)
             restore_rng(ck.rng)  # LoRA dropout and seq-KD sampling continue as they would have
-        plan = LoopPlan(name=f"{run.name} (KD)", steps=t.steps, batch_size=t.batch_size,
-                        seq_len=t.seq_len, log_interval=t.log_interval,
-                        eval_interval=t.eval_interval,
-                        checkpoint_interval=run.checkpoint.interval)
+        plan = LoopPlan.of(f"{run.name} (KD)", t, run.checkpoint)
         kd_start = time.perf_counter()
         interrupted, _ = run_steps(self, plan, self.metrics, self.stop, progress=self.progress,
                                    start_time=start)
