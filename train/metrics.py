@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,15 @@ class MetricsLog:
             f.write(json.dumps(record, allow_nan=True) + "\n")
             f.flush()
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, other_axes: Collection[str] = ()) -> None:
         """Drop the records of steps after `step`: a run resumed from a checkpoint at `step`
-        logs them again, so the file reads as one uninterrupted run.
+        logs them again, so the file reads as one uninterrupted run. Records of the kinds in
+        `other_axes` count their steps on another axis (a distillation's stage 1) and stay.
         """
         if not self.enabled or not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
+        kept = [r for r in read_metrics(self.path.parent)
+                if r.get("step", 0) <= step or r.get("kind") in other_axes]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

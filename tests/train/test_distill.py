@@ -355,9 +355,9 @@ def test_sigterm_stops_kd_with_a_checkpoint_and_the_resumed_run_ends_as_uninterr
     import threading
     import time
 
-    from zoo.train.metrics import train_losses
+    from zoo.train.metrics import read_metrics, train_losses
 
-    sections = {"distill": LORA, "transfer": {"steps": 2},
+    sections = {"distill": LORA, "transfer": {"steps": 6},
                 "train": {"steps": 8, "eval_interval": 0, "log_interval": 1}}
     reference = load_distill_config(_run(tmp_path, corpus, out_dir=str(tmp_path / "ref"),
                                          **sections))
@@ -385,6 +385,9 @@ def test_sigterm_stops_kd_with_a_checkpoint_and_the_resumed_run_ends_as_uninterr
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "ref")
+    # stage 1 counts its own steps: a resume at KD step < 6 keeps all six of its records
+    transfer = [r["step"] for r in read_metrics(tmp_path / "cut") if r["kind"] == "transfer"]
+    assert transfer == [1, 2, 3, 4, 5, 6]
 
 
 def test_one_distillation_per_out_dir_and_the_lock_is_released_after_fit(

@@ -497,7 +497,7 @@ class Distiller:
             self.scheduler.load_state_dict(dict(ck.scheduler, lr_lambdas=[None]))
             self.step = ck.step
             self.samples_seen = int(ck.train_state["samples_seen"])
-            self.metrics.truncate_after(self.step)
+            self.metrics.truncate_after(self.step, other_axes=("transfer",))  # stage 1's steps
             restore_rng(ck.rng)  # LoRA dropout and seq-KD sampling continue as they would have
         plan = LoopPlan.of(f"{run.name} (KD)", t, run.checkpoint)
         kd_start = time.perf_counter()
