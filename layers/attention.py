@@ -211,14 +211,13 @@ class Attention(Mixer):
         """x (B, T, d_model) from a fresh start -> (B, n_heads, T, T): the softmax weights
         each query gives each key (float32), what attention transfer teaches a student."""
         T = x.shape[1]
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(0, T, q.dtype)
-            q = Rotary.apply(q.transpose(1, 2), cos, sin).transpose(1, 2)
-            k = Rotary.apply(k.transpose(1, 2), cos, sin).transpose(1, 2)
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        scores = torch.einsum("bhtd,bhjd->bhtj", q.float(), k.float()) * self.head_dim ** -0.5
+            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+        scores = torch.einsum("bthd,bjhd->bhtj", q.float(), k.float()) * self.head_dim ** -0.5
         allowed = self._mask(T, 0, x.device)
         if allowed is None:
             allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
