@@ -12,7 +12,11 @@ A checkpoint is a folder `<out>/checkpoints/step_000100/`:
 Nothing is ever unpickled: tensors go through safetensors, everything else through JSON. The
 folder is written under a temporary name and renamed, so a kill at any moment leaves the
 previous checkpoint whole; a checkpoint whose files do not match their recorded hashes, or that
-was written for another model config, is refused with an error that says which.
+was written for another model config, is refused with an error that says which. A checkpoint is
+verified when it is loaded and when a save finds a folder of its step already there (left by an
+earlier run of this folder): an intact one of the same run state is kept, anything else is
+replaced atomically; checkpoints of later steps than a save belong to the future that a resume
+from an earlier one rewrote, and are removed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+STATE_KEYS = ("step", "train_state", "scheduler", "optimizer", "rng", "model_config",
+              "run_config", "sha256")
 # The ZooConfig fields that decide the weights' shapes and meaning; a checkpoint whose values
 # differ belongs to another model.
 MODEL_FIELDS = (
@@ -81,6 +88,14 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder's name says (step_000300 -> 300)."""
+    match = STEP_DIR.match(path.name)
+    if match is None:
+        raise CheckpointError(f"checkpoint folder {path} is not named step_<number>")
+    return int(match.group(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,15 +198,19 @@ def save_checkpoint(
     scheduler: dict[str, Any], train_state: dict[str, Any], model_config: Any,
     run_config: dict[str, Any], keep_last: int,
 ) -> Path:
-    """Write `<out>/checkpoints/step_<step>` atomically, then delete all but the newest
-    `keep_last`. `model` and `optimizer` are full (gathered) state dicts.
+    """Write `<out>/checkpoints/step_<step>` atomically, then delete the checkpoints of later
+    steps (an earlier run's, superseded by this one) and all but the newest `keep_last`. An
+    intact folder of this step holding the same run state is kept as it is; a damaged one, or
+    one of another run config, is replaced. `model` and `optimizer` are full (gathered) state
+    dicts.
     """
     root = out_dir / "checkpoints"
     final = checkpoint_dir(out_dir, step)
-    if final.exists():  # this step was saved already (a signal right after an interval save)
-        return final
+    run_config, train_state = _as_json(run_config), _as_json(train_state)
+    if final.exists() and _holds(final, step, run_config, train_state):
+        return final  # saved already: a signal right after an interval save, or an exact resume
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step_*.tmp*"):  # left by a save that was killed
+    for stale in [*root.glob(".step_*.tmp*"), *root.glob(".step_*.old*")]:  # a killed save's
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     tmp.mkdir()
@@ -202,7 +221,6 @@ def save_checkpoint(
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     rng_json, rng_tensors = capture_rng()
     save_file(rng_tensors, tmp / "rng.safetensors")
-    files = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
     state = {
         "format": FORMAT,
         "step": step,
@@ -213,17 +231,46 @@ def save_checkpoint(
         "model_config": json.loads(model_config.to_json_string())
         if hasattr(model_config, "to_json_string") else model_config,
         "run_config": run_config,
-        "sha256": {name: _sha256(tmp / name) for name in files},
+        "sha256": {name: _sha256(tmp / name) for name in TENSOR_FILES},
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for name in (*files, "state.json"):
+    for name in (*TENSOR_FILES, "state.json"):
         _fsync(tmp / name)
     _fsync(tmp)
-    os.rename(tmp, final)
+    if final.exists():  # damaged, or another run state's: this save replaces it
+        aside = root / f".{final.name}.old{os.getpid()}"
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     _fsync(root)
-    for old in list_checkpoints(root)[:-keep_last]:
+    kept = []
+    for path in list_checkpoints(root):
+        if checkpoint_step(path) > step:  # the future of an earlier run, which this one rewrites
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            kept.append(path)
+    for old in kept[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from state.json (tuples as lists, keys as strings)."""
+    return json.loads(json.dumps(_jsonable(value), default=str))
+
+
+def _holds(path: Path, step: int, run_config: Any, train_state: Any) -> bool:
+    """Whether the checkpoint at `path` is intact and holds this step of this run config (so an
+    exact continuation wrote the same bytes); a damaged one, or one of another config (say
+    train.steps changed, and the schedule with it), is to be replaced."""
+    try:
+        state = verify_checkpoint(path)
+    except CheckpointError:
+        return False
+    return (state["step"] == step and state["run_config"] == run_config
+            and state["train_state"] == train_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,21 +309,42 @@ def check_model_config(path: Path, state: dict[str, Any], model_config: Any) -> 
         )
 
 
-def load_checkpoint(path: Path, model_config: Any) -> Checkpoint:
-    """Read and verify a checkpoint folder for a model of `model_config`."""
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder whose every file matches the sha256 recorded there;
+    otherwise a CheckpointError naming the folder and the first file that does not."""
     state = read_state(path)
-    check_model_config(path, state, model_config)
-    tensors = {}
-    for name, expected in state["sha256"].items():
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: state.json lacks {missing}")
+    recorded = state["sha256"]
+    if not isinstance(recorded, dict) or set(recorded) != set(TENSOR_FILES):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: state.json's sha256 must name {list(TENSOR_FILES)}, "
+            f"it names {sorted(recorded) if isinstance(recorded, dict) else recorded!r}"
+        )
+    if STEP_DIR.match(path.name) and checkpoint_step(path) != state["step"]:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its state.json says step {state['step']!r}"
+        )
+    for name in TENSOR_FILES:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if _sha256(file) != expected:
+        if _sha256(file) != recorded[name]:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: {name} does not match the sha256 recorded in "
-                "state.json (truncated or overwritten); delete this checkpoint to resume from "
-                "an earlier one"
+                "state.json (truncated or overwritten)"
             )
+    return state
+
+
+def load_checkpoint(path: Path, model_config: Any) -> Checkpoint:
+    """Read and verify a checkpoint folder for a model of `model_config`."""
+    state = verify_checkpoint(path)
+    check_model_config(path, state, model_config)
+    tensors = {}
+    for name in TENSOR_FILES:
+        file = path / name
         try:
             tensors[name] = load_file(file)
         except (SafetensorError, OSError, ValueError) as error:

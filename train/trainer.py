@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from zoo.config import ConfigError, load_config
 from zoo.model import ZooForCausalLM
 from zoo.train import distributed
 from zoo.train.checkpoint import (
+    check_model_config,
     check_model_tensors,
     load_checkpoint,
     restore_rng,
@@ -65,9 +67,11 @@ def _stats_to_json(stats: dict[str, Any]) -> dict[str, Any]:
 class Trainer:
     """Builds the model, data, optimizer and schedule from a RunConfig; `fit()` trains.
 
-    resume: True continues from the newest checkpoint in `<out_dir>/checkpoints`; a path
-    continues from that checkpoint folder. overwrite: start again in an out_dir that already
-    holds a run (its metrics, checkpoints and final weights are deleted first).
+    resume: True continues from the newest intact checkpoint in `<out_dir>/checkpoints` (from
+    step 0 when the run stopped before its first); a path continues from that checkpoint
+    folder. overwrite: start again in an out_dir that already holds a run (its metrics,
+    checkpoints and final weights are deleted first). Both refuse a folder zoo did not make
+    (zoo.train.run_folder), and a resume whose config the checkpoint cannot continue.
     """
 
     def __init__(
@@ -138,11 +142,18 @@ class Trainer:
     # set-up
 
     def _prepare_out_dir(self, resume: bool | str | Path, overwrite: bool) -> Path | None:
-        resume_from = self.folder.resume_point(resume, overwrite)
+        """Check the folder, the checkpoint and the config against it before any work, then
+        claim the folder; the checkpoint to resume from, or None."""
+        plan = self.folder.plan(resume, overwrite, self.run.to_dict())
+        if plan.state is not None:
+            check_model_config(plan.checkpoint, plan.state, self.model_config)
+        self.start_notes = plan.notes
         if self.dist.is_main:
-            self.folder.claim(self.run.to_dict(), fresh=overwrite and not resume)
+            for note in plan.notes:
+                tqdm.write(note, file=sys.stderr)
+            self.folder.claim(self.run.to_dict(), fresh=plan.clear)
         distributed.barrier(self.dist)
-        return resume_from
+        return plan.checkpoint
 
     def _restore(self, checkpoint) -> None:
         distributed.load_full_state_dicts(
@@ -152,14 +163,6 @@ class Trainer:
         restore_rng(checkpoint.rng)
         self.step = checkpoint.step
         self.samples_seen = int(checkpoint.train_state["samples_seen"])
-        saved = checkpoint.run_config
-        current = self.run.to_dict()
-        changed = [k for k in ("data", "optim") if saved.get(k) != current.get(k)]
-        changed += [f"train.{k}" for k in ("batch_size", "seq_len", "seed", "precision")
-                    if saved.get("train", {}).get(k) != current["train"][k]]
-        if changed and self.dist.is_main:
-            tqdm.write(f"warning: resuming with changed {', '.join(changed)}; the continuation "
-                       "will differ from the uninterrupted run")
         self.metrics.truncate_after(self.step)
 
     # -----------------------------------------------------------------------------------------
@@ -320,8 +323,9 @@ class Trainer:
         if info.is_main:
             event = {"kind": "resume", "step": self.step, "path": str(self.resumed_from)} if (
                 self.resumed_from) else {"kind": "start", "step": 0}
+            notes = {"notes": self.start_notes} if self.start_notes else {}
             self.metrics.write({**event, "world_size": info.world_size,
-                                "parameters": self.n_params})
+                                "parameters": self.n_params, **notes})
         if self.step == 0 and t.eval_interval:
             self.log_eval()
         plan = LoopPlan.of(run.name, t, run.checkpoint)

@@ -12,7 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import zoo  # noqa: F401  (registers the zoo model type)
 from zoo.train import CheckpointError, RunConfigError, Trainer
-from zoo.train.checkpoint import latest_checkpoint, list_checkpoints
+from zoo.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from zoo.train.config import from_dict
 from zoo.train.metrics import read_metrics
 
@@ -80,25 +85,82 @@ def test_a_killed_save_leaves_the_previous_checkpoint(trained, tmp_path):
     assert not half.exists()  # the next save cleans it up
 
 
-def test_corrupt_checkpoint_is_refused_clearly(trained, tmp_path):
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_by_resume_and_refused_by_name(
+        trained, tmp_path, capsys):
     out, _, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    weights = copy / "checkpoints" / "step_000004" / "model.safetensors"
+    newest, older = copy / "checkpoints" / "step_000004", copy / "checkpoints" / "step_000003"
+    weights = newest / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100:] = b"\xff" * 100
     weights.write_bytes(bytes(data))
+    # --resume falls back to the newest intact checkpoint, saying which it skipped and why
+    trainer = Trainer(mqar_run(copy), resume=True, progress=False)
+    trainer.close()
+    assert trainer.step == 3 and trainer.resumed_from == older
+    said = capsys.readouterr().err
+    assert "skipping damaged step_000004" in said and "resuming from step_000003" in said
+    assert "model.safetensors does not match the sha256" in said and said.count("\n") == 1
+    # --resume-from of the damaged one is an error naming the folder and the file
     with pytest.raises(CheckpointError, match="step_000004 is corrupt: model.safetensors does "
                                               "not match the sha256"):
-        Trainer(mqar_run(copy), resume=True, progress=False)
-    (copy / "checkpoints" / "step_000004" / "state.json").write_text('{"step": 4, "tru')
+        Trainer(mqar_run(copy), resume=newest, progress=False)
+    (newest / "state.json").write_text('{"step": 4, "tru')
     with pytest.raises(CheckpointError, match="corrupt: state.json cannot be read"):
+        Trainer(mqar_run(copy), resume=newest, progress=False)
+    # every checkpoint damaged: nothing to fall back to, and the way out is named
+    _truncate(older / "optimizer.safetensors")
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged "
+                                              r"\(step_000004, step_000003;.*--overwrite"):
         Trainer(mqar_run(copy), resume=True, progress=False)
-    # An explicit older checkpoint still resumes.
-    trainer = Trainer(mqar_run(copy, steps=5), resume=copy / "checkpoints" / "step_000003",
-                      progress=False)
-    assert trainer.step == 3
+
+
+def test_a_save_replaces_a_damaged_checkpoint_of_its_step(trained, tmp_path):
+    """The issue's case: step 4's weights truncated, the run resumed from step 3 writes step 4
+    again; the damaged folder must not survive (a later --resume would fail on it)."""
+    out, _, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    _truncate(copy / "checkpoints" / "step_000004" / "model.safetensors")
+    fit(mqar_run(copy), resume=copy / "checkpoints" / "step_000003")
+    assert verify_checkpoint(copy / "checkpoints" / "step_000004")["step"] == 4
+    assert not list((copy / "checkpoints").glob(".step_*"))  # nothing left aside
+    trainer = Trainer(mqar_run(copy, steps=5), resume=True, progress=False)
     trainer.close()
+    assert trainer.resumed_from.name == "step_000004"
+
+
+def _save(out, step, run_config, keep_last=5):
+    model = {"w": torch.full((2, 2), float(step))}
+    return save_checkpoint(
+        out, step, model=model, optimizer={"state": {}, "param_groups": []},
+        scheduler={}, train_state={"samples_seen": step}, model_config={"d_model": 2},
+        run_config=run_config, keep_last=keep_last)
+
+
+def test_a_save_keeps_an_intact_checkpoint_of_the_same_state_and_replaces_any_other(tmp_path):
+    path = _save(tmp_path, 3, {"train": {"steps": 10}})
+    inode = path.stat().st_ino
+    assert _save(tmp_path, 3, {"train": {"steps": 10}}).stat().st_ino == inode  # kept
+    # the same step of a run with another schedule (train.steps changed on resume): replaced
+    _save(tmp_path, 3, {"train": {"steps": 20}})
+    assert verify_checkpoint(path)["run_config"] == {"train": {"steps": 20}}
+
+
+def test_a_save_removes_the_later_checkpoints_of_the_run_it_supersedes(tmp_path):
+    """Resumed from step 2 with step 9 damaged on disk and keep_last 1: the step-3 save must
+    keep itself, not the damaged step 9 that --resume would otherwise skip forever."""
+    for step in (2, 9):
+        _save(tmp_path, step, {})
+    _truncate(tmp_path / "checkpoints" / "step_000009" / "model.safetensors")
+    _save(tmp_path, 3, {}, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000003"]
 
 
 def test_checkpoint_from_another_model_config_is_refused(trained, tmp_path):

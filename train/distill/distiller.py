@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,7 +108,9 @@ class Distiller:
     trainable parameters. The out_dir is prepared and locked as `zoo train` does
     (zoo.train.run_folder); `fit()` releases it at the end, `close()` otherwise.
 
-    resume: True continues from the newest checkpoint, a path from that checkpoint folder.
+    resume: True continues from the newest intact checkpoint (from the start when the run
+    stopped before its first), a path from that checkpoint folder; the run config must agree
+    with the checkpoint's (zoo.train.run_folder.RESUME_MAY_CHANGE lists what may change).
     teacher: an already-loaded Teacher (or model) to use instead of run.teacher.source (the
     demo and tests pass one to avoid loading it twice).
     """
@@ -137,8 +140,13 @@ class Distiller:
         self.out_dir = Path(run.out_dir)
         self.folder = RunFolder(self.out_dir, outputs=(PLOT_FILE, SUMMARY_FILE),
                                 command="zoo distill")
-        resume_from = self.folder.resume_point(resume, overwrite)
-        self.folder.claim(run.to_dict(), fresh=overwrite and not resume)
+        # before the teacher loads: a folder or a resume that cannot work fails at once
+        plan = self.folder.plan(resume, overwrite, run.to_dict())
+        resume_from = plan.checkpoint
+        self.start_notes = plan.notes
+        for note in plan.notes:
+            tqdm.write(note, file=sys.stderr)
+        self.folder.claim(run.to_dict(), fresh=plan.clear)
         self.metrics = MetricsLog(self.out_dir)
 
         if teacher is None:
@@ -465,8 +473,9 @@ class Distiller:
         tqdm.write(self.describe())
         if self.report is not None:
             tqdm.write(self.report.summary())
+        notes = {"notes": self.start_notes} if self.start_notes else {}
         self.metrics.write({"kind": "start" if self._checkpoint is None else "resume",
-                            "step": self.step, "parameters": self.n_params})
+                            "step": self.step, "parameters": self.n_params, **notes})
         teacher_eval = self.evaluate(self.teacher.model)
         self.metrics.write({"kind": "teacher_eval", "step": 0, **teacher_eval})
         tqdm.write(f"teacher: val loss {teacher_eval['val_loss']:.4f}, "
