@@ -148,6 +148,7 @@ class Trainer:
         if plan.state is not None:
             check_model_config(plan.checkpoint, plan.state, self.model_config)
         self.start_notes = plan.notes
+        distributed.barrier(self.dist)  # every rank has read the folder before rank 0 claims it
         if self.dist.is_main:
             for note in plan.notes:
                 tqdm.write(note, file=sys.stderr)

@@ -3,6 +3,7 @@ bad fields, a vocabulary mismatch is refused, and `zoo distill` runs both stages
 (teacher logits online and from the memory-mapped cache)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -558,3 +559,39 @@ def test_shipped_run_configs_leave_lora_off():
     for name in names:
         config = load_distill_config(name)
         assert config.distill.lora is None and config.distill.trainable != "adapters"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder (shared with zoo train): refusals come before the teacher is loaded
+
+def test_distill_refuses_a_folder_it_did_not_make_before_loading_the_teacher(tmp_path, corpus):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"my": "results"}')
+    run = load_distill_config(_run(tmp_path, corpus, out_dir=str(mine)))
+    for overwrite in (False, True):  # no teacher given: reaching its loading would fail
+        with pytest.raises(RunConfigError, match="not a zoo run folder: it holds summary.json"):
+            Distiller(run, overwrite=overwrite, progress=False)
+    assert (mine / "summary.json").read_text() == '{"my": "results"}'
+
+
+def test_distill_resume_refuses_a_changed_loss_and_restarts_a_run_without_checkpoints(
+        tmp_path, corpus, teacher_model):
+    from zoo.train.checkpoint import CheckpointError
+    from zoo.train.metrics import read_metrics
+
+    path = _run(tmp_path, corpus, transfer={"steps": 0}, train={"steps": 2, "eval_interval": 0},
+                checkpoint={"interval": 1})
+    Distiller(load_distill_config(path), teacher=teacher_model, progress=False).fit()
+    changed = load_distill_config(path, ["distill.temperature=1.0"])
+    with pytest.raises(CheckpointError, match=r"distill.temperature: checkpoint 2.0, this run "
+                                              r"1.0\)"):
+        Distiller(changed, resume=True, progress=False)  # before the teacher: none is given
+    # a run stopped before its first checkpoint: --resume starts it again from step 0
+    out = tmp_path / "out"
+    shutil.rmtree(out / "checkpoints")
+    resumed = Distiller(load_distill_config(path), resume=True, teacher=teacher_model,
+                        progress=False)
+    assert resumed.resume_from is None
+    assert resumed.fit()["step"] == 2
+    assert [r["kind"] for r in read_metrics(out)][0] == "start"

@@ -80,3 +80,34 @@ def test_resume_after_sigkill_and_sigterm_logs_same_losses(tmp_path, text_run, s
     assert events == ["resume", "stop", "resume", "end"], events
     state = json.loads((out / "checkpoints" / f"step_{steps:06d}" / "state.json").read_text())
     assert state["train_state"]["samples_seen"] == steps * 8
+
+
+def test_cli_resume_gets_out_of_a_damaged_checkpoint_and_refuses_a_changed_lr(tmp_path, capsys):
+    """The issue's sequence through `zoo train`: step 6's weights truncated, resumed from step
+    3, the run writes step 6 again (not the damaged folder left in place), so the next --resume
+    works; a changed optim.lr on resume is an error naming it, not a warning then ignored."""
+    from zoo.app import cli
+
+    out = tmp_path / "run"
+    sets = [f"out_dir={out}", "model=attention-tiny", "data.source=mqar", "data.vocab_size=32",
+            "data.num_kv_pairs=4", "train.steps=6", "train.batch_size=4", "train.seq_len=32",
+            "train.eval_interval=0", "train.eval_batches=1", "train.threads=1",
+            "checkpoint.interval=3", "checkpoint.keep_last=3"]
+    argv = ["train", "demo", "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    assert cli.main(argv) == 0
+    damaged = out / "checkpoints" / "step_000006" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    capsys.readouterr()
+    assert cli.main([*argv, "--resume"]) == 0  # falls back to step 3, saying so
+    assert "skipping damaged step_000006" in capsys.readouterr().err
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    assert cli.main([*argv, "--resume-from", str(out / "checkpoints" / "step_000006")]) == 2
+    assert "step_000006 is corrupt: model.safetensors" in capsys.readouterr().err
+    assert cli.main([*argv, "--resume-from", str(out / "checkpoints" / "step_000003")]) == 0
+    assert cli.main([*argv, "--resume"]) == 0
+    assert "skipping" not in capsys.readouterr().err
+    resumes = [r["path"] for r in read_metrics(out) if r["kind"] == "resume"]
+    assert resumes[-1] == str(out / "checkpoints" / "step_000006")
+    assert cli.main([*argv, "--resume", "--set", "optim.lr=1e-4"]) == 2
+    error = capsys.readouterr().err
+    assert "optim.lr: checkpoint 0.003, this run 0.0001" in error and error.count("\n") == 1
