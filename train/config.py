@@ -16,13 +16,12 @@ what is allowed (`train.batch_size=0 must be a positive integer`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from zoo.config import read_yaml, shipped_names
+from zoo.config import ConfigError, ZooConfig, load_config, parse_yaml, read_yaml, shipped_names
 
 STRATEGIES = ("none", "ddp", "fsdp")
 SOURCES = ("text", "mqar", "selective_copying", "induction_heads")
@@ -102,7 +101,14 @@ class RunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
 
     def check(self, world_size: int = 1) -> RunConfig:
-        """Validate every field (and the batch split over `world_size` ranks); returns self."""
+        """Validate every field (and the batch split over `world_size` ranks), the model config
+        the run names included; returns self."""
+        self.check_sections(world_size)
+        check_model_config(self.model.config, self.model.overrides, "model")
+        return self
+
+    def check_sections(self, world_size: int = 1) -> RunConfig:
+        """Validate every field but the model config the run names (loaded by `check`)."""
         _check_str(self, "name")
         _check_str(self, "out_dir")
         _check_choice(self, "strategy", STRATEGIES)
@@ -213,6 +219,8 @@ def _check_float(
     where = _name(section, field)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         _fail(where, value, "must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(where, value, "must be a finite number")
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
         _fail(where, value, f"must be {bound}" + (f" and <= {high}" if high is not None else ""))
@@ -254,18 +262,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
                     f"{', '.join(f.name for f in dataclasses.fields(default))}"
                 )
             value = _build(type(default), value, f"{prefix}{key}.")
-        elif fields[key].type == "float" and isinstance(value, str):
-            value = _float_or_str(value)
         kwargs[key] = value
     return cls(**kwargs)
-
-
-def _float_or_str(text: str) -> float | str:
-    # YAML 1.1 reads "1e-3" (no dot) as a string; a float field takes it as the number it is.
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def _has_factory(field: dataclasses.Field) -> bool:
@@ -279,7 +277,8 @@ def apply_overrides(data: dict, assignments: Sequence[str]) -> dict:
         key, sep, text = assignment.partition("=")
         if not sep or not key:
             raise RunConfigError(f"--set {assignment!r} must look like key=value (dotted keys)")
-        value = yaml.safe_load(text) if text else ""
+        # zoo's YAML reader, as for files: "1e-3" is a number, bad YAML names the option
+        value = parse_yaml(text, f"--set {key}", RunConfigError) if text else ""
         parts = key.split(".")
         node = data
         for i, part in enumerate(parts[:-1]):
@@ -304,6 +303,20 @@ def _deepcopy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deepcopy(v) for v in data]
     return data
+
+
+def check_model_config(config: str, overrides: Mapping[str, Any], field: str) -> ZooConfig:
+    """The model config a run names (`field`: "model", "student"), with its overrides, loaded
+    and checked; an error names the run-config field and the model config's own field."""
+    with_overrides = f" with {field}.overrides" if overrides else ""
+    bad_keys = [key for key in overrides if not isinstance(key, str)]
+    if bad_keys:
+        raise RunConfigError(f"{field}.overrides has key {bad_keys[0]!r}; its keys are model "
+                             "config field names")
+    try:
+        return load_config(config, **dict(overrides))
+    except (ConfigError, FileNotFoundError) as error:
+        raise RunConfigError(f"{field} (config {config!r}{with_overrides}): {error}") from None
 
 
 def shipped_runs() -> list[str]:

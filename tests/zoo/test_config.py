@@ -1,7 +1,11 @@
+import math
+
 import pytest
 
 import zoo
 from zoo import ConfigError, ZooConfig, load_config, shipped_configs
+from zoo.layers import FFNS, MIXERS, options_of
+from zoo.layers.registry import option_rules
 
 
 def test_every_shipped_config_loads_and_validates():
@@ -34,11 +38,94 @@ def test_attention_small_is_about_20m_parameters():
         ({"layers": [{"at": [1], "mixr": {}}]}, "unknown key 'mixr'"),
         ({"norm": "batch"}, "norm='batch' is not one of"),
         ({"d_model": 0}, "d_model=0 must be a positive integer"),
+        ({"mixer": {"type": "attention", "n_heads": -4}},
+         r"^config.mixer.n_heads=-4 must be an integer >= 1 or null \(mixer 'attention'\)$"),
+        ({"mixer": {"type": "attention", "n_heads": 0}}, "config.mixer.n_heads=0 must be an"),
+        ({"mixer": {"type": "attention", "n_heads": True}},
+         "config.mixer.n_heads=True must be an"),
+        ({"mixer": {"type": "attention", "n_heads": 4.0}}, "config.mixer.n_heads=4.0 must be"),
+        ({"mixer": {"type": "attention", "rope_theta": -1}},
+         r"config.mixer.rope_theta=-1 must be a finite number > 0 or null"),
+        ({"mixer": {"type": "attention", "rope_theta": math.inf}}, "rope_theta=inf must be"),
+        ({"mixer": {"type": "mamba", "d_state": 0}, "ffn": None},
+         r"config.mixer.d_state=0 must be an integer >= 1 \(mixer 'mamba'\)"),
+        ({"mixer": {"type": "mamba", "dt_min": math.nan}, "ffn": None}, "dt_min=nan must be"),
+        ({"mixer": {"type": "linear_attention", "feature_map": "cosine"}},
+         "config.mixer.feature_map='cosine' is not one of"),
+        ({"mixer": {"type": "mamba2", "A_init_range": [16, 1]}, "ffn": None},
+         r"A_init_range=\[16, 1\] must be a pair \[low, high\] of numbers > 0 with low <= high"),
+        ({"ffn": {"type": "moe", "jitter_noise": 1.0}}, r"config.ffn.jitter_noise=1.0 must be"),
+        ({"ffn": {"type": "swiglu", "hidden_size": 0}}, "config.ffn.hidden_size=0 must be"),
+        ({"mixer": 3}, "config.mixer=3 must be a type name or a mapping"),
+        ({"mixer": {}}, "config.mixer={} must be a mixer type name or a mapping"),
+        ({"n_layers": 3, "layers": [{"at": [0], "ffn": None},
+                                    {"at": [2], "mixer": {"type": "mamba", "d_state": 0}}]},
+         r"^layers\[1\].mixer.d_state=0 must be an integer >= 1"),
+        ({"layers": [{"at": [True], "ffn": None}]}, r"layers\[0\].at=\[True\] must be"),
+        ({"layers": [{"at": [], "ffn": None}]}, r"layers\[0\].at=\[\] must be a non-empty"),
+        ({"norm_eps": True}, "norm_eps=True must be a finite number > 0"),
+        ({"norm_eps": "1e-5"}, "norm_eps='1e-5' must be a finite number > 0"),
+        ({"initializer_range": math.nan}, "initializer_range=nan must be"),
+        ({"embed_norm": "yes"}, "embed_norm='yes' must be true or false"),
+        ({"tie_embeddings": "false"}, "tie_embeddings='false' must be true or false"),
+        ({"eos_token_id": 256}, r"eos_token_id=256 must be null or a token id in \[0, "),
+        ({"mixer": {"type": "attention", "n_heads": 3}},
+         r"config.mixer \(layer 0\): attention: d_model=64 is not divisible by n_heads=3"),
     ],
 )
 def test_bad_fields_are_named_in_the_error(fields, message):
     with pytest.raises(ConfigError, match=message):
         ZooConfig(**fields)
+
+
+def test_options_that_may_be_null_or_zero_by_design_stay_allowed():
+    config = ZooConfig(mixer={"type": "attention", "n_kv_heads": None, "rope_theta": None,
+                              "window": None},
+                       ffn={"type": "moe", "jitter_noise": 0.0, "n_shared_experts": 0,
+                            "capacity_factor": None})
+    assert config.mixer["rope_theta"] is None and config.ffn["jitter_noise"] == 0.0
+    assert ZooConfig(mixer={"type": "hyena", "filter_depth": 0}).mixer["filter_depth"] == 0
+
+
+def test_every_option_of_every_mixer_and_ffn_has_a_rule_its_default_obeys():
+    for registry in (MIXERS, FFNS):
+        for name, cls in registry.items():
+            rules = option_rules(cls)  # a TypeError names an option without a declared range
+            assert set(rules) == set(options_of(cls)), name
+            for option, default in options_of(cls).items():
+                assert rules[option].admits(default), f"{name}.{option}={default!r}"
+            for variant in getattr(cls, "test_variants", []):
+                for option, value in variant.items():
+                    assert rules[option].admits(value), f"{name} test variant {option}={value!r}"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_empty_yaml_is_an_error_not_the_default_model(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.yaml: the config is empty"):
+        load_config(path)
+
+
+def test_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("vocab_size: 256\nmixer: {type: attention\nd_model: 64\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml, line 3, column 8: not valid YAML"):
+        load_config(path)
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("vocab_size: 256\nmixer: {type: attention, n_heads: 2, n_heads: 4}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml, line 2.*key 'n_heads' is given twice"):
+        load_config(path)
+
+
+def test_numbers_in_exponent_form_are_floats_in_model_yaml(tmp_path):
+    path = tmp_path / "eps.yaml"
+    path.write_text("vocab_size: 256\nnorm_eps: 1e-5\nmixer: {type: retnet, norm_eps: 1E-6}\n")
+    config = load_config(path)
+    assert config.norm_eps == 1e-5 and config.mixer["norm_eps"] == 1e-6
 
 
 def test_unknown_yaml_field_and_unknown_name(tmp_path):

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from zoo.layers import validate_mixer_spec
 from zoo.train.config import (
     CheckpointSection,
     DataSection,
@@ -22,6 +23,7 @@ from zoo.train.config import (
     _check_str,
     _fail,
     apply_overrides,
+    check_model_config,
     read_run_yaml,
 )
 from zoo.train.lora import LoraSpec
@@ -93,7 +95,7 @@ class DistillRunConfig:
         """Validate every field; errors name the dotted field, the value and what is allowed."""
         # The sections shared with `zoo train` are checked by its own RunConfig.
         RunConfig(name=self.name, out_dir=self.out_dir, data=self.data, optim=self.optim,
-                  train=self.train, checkpoint=self.checkpoint).check()
+                  train=self.train, checkpoint=self.checkpoint).check_sections()
         _check_str(self.teacher, "source", "teacher")
         _check_choice(self.teacher, "dtype", DTYPES, "teacher")
         s = self.student
@@ -105,6 +107,8 @@ class DistillRunConfig:
             _check_str(s, "config", "student")
         if not isinstance(s.overrides, Mapping):
             _fail("student.overrides", s.overrides, "must be a mapping of model config fields")
+        if s.config is not None:
+            check_model_config(s.config, s.overrides, "student")
         if s.linearize is not None:
             if not isinstance(s.linearize, Mapping):
                 _fail("student.linearize", s.linearize,
@@ -116,6 +120,10 @@ class DistillRunConfig:
             if "mixer" not in s.linearize:
                 _fail("student.linearize.mixer", None, "is required (e.g. {type: "
                       "linear_attention, feature_map: hedgehog})")
+            try:  # the options given; those taken from the teacher are checked when built
+                validate_mixer_spec(s.linearize["mixer"], "student.linearize.mixer")
+            except ValueError as error:
+                raise RunConfigError(str(error)) from None
             keep = s.linearize.get("keep_attention", [])
             if not isinstance(keep, list) or not all(
                     isinstance(i, int) and not isinstance(i, bool) for i in keep):
