@@ -4,18 +4,18 @@
 `claim`):
 
 - zoo writes only into a folder that is absent, empty, or one it made. It marks the folders it
-  makes: the lock file `.lock` names the command that made the folder and the outputs it
-  writes there. A folder made before that mark existed counts as zoo's when it holds run.yaml
+  runs in: the lock file `.lock` stays after the run, naming the zoo command and the outputs
+  it writes there. A folder made before that mark existed counts as zoo's when it holds run.yaml
   and metrics.jsonl and nothing but zoo's outputs; any other non-empty folder is refused, with
   or without --overwrite, naming what is in it.
 - a folder that holds a run is refused unless the run is resumed or overwritten. --overwrite
-  deletes zoo's outputs only (metrics, plots, run.yaml, checkpoints/, final/): files a person
-  put beside them stay.
+  deletes zoo's outputs only (metrics, plots, checkpoints/, final/; run.yaml is rewritten):
+  files a person put beside them stay.
 - --resume continues from the newest intact checkpoint (a damaged newer one is skipped, saying
-  so), or starts again from step 0 when the run stopped before its first checkpoint;
-  --resume-from names one checkpoint, which must be intact. Either way the run config must
-  agree with the checkpoint's on every field that decides what the run computes
-  (`RESUME_MAY_CHANGE` lists the others), before any work starts.
+  so), or starts again from step 0 when the run stopped before its first checkpoint (metrics,
+  no checkpoint, no final weights); --resume-from names one checkpoint, which must be intact.
+  Either way the run config must agree with the checkpoint's on every field that decides what
+  the run computes (`RESUME_MAY_CHANGE` lists the others), before any work starts.
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ class RunFolder:
         return self.path / "checkpoints"
 
     def holds_run(self) -> bool:
-        return (self.path / METRICS_FILE).exists() or bool(list_checkpoints(self.checkpoints))
+        """Whether an earlier run left results here: metrics, checkpoints, final weights or
+        plots (run.yaml and the lock alone are no run)."""
+        results = {*self.outputs, *(self.mark() or ("", []))[1], *FOLDERS}
+        return any((self.path / name).exists() for name in results)
 
     # -----------------------------------------------------------------------------------------
     # what is in the folder
@@ -154,12 +157,24 @@ class RunFolder:
                     "--resume to continue it, --overwrite to start it again, or --set "
                     "out_dir=... for a new folder"
                 )
+            if self.stopped_before_first_checkpoint():
+                raise RunConfigError(
+                    f"{where} already holds a run that stopped before its first checkpoint; "
+                    "pass --resume to start it again from step 0 (or --overwrite), or --set "
+                    "out_dir=... for a new folder"
+                )
             raise RunConfigError(
-                f"{where} already holds a run that stopped before its first checkpoint; pass "
-                "--resume to start it again from step 0 (or --overwrite), or --set out_dir=... "
-                "for a new folder"
+                f"{where} holds an earlier run's results ({_listing(entries)}) and no "
+                "checkpoint; pass --overwrite to replace them, or --set out_dir=... for a new "
+                "folder"
             )
         return StartPlan(None, clear=True)
+
+    def stopped_before_first_checkpoint(self) -> bool:
+        """A run that logged steps but wrote neither a checkpoint nor final weights (killed
+        early): restarting it from step 0 loses nothing."""
+        return (self.path / METRICS_FILE).exists() and not list_checkpoints(
+            self.checkpoints) and not (self.path / "final").exists()
 
     def _plan_resume(self, resume: bool | str | Path, run_config: Mapping[str, Any],
                      entries: list[str], zoo_run: bool) -> StartPlan:
@@ -168,10 +183,16 @@ class RunFolder:
         if isinstance(resume, bool):
             found, state, notes = self._newest_intact()
             if found is None:
-                if not zoo_run:
+                if not zoo_run or not self.holds_run():
                     raise CheckpointError(
                         f"--resume: {where} holds no zoo run to resume (no checkpoint in "
                         f"{self.checkpoints}); run without --resume to start one"
+                    )
+                if not self.stopped_before_first_checkpoint():
+                    raise CheckpointError(
+                        f"--resume: {where} holds an earlier run's results "
+                        f"({_listing(entries)}) but no checkpoint to continue from; pass "
+                        "--overwrite to start again"
                     )
                 return StartPlan(None, clear=True, notes=[
                     f"--resume: {where} has no checkpoint (its run stopped before the first); "

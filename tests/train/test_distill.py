@@ -590,6 +590,7 @@ def test_distill_resume_refuses_a_changed_loss_and_restarts_a_run_without_checkp
     # a run stopped before its first checkpoint: --resume starts it again from step 0
     out = tmp_path / "out"
     shutil.rmtree(out / "checkpoints")
+    shutil.rmtree(out / "final")
     resumed = Distiller(load_distill_config(path), resume=True, teacher=teacher_model,
                         progress=False)
     assert resumed.resume_from is None

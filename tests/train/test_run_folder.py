@@ -168,6 +168,21 @@ def finished(tmp_path_factory):
     return out
 
 
+def test_final_weights_without_checkpoints_need_overwrite_not_a_restart(finished, tmp_path):
+    """A finished run whose checkpoints were deleted keeps its final weights: neither a fresh
+    start nor --resume (which restarts only runs stopped before any result) deletes them."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(RunConfigError, match=r"holds an earlier run's results \(.*final/.*\) "
+                                             "and no checkpoint; pass --overwrite"):
+        Trainer(mqar(out), progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint to continue from; pass "
+                                              "--overwrite"):
+        Trainer(mqar(out), resume=True, progress=False)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("changed,field,old,new", [
     ({"optim": {"lr": 1e-3}}, "optim.lr", "0.003", "0.001"),
     ({"train": {"batch_size": 8}}, "train.batch_size", "4", "8"),
