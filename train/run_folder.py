@@ -85,8 +85,13 @@ class RunFolder:
     def holds_run(self) -> bool:
         """Whether an earlier run left results here: metrics, checkpoints, final weights or
         plots (run.yaml and the lock alone are no run)."""
-        results = {*self.outputs, *(self.mark() or ("", []))[1], *FOLDERS}
-        return any((self.path / name).exists() for name in results)
+        return any((self.path / name).exists() for name in (*self.own_outputs(), *FOLDERS))
+
+    def own_outputs(self) -> set[str]:
+        """The files zoo writes here: this command's, and those of the command that marked the
+        folder last (a distillation's folder overwritten by a training run)."""
+        mark = self.mark()
+        return {*self.outputs, *(mark[1] if mark else ())}
 
     # -----------------------------------------------------------------------------------------
     # what is in the folder
@@ -236,10 +241,10 @@ class RunFolder:
         """Lock the folder for this process (marking it as zoo's), clear a previous run's
         outputs when `fresh` (an overwrite, or a restart from step 0), write run.yaml. One
         process of a run calls it (rank 0), after `plan`."""
-        previous = self.mark()
+        outputs = self.own_outputs()  # read before the lock rewrites the mark
         self.lock()
         if fresh:
-            for name in {*self.outputs, *(previous[1] if previous else ())}:
+            for name in outputs:
                 if (self.path / name).is_file():
                     (self.path / name).unlink()
             for name in FOLDERS:
