@@ -10,10 +10,31 @@ the same y. The mixer picks its parallel, chunked or recurrent form; the caller 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def at_least_float32(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`fn`, the conversion `nn.Module._apply` maps over a module's tensors (.to(), .half(),
+    .cuda()), giving float32 where it would give bfloat16 or float16, converted from the tensor
+    as it was (so nothing is rounded). A module whose `_apply` wraps `fn` in it keeps its
+    tensors (frequencies, filter generators) float32 through a cast of the model to half
+    precision, on whatever device the cast moves it to."""
+
+    def apply(tensor: torch.Tensor) -> torch.Tensor:
+        moved = fn(tensor)
+        if moved.dtype in HALF_DTYPES:
+            return tensor.to(device=moved.device, dtype=torch.float32)
+        return moved
+
+    return apply
 
 
 @dataclasses.dataclass

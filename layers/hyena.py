@@ -20,11 +20,12 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels import causal_conv1d, fft_conv
+from zoo.kernels import causal_conv1d, compute_dtype, fft_conv
 
-from .base import Mixer, MixerState
+from .base import Mixer, MixerState, at_least_float32
 from .linear import Linear
 from .registry import register_mixer
 
@@ -68,6 +69,16 @@ class Sine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(self.freq * x)
+
+
+class FilterFFN(nn.Sequential):
+    """The implicit filter's FFN, whose parameters stay float32 (float64 in a float64 model)
+    when the model is cast to bfloat16 or float16: each sine layer multiplies a perturbation of
+    its input by about its frequency (14), so rounding the first layer's weights to bf16 alone
+    changes the filters by 30% (measured on hyena-tiny's defaults)."""
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(at_least_float32(fn), recurse)
 
 
 @register_mixer("hyena")
@@ -140,7 +151,7 @@ class Hyena(Mixer):
         for _ in range(filter_depth):
             layers += [Linear(filter_width, filter_width), Sine(filter_width, sine_freq)]
         layers.append(Linear(filter_width, order * d_model, bias=False))
-        self.filter_ffn = nn.Sequential(*layers)
+        self.filter_ffn = FilterFFN(*layers)
         # the skip term of each long convolution ("D" in S4 / safari's filter bias)
         self.filter_bias = nn.Parameter(torch.randn(order, d_model))
         self.out_proj = Linear(d_model, d_model)
@@ -171,10 +182,24 @@ class Hyena(Mixer):
         return window.to(dtype) if dtype is not None else window
 
     def compute_filters(self, length: int) -> torch.Tensor:
-        """(length, N, d): h_n[lag, channel] for lags 0..length-1, differentiable."""
-        weight = self.filter_bias
-        z = self.positional_features(length, weight.device, weight.dtype)
-        h = self.filter_ffn(z) * self.decay_window(length, weight.device, weight.dtype)
+        """(length, N, d): h_n[lag, channel] for lags 0..length-1, differentiable.
+
+        Computed in float32 (float64 for a float64 model) whatever the other weights' dtype:
+        the sine activations take arguments of tens of radians, which bf16 rounds by up to
+        0.06 radian, amplified by each sine layer after (see FilterFFN).
+        """
+        dtype = compute_dtype(self.filter_bias.dtype)
+        device = self.filter_bias.device
+        # autocast would run the FFN's products in bf16 again (a bf16 training run)
+        with torch.autocast(device.type, enabled=False):
+            z = self.positional_features(length, device, dtype)
+            for layer in self.filter_ffn:
+                if isinstance(layer, nn.Linear):
+                    bias = None if layer.bias is None else layer.bias.to(dtype)
+                    z = F.linear(z, layer.weight.to(dtype), bias)
+                else:
+                    z = layer(z)
+            h = z * self.decay_window(length, device, dtype)
         return h.view(length, self.order, self.d_model)
 
     def long_filters(self, length: int) -> torch.Tensor:

@@ -86,6 +86,32 @@ def test_filters_decay():
     assert late < 0.2 * early, f"filters do not decay: mean |h| {early:.3g} early, {late:.3g} late"
 
 
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_model_keeps_the_filter_generator_in_float32(cast):
+    # each sine layer amplifies a rounding of its input ~14 times: bf16 weights in the filter
+    # FFN, or its products computed in bf16, changed the filters by 30-50%
+    mixer = _mixer()
+    low = copy.deepcopy(mixer).to(cast)
+    kept = {n: p.dtype for n, p in low.filter_ffn.named_parameters()}
+    assert set(kept.values()) == {torch.float32}, f"filter FFN parameters: {kept}"
+    assert low.in_proj.weight.dtype == cast
+    filters = low.compute_filters(2048)
+    assert filters.dtype == torch.float32
+    assert_close("filters", mixer.compute_filters(2048), filters, 1e-6)
+    assert {p.dtype for p in low.double().filter_ffn.parameters()} == {torch.float64}
+
+
+@torch.no_grad()
+def test_filters_under_bf16_autocast_stay_float32():
+    mixer = _mixer()
+    want = mixer.compute_filters(2048)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mixer.compute_filters(2048)
+    assert got.dtype == torch.float32
+    assert_close("filters under autocast", want, got, 1e-6)
+
+
 def test_sequences_past_max_len_are_refused():
     mixer = _mixer(max_len=16).eval()
     with pytest.raises(ValueError, match="max_len=16"):
