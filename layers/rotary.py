@@ -8,8 +8,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import at_least_float32
+
 
 class Rotary(nn.Module):
+    """The frequencies `inv_freq` (head_dim / 2,) stay float32 when the model is cast to bf16 or
+    fp16: bf16 rounds them by up to 0.37%, which turns the rotation at position 4096 by up to
+    1.8 radians (head_dim 64; 5.0 at 128)."""
+
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
         if head_dim % 2:
@@ -20,6 +26,9 @@ class Rotary(nn.Module):
     def _inv_freq(self) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim
         return 1.0 / (self.theta**exponents)
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(at_least_float32(fn), recurse)
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
