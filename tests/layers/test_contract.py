@@ -1,6 +1,7 @@
 """The state contract (docs/design.md), checked for every registered mixer and each of its
 `test_variants`: registering a mixer is enough to have it tested here."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -53,6 +54,82 @@ def test_step_consistency(name, options):
     whole, _ = mixer(x)
     stepped, _ = _run_split(mixer, x, list(range(1, 19)))
     assert_close(f"{name} token by token", whole, stepped, 1e-4)
+
+
+# bf16 keeps 8 significant bits, so one rounding moves a value by at most U = 2^-8 of itself.
+# A bf16 mixer's output is then within n * U of its float32 self (relative, in norm), n being
+# the roundings on the longest path from x to y (every weight applied and every activation
+# stored in bf16; what a mixer computes in float32 inside counts once, for its output). The
+# errors add at most linearly: the measured ones sit at a fifth to a half of these bounds.
+U = 2.0**-8
+BF16_ROUNDINGS = {
+    # q/k/v weights and outputs, rotary's tables and rotated q/k, SDPA's output, o_proj x 2
+    "attention": 7,
+    # in_proj x 2, short conv x 2, per order (3 at most) the skip weight, the float32 long
+    # convolution's output and the gate's product, out_proj x 2; the filters are float32
+    "hyena": 15,
+    # q/k/v x 2, rotary x 2, the feature map, the op's output, output norm x 2, gate x 2, o_proj x 2
+    "linear_attention": 14,
+    # q/k/v/control projections x 2, the float32 op's output, o_proj x 2
+    "linformer": 5,
+    # in_proj x 2, conv x 2, x_proj x 2, dt_proj x 2, the float32 scan's output, out_proj x 2
+    "mamba": 11,
+    # in_proj x 2, conv x 2, x * dt, the float32 op's output, + D x, gated norm x 2, out_proj x 2
+    "mamba2": 12,
+    # q/k/v x 2, rotary x 2, the op's output, group norm x 2, gate x 3, o_proj x 2
+    "retnet": 12,
+    # token shift's interpolation x 3, k/v/r x 2, sigmoid, the float32 wkv's output, r * y,
+    # output x 2
+    "rwkv4": 10,
+    # ddlerp (delta, the low-rank adapter's 2 products and tanh, the mix) x 7, r/k/v/g x 2,
+    # the decay adapter x 3, the op's output, ln_x x 2, silu and gate x 2, output x 2
+    "rwkv6": 20,
+    # q/k/v x 2, rotary x 2, the feature map, the float32 op's output, o_proj x 2
+    "window_linear_attention": 8,
+}
+
+
+def _bf16_tolerance(name: str) -> float:
+    assert name in BF16_ROUNDINGS, (
+        f"mixer {name!r} has no entry in BF16_ROUNDINGS: count the bf16 roundings on its path"
+    )
+    return BF16_ROUNDINGS[name] * U
+
+
+def _assert_close_in_norm(name, reference, other, ratio):
+    """|other - reference| / |reference| <= ratio, in the Frobenius norm (bf16's rounding
+    errors are spread over every element; the max-abs ratio would measure its worst one)."""
+    assert other.shape == reference.shape, f"{name}: shape {tuple(other.shape)}"
+    assert torch.isfinite(other).all(), f"{name}: non-finite values"
+    reference, other = reference.double(), other.double()
+    err = ((other - reference).norm() / reference.norm()).item()
+    assert err <= ratio, f"{name}: relative error {err:.3e} > {ratio:.1e}"
+
+
+@pytest.mark.parametrize("name,options", CASES)
+@torch.no_grad()
+def test_bf16_output_is_bf16_and_close_to_float32(name, options):
+    mixer = _mixer(name, options)
+    low = copy.deepcopy(mixer).to(torch.bfloat16)
+    x = torch.randn(2, 37, D_MODEL).bfloat16()
+    y, _ = low(x)
+    assert y.dtype == torch.bfloat16, f"{name}: bf16 input gives {y.dtype} output"
+    want, _ = mixer(x.float())
+    _assert_close_in_norm(f"{name} bf16 vs float32", want, y, _bf16_tolerance(name))
+
+
+@pytest.mark.parametrize("name,options", CASES)
+@torch.no_grad()
+def test_bf16_chunk_and_step_consistency(name, options):
+    # the two forms differ only in stages each computes its own way, so the bound holds
+    mixer = _mixer(name, options).to(torch.bfloat16)
+    x = torch.randn(2, 19, D_MODEL).bfloat16()
+    whole, _ = mixer(x)
+    split, _ = _run_split(mixer, x, [5, 11])
+    stepped, _ = _run_split(mixer, x, list(range(1, 19)))
+    assert split.dtype == stepped.dtype == torch.bfloat16
+    _assert_close_in_norm(f"{name} bf16 split", whole, split, _bf16_tolerance(name))
+    _assert_close_in_norm(f"{name} bf16 token by token", whole, stepped, _bf16_tolerance(name))
 
 
 @pytest.mark.parametrize("name,options", CASES)
