@@ -338,9 +338,27 @@ def test_norm_eps_in_exponent_form_is_a_number_in_model_and_run_configs(tmp_path
     assert run.model.overrides["norm_eps"] == 1e-6 and run.optim.eps == 1e-9
 
 
-def test_every_shipped_config_passes_its_own_checks_unchanged():
+@pytest.mark.parametrize("text, named", [
+    ("", "run.yaml: the run config is empty"),
+    ("name: x\ntrain: {steps: 3\n", "run.yaml, line 3, column 1: not valid YAML"),
+    ("model: {config: attention-tiny, overrides: {mixer: {type: mamba, d_state: 0}}}\n",
+     "config.mixer.d_state=0 must be an integer >= 1 (mixer 'mamba')"),
+])
+def test_cli_train_names_the_run_file_or_its_field(tmp_path, capsys, monkeypatch, text, named):
+    monkeypatch.setattr("zoo.train.Trainer", _TrainerMustNotStart)
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_every_shipped_config_is_held_exactly_as_written():
     for name in shipped_configs():
         data = _shipped(name)
         config = ZooConfig(**data)
-        for field in ("vocab_size", "d_model", "n_layers"):
-            assert getattr(config, field) == data[field]
+        for field, value in data.items():
+            held = getattr(config, "tie_word_embeddings" if field == "tie_embeddings" else field)
+            if field in ("mixer", "ffn") and isinstance(value, str):
+                value = {"type": value}
+            assert held == value, f"{name}: {field}={value!r} became {held!r}"
