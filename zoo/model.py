@@ -7,6 +7,8 @@ Read top to bottom: the output type, a block, the backbone, the language model.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,14 @@ class ZooCausalLMOutput(ModelOutput):
 
 
 class ZooBlock(nn.Module):
-    """x + mixer(norm(x)), then x + ffn(norm(x)) when the layer has an FFN."""
+    """x + mixer(norm(x)), then x + ffn(norm(x)) when the layer has an FFN.
+
+    Under `model.gradient_checkpointing_enable()` (transformers sets `gradient_checkpointing`
+    and `_gradient_checkpointing_func` on every module that has the flag) a training forward
+    without states keeps only the block's input and recomputes the rest in the backward pass.
+    """
+
+    gradient_checkpointing = False
 
     def __init__(self, config: ZooConfig, index: int):
         super().__init__()
@@ -42,7 +51,29 @@ class ZooBlock(nn.Module):
             self.ffn_norm = build_norm(config.norm, config.d_model, config.norm_eps)
             self.ffn = build_ffn(ffn_spec, config.d_model)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None) -> tuple[torch.Tensor, LayerState]:
+    def forward(
+        self, x: torch.Tensor, state: LayerState | None, *, keep_state: bool = True
+    ) -> tuple[torch.Tensor, LayerState | None]:
+        """(x after the block, the layer's state after the last token); with `keep_state=False`
+        the caller discards the state, which lets a checkpointed block return None for it."""
+        if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                and state is None and not keep_state):
+            # Only stateless calls: the recompute would write an in-place state (a KV cache)
+            # twice. The FFN's auxiliary loss leaves as an output so that it keeps its
+            # gradient under reentrant checkpointing too.
+            x, aux_loss = self._gradient_checkpointing_func(self._checkpointed_forward, x)
+            if aux_loss is not None:
+                self.ffn.aux_loss = aux_loss
+            return x, None
+        return self._forward(x, state)
+
+    def _checkpointed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, _ = self._forward(x, None)
+        return x, getattr(self.ffn, "aux_loss", None)
+
+    def _forward(
+        self, x: torch.Tensor, state: LayerState | None
+    ) -> tuple[torch.Tensor, LayerState]:
         mixer_state, ffn_state = state if state is not None else (None, None)
         h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state)
         x = x + h
@@ -86,11 +117,106 @@ def align_parameters(module: nn.Module, alignment: int = CACHE_LINE) -> int:
     return count
 
 
+class SavedWeightsError(ValueError):
+    """A saved model folder whose weights are absent, damaged, or do not match its config.json."""
+
+
+# save_pretrained's file names: one safetensors file, or shards listed by an index
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+
+
+def check_weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a save_pretrained folder, each checked whole without reading its
+    tensors (its header parses and the file is as long as the header says), or a
+    SavedWeightsError naming the folder or the file and what is wrong."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SavedWeightsError(
+                f"{index}: not a safetensors index with a weight_map ({error})") from None
+        files = [folder / shard for shard in shards]
+    elif (folder / WEIGHTS_FILE).is_file():
+        files = [folder / WEIGHTS_FILE]
+    else:
+        raise SavedWeightsError(
+            f"{folder}: no weights: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} is there "
+            f"(zoo loads weights only from safetensors; the folder holds {_contents(folder)})"
+        )
+    for file in files:
+        if not file.is_file():
+            raise SavedWeightsError(f"{file}: missing, and {index.name} lists it as a shard")
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError (an Exception)
+            raise SavedWeightsError(
+                f"{file}: damaged or truncated safetensors file ({error})") from None
+    return files
+
+
+def check_model_folder(folder: str | os.PathLike) -> list[Path]:
+    """A save_pretrained folder's weight files (`check_weight_files`), after checking it has a
+    config.json: a FileNotFoundError naming what the folder holds instead."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: no config.json, so not a saved model (the folder holds "
+            f"{_contents(folder)}); give a save_pretrained folder, a YAML file or a shipped "
+            "config name"
+        )
+    return check_weight_files(folder)
+
+
+def _contents(folder: Path, shown: int = 5) -> str:
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return ", ".join(held[:shown]) + (" ..." if len(held) > shown else "") if held else "nothing"
+
+
+def _few(names: set | list, shown: int = 3) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def loading_mismatch(info: dict, source: str, allow_mismatched: bool = False) -> str | None:
+    """One line naming the missing, unexpected and mis-shaped tensors of transformers' loading
+    info (`output_loading_info=True`), or None when the folder and the model agree."""
+    missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
+    # transformers lists a mis-shaped tensor as (name, shape in the file, shape in the model)
+    mismatched = [] if allow_mismatched else [
+        f"{entry[0]} (file {_shape(entry[1])}, model {_shape(entry[2])})"
+        if isinstance(entry, tuple) and len(entry) == 3 else str(entry)
+        for entry in info.get("mismatched_keys", ())
+    ]
+    errors = [str(e) for e in info.get("error_msgs", ()) if e]
+    if not (missing or unexpected or mismatched or errors):
+        return None
+    parts = [f"{len(keys)} {what} ({_few(keys)})" for what, keys in (
+        ("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if keys]
+    parts += [f"errors: {_few(errors)}"] if errors else []
+    return (f"{source}: the saved weights do not match its config.json: " + "; ".join(parts)
+            + ". Pass strict=False to load such a folder anyway (missing tensors are then "
+            "randomly initialised)")
+
+
 class ZooPreTrainedModel(PreTrainedModel):
     config_class = ZooConfig
     base_model_prefix = "model"
     _no_split_modules = ["ZooBlock"]
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True  # every ZooBlock checkpoints itself
 
     def _init_weights(self, module: nn.Module) -> None:
         # Mixers and FFNs initialise their own parameters in their constructors (Mamba's dt and
@@ -110,12 +236,39 @@ class ZooPreTrainedModel(PreTrainedModel):
         return False  # zoo brings its own cache (ZooCache) of recurrent states
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """transformers' from_pretrained, then `align_parameters` (the weights it maps from a
-        safetensors file start on 8-byte boundaries)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        align_parameters(loaded[0] if isinstance(loaded, tuple) else loaded)
-        return loaded
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True,
+                        **kwargs):
+        """transformers' from_pretrained, strictly, then `align_parameters` (the weights it maps
+        from a safetensors file start on 8-byte boundaries).
+
+        strict (the default): a folder without weights or with a damaged safetensors file, and
+        a tensor the model has but the folder lacks, one the folder has but the model lacks, or
+        one whose shape differs, is a SavedWeightsError naming them, where transformers would
+        initialise the model's tensors randomly and only log it. `strict=False` is the opt-out
+        for deliberate partial loads; `ignore_mismatched_sizes=True` keeps transformers'
+        meaning (mis-shaped tensors re-initialised) and lets only those through.
+        """
+        source = pretrained_model_name_or_path
+        folder = Path(os.fspath(source)) / (kwargs.get("subfolder") or "") if isinstance(
+            source, (str, os.PathLike)) else None
+        if strict and folder is not None and folder.is_dir() and not any(
+                kwargs.get(k) for k in ("gguf_file", "state_dict", "variant")):
+            check_weight_files(folder)  # before any work: absent or truncated files
+        allow_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
+        want_info = bool(kwargs.pop("output_loading_info", False))
+        loaded = super().from_pretrained(
+            source, *args, output_loading_info=True,
+            # strict lists mis-shaped tensors with the rest; transformers would raise a
+            # RuntimeError that points at its log instead
+            ignore_mismatched_sizes=strict or allow_mismatched, **kwargs,
+        )
+        model, info = loaded
+        if strict:
+            problem = loading_mismatch(info, str(source), allow_mismatched)
+            if problem is not None:
+                raise SavedWeightsError(problem)
+        align_parameters(model)
+        return (model, info) if want_info else model
 
 
 class ZooModel(ZooPreTrainedModel):
@@ -149,7 +302,8 @@ class ZooModel(ZooPreTrainedModel):
             x = self.embed_norm(x)
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
-            x, state = block(x, cache.layers[i] if cache is not None else None)
+            x, state = block(x, cache.layers[i] if cache is not None else None,
+                             keep_state=cache is not None)
             if cache is not None:
                 cache.layers[i] = state
             if hidden is not None:
@@ -157,6 +311,24 @@ class ZooModel(ZooPreTrainedModel):
         if cache is not None:
             cache.seen_tokens += x.shape[1]
         return self.norm(x), cache, tuple(hidden) if hidden is not None else None
+
+
+PADDING_ERROR = (
+    "attention_mask has padding: a recurrent state cannot skip masked tokens. Use "
+    "zoo.infer.generate for prompts of different lengths (it prefills each row at its own length)"
+)
+
+
+def _reading_back_is_free(tensor: torch.Tensor) -> bool:
+    """Whether reading a value of `tensor` on the host costs nothing extra: a CPU tensor in
+    eager mode. On an accelerator it is a host sync every step, inside torch.compile a graph
+    break."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_ids_dtype(input_ids: torch.Tensor) -> None:
+    if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
 
 
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
@@ -185,10 +357,22 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def new_cache(self) -> ZooCache:
         return ZooCache(self.config.n_layers)
 
+    def sequence_limit(self) -> tuple[int, str] | None:
+        """(the longest sequence, prompt plus generated tokens, every layer takes; the layer
+        that sets it), or None when no layer limits the length. A mixer with a limit declares
+        it as `max_len` (Hyena: its implicit filters are generated for lags below it)."""
+        limits = [
+            (block.mixer.max_len, f"layer {i} ({type(block.mixer).__name__}) max_len")
+            for i, block in enumerate(self.model.layers)
+            if isinstance(getattr(block.mixer, "max_len", None), int)
+        ]
+        return min(limits, key=lambda limit: limit[0]) if limits else None
+
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
-        """Out-of-vocabulary ids are an error here, not garbage (or a CUDA assert) later."""
-        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        """Out-of-vocabulary ids are an error here, not garbage (or a CUDA assert) later.
+
+        Reads two values back to the host: forward() calls it only where that is free."""
+        _check_ids_dtype(input_ids)
         if input_ids.numel() == 0:
             return
         low, high = int(input_ids.min()), int(input_ids.max())
@@ -220,13 +404,16 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            self.check_input_ids(input_ids)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(
-                "attention_mask has padding: a recurrent state cannot skip masked tokens. "
-                "Use zoo.infer.generate for prompts of different lengths (it prefills each row "
-                "at its own length)"
-            )
+            _check_ids_dtype(input_ids)
+            if _reading_back_is_free(input_ids):
+                self.check_input_ids(input_ids)
+            # elsewhere the embedding's own index check (a device assert, inductor's bounds
+            # check) stops them; zoo.infer.generate checks its prompts once per call
+        if attention_mask is not None:
+            if not _reading_back_is_free(attention_mask):
+                torch._assert_async(attention_mask.all(), PADDING_ERROR)  # no host sync
+            elif not bool(attention_mask.all()):
+                raise ValueError(PADDING_ERROR)
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, ZooCache):
             raise TypeError(f"cache must be a ZooCache, got {type(cache).__name__}")

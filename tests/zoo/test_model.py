@@ -148,3 +148,43 @@ def test_padding_and_foreign_caches_are_refused():
         cache = model(torch.tensor([[1, 2], [3, 4]]), use_cache=True).cache
         with pytest.raises(ValueError, match="batch size"):
             model(ids, cache=cache)
+
+
+def test_forward_reads_no_value_of_inputs_off_the_cpu():
+    # Meta tensors stand in for an accelerator's: reading any value of one raises, where on a
+    # GPU it would be a host sync on every forward
+    with torch.device("meta"):
+        model = zoo.ZooForCausalLM(zoo.load_config("attention-tiny")).eval()
+        ids = torch.zeros(2, 8, dtype=torch.long)
+        out = model(ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    assert out.logits.shape == (2, 8, model.config.vocab_size)
+
+
+def test_compiled_forward_has_no_graph_break_from_the_input_checks():
+    model = _model("attention-tiny")
+    ids = _ids(model)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(model)(
+            ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
+def test_padding_is_refused_inside_a_compiled_forward_too():
+    # no host read there: an asynchronous assert on the device, which still stops the call
+    model = _model("attention-tiny")
+    compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
+    ids = torch.tensor([[1, 2, 3]])
+    try:
+        with pytest.raises(RuntimeError, match="attention_mask has padding"):
+            compiled(ids, attention_mask=torch.tensor([[0, 1, 1]]), use_cache=False)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_only_length_limited_mixers_report_a_sequence_limit():
+    assert _model("attention-tiny").sequence_limit() is None
+    hyena = _model("hyena-tiny")
+    assert hyena.sequence_limit() == (hyena.config.mixer["max_len"], "layer 0 (Hyena) max_len")
