@@ -130,3 +130,17 @@ def test_sharded_folders_load_and_a_missing_shard_is_named(tmp_path):
 def test_saved_weights_errors_are_value_errors():
     # the CLI turns ValueErrors into one named line and exit code 2
     assert issubclass(SavedWeightsError, ValueError)
+
+
+def test_a_truncated_transformers_source_is_named_by_from_hf(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2)).save_pretrained(tmp_path)
+    assert zoo.from_hf(str(tmp_path)).config.n_layers == 1
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(SavedWeightsError, match=r"model\.safetensors: damaged or truncated"):
+        zoo.from_hf(str(tmp_path))
