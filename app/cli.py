@@ -78,14 +78,17 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(name: str):
-    """A shipped config name, a YAML file, or a save_pretrained directory."""
+    """A shipped config name, a YAML file, or a save_pretrained directory (whose weight files
+    are checked whole: a folder without weights or with a truncated file is an error here)."""
     from zoo.config import ZooConfig, load_config
     from zoo.hf_import import convert_config, is_hf_source, load_hf_config
+    from zoo.model import check_model_folder
 
     if is_hf_source(name):
         return convert_config(load_hf_config(name))[0]
     path = Path(name)
-    if path.is_dir() and (path / "config.json").exists():
+    if path.is_dir():
+        check_model_folder(path)
         return ZooConfig.from_pretrained(path)
     return load_config(name)
 
@@ -307,9 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        print(f"zoo {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:
+        # OSError: files that cannot be read (a config.json that is not JSON, a folder where
+        # a file was expected); each such error names its file
+        print(f"zoo {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (some libraries' messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

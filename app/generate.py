@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import sys
 import time
 
@@ -16,7 +17,8 @@ import torch
 
 from zoo.app.decode_timer import weight_bytes
 from zoo.infer import generate
-from zoo.infer.text import ByteTokenizer, load_for_generation
+from zoo.infer.sampling import SamplingConfig
+from zoo.infer.text import ByteTokenizer, load_for_generation, resolve_device
 
 
 class _TextStream:
@@ -59,7 +61,20 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    "stacks with SwiGLU/GELU FFNs (Llama, SmolLM2), torch.compile otherwise")
 
 
+def check_request(args: argparse.Namespace) -> None:
+    """The request's options, each named when it is wrong, before anything is loaded."""
+    for flag in ("temperature", "top_p", "repetition_penalty"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{flag.replace('_', '-')}={value} must be a finite number")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    resolve_device(args.device)
+
+
 def run_generate_command(args: argparse.Namespace) -> int:
+    check_request(args)
     model, tokenizer, note = load_for_generation(args.model, getattr(torch, args.dtype),
                                                  args.device)
     if note:

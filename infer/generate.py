@@ -203,6 +203,22 @@ def resolve_stop_tokens(model: ZooForCausalLM, stop_tokens, eos_token_id) -> lis
     return found
 
 
+def check_length_limit(model: ZooForCausalLM, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A ValueError before any token is made when the longest prompt plus max_new_tokens is
+    past what a layer can take (Hyena's max_len), instead of one halfway through decoding."""
+    limit = model.sequence_limit()
+    if limit is not None and prompt_tokens + max_new_tokens > limit[0]:
+        length, where = limit
+        fix = (f"lower max_new_tokens to at most {length - prompt_tokens} or shorten the prompt"
+               if prompt_tokens < length else
+               f"shorten the prompt to at most {length - 1} tokens")
+        raise ValueError(
+            f"a prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} is "
+            f"{prompt_tokens + max_new_tokens} tokens, past this model's limit of {length} "
+            f"({where}); {fix}"
+        )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -265,6 +281,7 @@ def generate(
         raise ValueError(f"compile={compile!r} is not one of {COMPILE_MODES}")
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
     rows = normalize_prompts(prompts, model.config.vocab_size)
+    check_length_limit(model, max(map(len, rows)), max_new_tokens)
     device = model.lm_head.weight.device
     stops = resolve_stop_tokens(model, stop_tokens, eos_token_id)
     generator = None

@@ -11,12 +11,40 @@ from pathlib import Path
 
 import torch
 
-from zoo.model import ZooForCausalLM
+from zoo.model import ZooForCausalLM, check_model_folder
 from zoo.tokenizer import ByteTokenizer, has_tokenizer_files
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or a ValueError naming it when this torch build or this machine
+    cannot run on it (where torch itself would fail later, e.g. with an AssertionError)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {str(device)!r} is not a device torch knows ({error})") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, resolved.type, None)
+        if backend is None or not hasattr(backend, "is_available"):
+            raise ValueError(f"device {str(device)!r}: zoo runs on cpu, cuda or mps")
+        available = backend.is_available()
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+    if not available:
+        built = (f"this torch ({torch.__version__}) is built without CUDA"
+                 if resolved.type == "cuda" and torch.version.cuda is None
+                 else f"no {resolved.type} device is available")
+        raise ValueError(f"device {str(device)!r}: {built}; use device 'cpu'")
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"device {str(device)!r}: there are {count} {resolved.type} devices "
+                         f"(indices 0..{count - 1})")
+    return resolved
+
+
 def load_for_generation(
-    spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[ZooForCausalLM, object, str | None]:
     """(model, tokenizer, note) from a zoo directory, a from_hf source or a config name.
 
@@ -25,13 +53,15 @@ def load_for_generation(
     from zoo.config import load_config
     from zoo.hf_import import is_hf_source
 
+    device = resolve_device(device)  # before any loading
     path, note = Path(spec), None
     if is_hf_source(spec):
         from zoo.hf_import import from_hf
 
         model = from_hf(spec, dtype=dtype)
         tokenizer = model.tokenizer
-    elif path.is_dir() and (path / "config.json").exists():
+    elif path.is_dir():
+        check_model_folder(path)  # config.json there, weight files whole
         model = ZooForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = None
         if has_tokenizer_files(path):
