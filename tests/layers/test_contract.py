@@ -60,7 +60,8 @@ def test_step_consistency(name, options):
 # A bf16 mixer's output is then within n * U of its float32 self (relative, in norm), n being
 # the roundings on the longest path from x to y (every weight applied and every activation
 # stored in bf16; what a mixer computes in float32 inside counts once, for its output). The
-# errors add at most linearly: the measured ones sit at a fifth to a half of these bounds.
+# errors add at most linearly; being random, they mostly add in quadrature: the measured ones
+# sit at a tenth to a quarter of these bounds.
 U = 2.0**-8
 BF16_ROUNDINGS = {
     # q/k/v weights and outputs, rotary's tables and rotated q/k, SDPA's output, o_proj x 2
