@@ -53,7 +53,7 @@ def _load_token(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, row, t, T, kk, vv, K, V,
     elif DECAY == 2:
         gate = tl.exp(tl.load(g_ptr + row * K + kk, mask=k_mask, other=0.0).to(tl.float32))
     else:
-        gate = 1.0
+        gate = beta_t * 0.0 + 1.0  # unused without decay; a tensor keeps the return types alike
     return q_t, k_t, v_t, beta_t, gate
 
 
