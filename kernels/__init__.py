@@ -8,7 +8,7 @@ This floor imports torch (and, lazily, triton) only.
 from .backend import BACKENDS, OpBackends, resolve_backend
 from .causal_conv1d import causal_conv1d
 from .decode_attention import decode_attention
-from .delta_rule import delta_rule
+from .delta_rule import delta_rule, generalized_delta_rule
 from .fft_conv import fft_conv
 from .linear_attention import linear_attention
 from .moe import moe_experts
@@ -21,5 +21,5 @@ from .wkv4 import wkv4
 __all__ = [
     "BACKENDS", "OpBackends", "causal_conv1d", "compute_dtype", "decode_attention", "fft_conv",
     "linear_attention", "moe_experts", "resolve_backend", "rms_norm", "selective_scan", "wkv4",
-    "window_linear_attention", "delta_rule",
+    "window_linear_attention", "delta_rule", "generalized_delta_rule",
 ]

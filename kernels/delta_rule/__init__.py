@@ -3,6 +3,9 @@
 One op carries the family by its decay: DeltaNet (none), Gated DeltaNet and Qwen3-Next's
 linear layers (one log-decay per step and head), Kimi Delta Attention (one per key channel).
 See `reference.py` for the definition and the order of gate and correction.
+
+`generalized_delta_rule` is the diagonal-plus-low-rank transition that RWKV-7 needs
+(`generalized_reference.py`); it has the reference, the one-token and the chunked PyTorch forms.
 """
 
 from __future__ import annotations
@@ -10,11 +13,15 @@ from __future__ import annotations
 import torch
 
 from ..backend import OpBackends, resolve_backend
+from .generalized_chunked import generalized_delta_rule_chunked
+from .generalized_recurrent import generalized_delta_rule_recurrent
+from .generalized_reference import generalized_delta_rule_reference
 from .recurrent import delta_rule_recurrent
 from .reference import delta_rule_reference
 from .torch_chunked import delta_rule_chunked
 
 OP_BACKENDS = OpBackends("delta_rule")
+GENERALIZED_OP_BACKENDS = OpBackends("generalized_delta_rule", triton=False)
 
 
 def delta_rule(
@@ -56,7 +63,13 @@ def delta_rule(
         (o, final_state): o (B, T, H, V) in q's dtype; final_state (B, H, K, V) in float32
         (float64 for float64 inputs), or None unless `output_final_state`.
     """
-    _check_inputs(q, k, v, beta, decay, initial_state, chunk_size)
+    _check_inputs("delta_rule", q, k, v, decay, initial_state, chunk_size)
+    B, T, H, _ = q.shape
+    if tuple(beta.shape) != (B, T, H):
+        raise ValueError(f"delta_rule: beta must be (B, T, H) = {(B, T, H)}, "
+                         f"got {tuple(beta.shape)}")
+    if not beta.is_floating_point():
+        raise ValueError(f"delta_rule: beta must be floating point, got {beta.dtype}")
     backend = resolve_backend(backend, q, OP_BACKENDS)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, beta, decay, scale, initial_state, output_final_state)
@@ -71,8 +84,62 @@ def delta_rule(
     return delta_rule_triton(*args, chunk_size=chunk_size)
 
 
-def _check_inputs(q, k, v, beta, decay, initial_state, chunk_size) -> None:
-    op = "delta_rule"
+def generalized_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The diagonal-plus-low-rank delta rule: S_t = (Diag(exp(g_t)) + b_t a_t^T) S_{t-1}
+    + k_t v_t^T, o_t = S_t^T (scale q_t), with the state S (K, V) per batch and head.
+
+    Args:
+        q, k: (B, T, H, K) queries and keys.
+        v: (B, T, H, V) values, in q's dtype.
+        a, b: (B, T, H, K), in q's dtype: `a` reads the old state (a_t^T S_{t-1}) and `b` is the
+            direction that reading is written along (fla's dplr names). RWKV-7:
+            a = -kappa_hat, b = kappa_hat * iclr. The delta rule: a = -beta exp(g) k, b = k,
+            with beta v for v. Keeping the transition's eigenvalues in [-1, 1] is the caller's job.
+        decay: log-decay g <= 0: None (no diagonal decay), (B, T, H) or (B, T, H, K) (RWKV-7's
+            w = exp(g) per channel).
+        scale: multiplies q; default K ** -0.5 (RWKV-7 reads with 1.0: pass it).
+        initial_state: (B, H, K, V), the state before q.
+        output_final_state: also return the state after the last token.
+        chunk_size: tokens per chunk of the chunked form; any T works.
+        backend: "auto" (PyTorch), "torch" (the recurrence for one token, chunks otherwise) or
+            "reference". There are no Triton kernels for this op yet.
+    Returns:
+        (o, final_state): o (B, T, H, V) in q's dtype; final_state (B, H, K, V) in float32
+        (float64 for float64 inputs), or None unless `output_final_state`.
+    """
+    op = "generalized_delta_rule"
+    _check_inputs(op, q, k, v, decay, initial_state, chunk_size)
+    for name, x in (("a", a), ("b", b)):
+        if tuple(x.shape) != tuple(q.shape):
+            raise ValueError(f"{op}: {name} must match q's shape {tuple(q.shape)}, "
+                             f"got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
+    backend = resolve_backend(backend, q, GENERALIZED_OP_BACKENDS)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    args = (q, k, v, a, b, decay, scale, initial_state, output_final_state)
+    if backend == "reference":
+        return generalized_delta_rule_reference(*args)
+    if q.shape[1] == 1:  # one token (decoding): the recurrence itself
+        return generalized_delta_rule_recurrent(*args)
+    return generalized_delta_rule_chunked(*args, chunk_size=chunk_size)
+
+
+def _check_inputs(op, q, k, v, decay, initial_state, chunk_size) -> None:
+    """The checks both ops share: q, k, v, the decay, the initial state and the chunk size."""
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be (B, T, H, K), got shape {tuple(q.shape)}")
     B, T, H, K = q.shape
@@ -88,10 +155,6 @@ def _check_inputs(q, k, v, beta, decay, initial_state, chunk_size) -> None:
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
-    if tuple(beta.shape) != (B, T, H):
-        raise ValueError(f"{op}: beta must be (B, T, H) = {(B, T, H)}, got {tuple(beta.shape)}")
-    if not beta.is_floating_point():
-        raise ValueError(f"{op}: beta must be floating point, got {beta.dtype}")
     if decay is not None:
         allowed = [(B, T, H), (B, T, H, K)]
         if tuple(decay.shape) not in allowed:
@@ -117,4 +180,8 @@ def _check_inputs(q, k, v, beta, decay, initial_state, chunk_size) -> None:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
-__all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_reference"]
+__all__ = [
+    "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_reference",
+    "generalized_delta_rule", "generalized_delta_rule_chunked", "generalized_delta_rule_recurrent",
+    "generalized_delta_rule_reference",
+]

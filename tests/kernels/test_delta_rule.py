@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels import delta_rule
-from zoo.kernels.delta_rule import delta_rule_recurrent
+from zoo.kernels import delta_rule, generalized_delta_rule
+from zoo.kernels.delta_rule import delta_rule_recurrent, generalized_delta_rule_recurrent
 from zoo.testing import assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -308,3 +308,170 @@ def test_reflections_keep_the_state_bounded():
                        chunk_size=CHUNK, backend="torch")
     bound = h0.norm() + 2 * v.norm(dim=-1).sum()
     assert math.isfinite(ht.norm().item()) and ht.norm() <= bound
+
+
+# generalized_delta_rule: S_t = (Diag(exp(g_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T
+
+
+def _generalized_inputs(B, T, H, K, V, form, with_state):
+    """RWKV-7's shape of inputs: a = -kappa_hat, b = kappa_hat * iclr with a unit kappa_hat and
+    iclr in [0, 1], so the transition's eigenvalues stay in [-1, 1]."""
+    kappa = F.normalize(torch.randn(B, T, H, K), dim=-1)
+    inputs = {
+        "q": torch.randn(B, T, H, K),
+        "k": 0.5 * torch.randn(B, T, H, K),
+        "v": torch.randn(B, T, H, V),
+        "a": -kappa,
+        "b": kappa * torch.rand(B, T, H, K),
+        "decay": _decay(form, B, T, H, K),
+        "initial_state": torch.randn(B, H, K, V) if with_state else None,
+    }
+    return {name: t.requires_grad_() if t is not None else None for name, t in inputs.items()}
+
+
+def _generalized_run_and_grads(inputs, backend, dtype, do, dht, **options):
+    leaves = {name: t for name, t in inputs.items() if t is not None}
+    for t in leaves.values():
+        t.grad = None
+    cast = {name: t.to(dtype) if t is not None else None for name, t in inputs.items()}
+    o, ht = generalized_delta_rule(cast.pop("q"), cast.pop("k"), cast.pop("v"), cast.pop("a"),
+                                   cast.pop("b"), **cast, output_final_state=True,
+                                   backend=backend, **options)
+    ((o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()).backward()
+    return o, ht, {"d" + name: t.grad.clone() for name, t in leaves.items()}
+
+
+def _generalized_compare(inputs, ratio, dtype=torch.float32, grad_ratio=None, **options):
+    do, dht = _upstream(inputs)
+    o_ref, ht_ref, grads_ref = _generalized_run_and_grads(inputs, "reference", torch.float64,
+                                                          do, dht, **options)
+    o, ht, grads = _generalized_run_and_grads(inputs, "torch", dtype, do, dht,
+                                              chunk_size=CHUNK, **options)
+    assert o.dtype == dtype and ht.dtype == torch.float32
+    assert_close("o", o_ref, o, ratio)
+    assert_close("final_state", ht_ref, ht, ratio)
+    assert set(grads) == set(grads_ref)
+    for name, ref in grads_ref.items():
+        assert_close(name, ref, grads[name], grad_ratio or ratio)
+
+
+@pytest.mark.parametrize("B,T", LENGTHS)
+@pytest.mark.parametrize("form", DECAY_FORMS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_generalized_matches_reference_forward_and_backward(B, T, form, with_state):
+    inputs = _generalized_inputs(B, T, 2, 12, 10, form, with_state)
+    _generalized_compare(inputs, 2e-5, grad_ratio=5e-5)
+
+
+def _naive_dplr_recurrence(q, k, v, a, b, g, scale, h0):
+    """fla's naive dplr form, written apart from generalized_reference.py."""
+    h = h0.clone()
+    o = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype)
+    for t in range(q.shape[1]):
+        written = k[:, t, :, :, None] * v[:, t, :, None, :]
+        written = written + (h * a[:, t, :, :, None]).sum(-2, keepdim=True) * b[:, t, :, :, None]
+        if g is not None:
+            h = h * (g[:, t].exp()[..., None, None] if g.dim() == 3 else g[:, t].exp()[..., None])
+        h = h + written
+        o[:, t] = (h * (q[:, t] * scale)[..., None]).sum(-2)
+    return o, h
+
+
+@pytest.mark.parametrize("form", DECAY_FORMS)
+def test_generalized_naive_recurrence_matches_reference(form):
+    inputs = _generalized_inputs(2, 2 * CHUNK + 5, 3, 8, 6, form, True)
+    q, k, v, a, b, g, h0 = (None if t is None else t.detach().double() for t in inputs.values())
+    o_naive, h_naive = _naive_dplr_recurrence(q, k, v, a, b, g, 0.5, h0)
+    o, ht = generalized_delta_rule(q, k, v, a, b, decay=g, scale=0.5, initial_state=h0,
+                                   output_final_state=True, backend="reference")
+    assert_close("o", o_naive, o, 1e-12)
+    assert_close("final_state", h_naive, ht, 1e-12)
+
+
+@pytest.mark.parametrize("form", DECAY_FORMS)
+def test_generalized_with_delta_rule_vectors_is_the_delta_rule(form):
+    # (I - beta k k^T) A S = (A + k (-beta A k)^T) S for a diagonal A: a = -beta exp(g) k, b = k
+    inputs = _inputs(2, 2 * CHUNK + 5, 2, 12, 10, form, True)
+    q, k, v, beta, decay, h0 = (None if t is None else t.detach() for t in inputs.values())
+    gate = 1.0 if decay is None else decay.exp() if decay.dim() == 4 else decay.exp()[..., None]
+    o_delta, h_delta = delta_rule(q, k, v, beta, decay=decay, initial_state=h0,
+                                  output_final_state=True, backend="reference")
+    o, ht = generalized_delta_rule(q, k, beta[..., None] * v, -beta[..., None] * gate * k, k,
+                                   decay=decay, initial_state=h0, output_final_state=True,
+                                   chunk_size=CHUNK, backend="torch")
+    assert_close("o", o_delta, o, 2e-5)
+    assert_close("final_state", h_delta, ht, 2e-5)
+
+
+@pytest.mark.parametrize("form", DECAY_FORMS)
+def test_generalized_whole_equals_pieces_with_carried_state_equals_token_by_token(form):
+    B, T = 2, 2 * CHUNK + 3
+    inputs = _generalized_inputs(B, T, 2, 12, 10, form, True)
+    q, k, v, a, b, decay, h0 = (None if t is None else t.detach() for t in inputs.values())
+
+    def run(start, stop, state):
+        return generalized_delta_rule(
+            q[:, start:stop], k[:, start:stop], v[:, start:stop], a[:, start:stop],
+            b[:, start:stop], decay=None if decay is None else decay[:, start:stop],
+            initial_state=state, output_final_state=True, chunk_size=CHUNK, backend="torch")
+
+    whole, whole_state = run(0, T, h0)
+    pieces, state = [], h0
+    for start, stop in [(0, 5), (5, 6), (6, CHUNK + 2), (CHUNK + 2, T)]:
+        o, state = run(start, stop, state)
+        pieces.append(o)
+    assert_close("o pieces", whole, torch.cat(pieces, 1), 1e-5)
+    assert_close("final_state pieces", whole_state, state, 1e-5)
+
+    steps, state = [], h0
+    for t in range(T):
+        o, state = generalized_delta_rule_recurrent(
+            _token(q, t), _token(k, t), _token(v, t), _token(a, t), _token(b, t),
+            _token(decay, t), 12**-0.5, state, output_final_state=True)
+        steps.append(o)
+    assert_close("o token by token", whole, torch.cat(steps, 1), 1e-5)
+    assert_close("final_state token by token", whole_state, state, 1e-5)
+
+
+@pytest.mark.parametrize("form", ["step", "channel"])
+def test_generalized_strong_decay_is_finite_and_exact(form):
+    inputs = _generalized_inputs(1, 2 * CHUNK + 5, 2, 12, 10, form, True)
+    with torch.no_grad():
+        inputs["decay"].copy_(-20 * torch.rand(inputs["decay"].shape) ** 2)
+        inputs["decay"][:, 3] = -torch.inf
+    _generalized_compare(inputs, 2e-5)
+
+
+@pytest.mark.parametrize("form", ["step", "channel"])
+def test_generalized_bf16_close_to_reference(form):
+    inputs = _generalized_inputs(2, CHUNK + 9, 2, 12, 10, form, True)
+    _generalized_compare(inputs, 3e-2, dtype=torch.bfloat16)
+
+
+def test_generalized_one_token_is_the_recurrent_form():
+    inputs = _generalized_inputs(2, 1, 2, 8, 8, "channel", True)
+    q, k, v, a, b, decay, h0 = (t.detach() for t in inputs.values())
+    o, ht = generalized_delta_rule(q, k, v, a, b, decay=decay, initial_state=h0,
+                                   output_final_state=True)
+    o_step, state = generalized_delta_rule_recurrent(q, k, v, a, b, decay, 8**-0.5, h0, True)
+    assert torch.equal(o, o_step) and torch.equal(ht, state)
+
+
+def test_generalized_bad_inputs_name_the_argument():
+    q, v = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 4)
+    cases = [
+        ("a must match", dict(a=torch.randn(2, 5, 3, 7))),
+        ("b must match", dict(b=torch.randn(2, 5, 8))),
+        ("b must have q's dtype", dict(b=q.double())),
+        ("v must be", dict(v=torch.randn(2, 5, 2, 4))),
+        ("decay is a log-decay", dict(decay=torch.full((2, 5, 3, 8), 0.1))),
+        ("initial_state must be", dict(initial_state=torch.zeros(2, 3, 8, 5))),
+        ("backend='triton' is not one of", dict(backend="triton")),
+    ]
+    for message, change in cases:
+        args = dict(q=q, k=q, v=v, a=q, b=q) | change
+        with pytest.raises(ValueError, match=message):
+            generalized_delta_rule(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("a"),
+                                   args.pop("b"), **args)
+    with pytest.raises(ValueError, match="generalized_delta_rule_recurrent: takes one token"):
+        generalized_delta_rule_recurrent(q, q, v, q, q)
