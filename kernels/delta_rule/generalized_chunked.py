@@ -71,14 +71,16 @@ def generalized_delta_rule_chunked(
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     inclusive = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(0)
 
-    def pairs(x, y, causal, G_x=None, G_y=None):
-        """(B, H, N, C, C): sum_c x_ic y_jc e^{G_x,ic - G_y,jc} where `causal`, else 0."""
+    def pairs(x, ys, causal, G_x=None, G_y=None):
+        """For each y in ys, (B, H, N, C, C): sum_c x_ic y_jc e^{G_x,ic - G_y,jc} where `causal`,
+        else 0; the ys share one computation of the weights."""
+        y = torch.stack(ys)
         if G_x is None:
-            return (x @ y.transpose(-1, -2)).masked_fill(~causal, 0.0)
+            return (x @ y.transpose(-1, -2)).masked_fill(~causal, 0.0).unbind(0)
         if G_x.shape[-1] == 1:
             diff = (G_x - G_y.transpose(-1, -2)).masked_fill(~causal, -math.inf)
-            return (x @ y.transpose(-1, -2)) * torch.exp(diff)
-        return _per_channel_scores(x, y, G_y, G_x, causal)
+            return ((x @ y.transpose(-1, -2)) * torch.exp(diff)).unbind(0)
+        return _per_channel_scores(x, y, G_y, G_x, causal).unbind(0)
 
     if decay is None:
         G = G_read = None
@@ -93,14 +95,15 @@ def generalized_delta_rule_chunked(
         k_leaving, b_leaving = kc * torch.exp(G_last - G), bc * torch.exp(G_last - G)
         chunk_decay = torch.exp(G_last).transpose(-1, -2)  # (B, H, N, 1 or K, 1)
 
-    reads_from_values = pairs(ac, kc, strict, G_read, G) @ vc  # P_ak V
-    unit_lower = torch.eye(C, dtype=dtype, device=q.device) - pairs(ac, bc, strict, G_read, G)
+    reads_from_keys, reads_from_b = pairs(ac, [kc, bc], strict, G_read, G)  # P_ak, P_ab
+    reads_from_values = reads_from_keys @ vc
+    unit_lower = torch.eye(C, dtype=dtype, device=q.device) - reads_from_b
     solved = torch.linalg.solve_triangular(
         unit_lower, torch.cat([reads_from_values, a_entering], -1), upper=False,
         unitriangular=True)
     reads_free, w = solved.split([V, K], dim=-1)
-    o_values = pairs(qc, kc, inclusive, G, G) @ vc  # Q_qk V
-    scores_b = pairs(qc, bc, inclusive, G, G)  # Q_qb
+    scores_k, scores_b = pairs(qc, [kc, bc], inclusive, G, G)  # Q_qk, Q_qb
+    o_values = scores_k @ vc
     kv = k_leaving.transpose(-1, -2) @ vc  # (B, H, N, K, V)
 
     state = (initial_state.to(dtype) if initial_state is not None

@@ -86,8 +86,10 @@ def delta_rule_chunked(
             scores = (qc @ kc.transpose(-1, -2)) * torch.exp(
                 diff.masked_fill(~inclusive, -math.inf))
         else:
-            kk = _per_channel_scores(kc, kc, G, G, strict)
-            scores = _per_channel_scores(qc, kc, G, G, inclusive)
+            # one call for both (its exponentials are shared): the strictly lower part of
+            # k k^T's inclusive scores is its strict scores
+            kk, scores = _per_channel_scores(torch.stack([kc, qc]), kc, G, G, inclusive)
+            kk = kk.masked_fill(~strict, 0.0)
         q_entering, k_entering = qc * torch.exp(G), kc * torch.exp(G)
         k_leaving = kc * torch.exp(G_last - G)
         chunk_decay = torch.exp(G_last).transpose(-1, -2)  # (B, H, N, 1 or K, 1)
