@@ -9,6 +9,7 @@ so a sampled zoo generation and `model.generate(do_sample=True)` draw from the s
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -23,6 +24,10 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # nan compares false to all
+                raise ValueError(f"{name}={value} must be a finite number")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
         if self.top_k is not None and self.top_k < 1:

@@ -34,7 +34,7 @@ from zoo.layers.attention import AttentionState
 from zoo.layers.hyena import HyenaState
 from zoo.model import ZooForCausalLM
 
-from .generate import resolve_stop_tokens
+from .generate import check_length_limit, resolve_stop_tokens
 from .prefill import normalize_prompts
 from .sampling import SamplingConfig, probabilities, sample_from_probs
 from .step import decode_step, forward_logits
@@ -170,6 +170,9 @@ def speculative_generate(
     if len(rows) != 1:
         raise ValueError(f"speculative decoding takes one prompt, got {len(rows)}")
     prompt_ids = rows[0]
+    # a round feeds both models k drafted tokens past the last accepted one
+    for model in (target, draft):
+        check_length_limit(model, len(prompt_ids), max_new_tokens + k)
     sampling = SamplingConfig(temperature, top_k, top_p)
     stops = set(resolve_stop_tokens(target, stop_tokens, eos_token_id))
     device = target.lm_head.weight.device

@@ -117,7 +117,8 @@ def test_seeded_sampling_is_reproducible():
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -1.0), ("top_k", 0), ("top_p", 0.0), ("top_p", 1.5),
-    ("repetition_penalty", 0.0),
+    ("repetition_penalty", 0.0), ("temperature", float("nan")), ("top_p", float("nan")),
+    ("repetition_penalty", float("nan")), ("repetition_penalty", float("inf")),
 ])
 def test_bad_sampling_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -107,3 +107,14 @@ def test_mismatched_vocabularies_are_refused(make_model):
     draft = zoo.ZooForCausalLM(zoo.load_config("attention-tiny", vocab_size=300))
     with pytest.raises(ValueError, match="vocab_size"):
         speculative_generate(target, draft, PROMPT, max_new_tokens=4)
+
+
+def test_a_length_limit_is_checked_before_any_token(make_model):
+    # Hyena takes max_len tokens; a round feeds k drafts past the last accepted token
+    hyena = zoo.ZooForCausalLM(zoo.load_config(
+        "hyena-tiny", mixer={**zoo.load_config("hyena-tiny").mixer, "max_len": 16})).eval()
+    target = make_model("attention-tiny")
+    with pytest.raises(ValueError, match="max_len|limit"):
+        speculative_generate(target, hyena, [1, 2, 3], max_new_tokens=10, k=4)
+    with pytest.raises(ValueError, match="max_len|limit"):
+        speculative_generate(hyena, target, [1, 2, 3], max_new_tokens=10, k=4)
