@@ -182,11 +182,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config field, dotted for nesting (train.steps=100)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in out_dir")
+                   help="continue from the newest intact checkpoint in out_dir (from step 0 when "
+                   "the run stopped before its first)")
     p.add_argument("--resume-from", metavar="CHECKPOINT",
                    help="continue from this checkpoint folder (out_dir/checkpoints/step_...)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start again in an out_dir that already holds a run")
+                   help="start again in an out_dir zoo made, deleting only zoo's outputs there")
     p.add_argument("--plot", metavar="RUN_DIR", help="only draw RUN_DIR/loss.png from its metrics")
     p.add_argument("--list", action="store_true", help="list the shipped run configs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,9 +259,10 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config field, dotted (distill.temperature=1.5)")
     p.add_argument("--resume", action="store_true",
-                   help="continue KD from the newest checkpoint in out_dir")
+                   help="continue from the newest intact checkpoint in out_dir (from the "
+                   "start when the run stopped before its first)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start again in an out_dir that already holds a run")
+                   help="start again in an out_dir zoo made, deleting only zoo's outputs there")
     p.add_argument("--report", metavar="STEM",
                    help="also time decoding and write STEM.md / .json / .png")
     p.add_argument("--contexts", default="128,8192",

@@ -217,6 +217,9 @@ class ZooPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ZooBlock"]
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True  # every ZooBlock checkpoints itself
+    # from_pretrained(dtype=bf16) builds the model in that dtype without calling .to(), which is
+    # where Hyena's filter network keeps float32 (layers/base.py at_least_float32)
+    _keep_in_fp32_modules_strict = ["filter_ffn"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # Mixers and FFNs initialise their own parameters in their constructors (Mamba's dt and

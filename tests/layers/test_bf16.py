@@ -52,6 +52,23 @@ def test_bf16_model_logits_match_float32(name):
     )
 
 
+@torch.no_grad()
+def test_hyena_loaded_in_bf16_keeps_its_filter_network_float32(tmp_path):
+    # from_pretrained(dtype=...) builds the model in bf16 without a .to() cast
+    torch.manual_seed(0)
+    config = zoo.load_config("hyena-tiny")
+    zoo.ZooForCausalLM(config).save_pretrained(tmp_path)
+    model = zoo.ZooForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = zoo.ZooForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    filters = [p for n, p in loaded.named_parameters() if ".filter_ffn." in n]
+    assert filters and all(p.dtype == torch.float32 for p in filters)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    want, got = model(ids).logits.double(), loaded(ids).logits.double()
+    error = ((got - want).norm() / want.norm()).item()
+    assert error <= LOGITS_BOUND, f"hyena-tiny loaded in bf16: off float32 by {error:.3e}"
+
+
 @pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
 @torch.no_grad()
 def test_rotary_frequencies_stay_float32_through_a_cast(cast):

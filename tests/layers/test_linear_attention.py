@@ -5,6 +5,7 @@ rotary-aware feature maps distilling a rotary teacher. The contract suite covers
 consistency."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -173,8 +174,9 @@ def test_bad_options_are_refused():
 
 @pytest.mark.parametrize("rope_theta", [0, -10000.0, 0.0, math.nan, True, "10000"])
 def test_bad_rope_theta_is_named(rope_theta):
-    message = f"linear_attention: rope_theta={rope_theta!r} must be a positive rotary base"
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    message = (f"mixer.rope_theta={rope_theta!r} must be a finite number > 0 or null "
+               "(mixer 'linear_attention')")
+    with pytest.raises(ValueError, match=re.escape(message)):
         build_mixer({"type": "linear_attention", "rope_theta": rope_theta}, D_MODEL)
 
 
