@@ -7,8 +7,11 @@ Importing this package registers every mixer and FFN below; a new mixer module a
 from . import (  # noqa: F401
     attention,
     bounded_memory,
+    deltanet,
     ffn,
+    gated_deltanet,
     hyena,
+    kda,
     linear_attention,
     linformer,
     mamba,

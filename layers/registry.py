@@ -97,6 +97,9 @@ OPTION_BOUNDS: dict[str, Bounds] = {
         "n_experts", "top_k",
     ), SIZE),
     "d_conv": Bounds(low=2),  # the convolution's state holds the d_conv - 1 previous tokens
+    # the delta-rule mixers': value heads, the output gate's rank, and d_conv under fla's name
+    **dict.fromkeys(("n_value_heads", "gate_lora"), SIZE),
+    "conv_size": Bounds(low=2),
     "filter_depth": COUNT,
     "n_shared_experts": COUNT,
     **dict.fromkeys((
