@@ -14,6 +14,7 @@ contraction and S stays bounded. DeltaNet has no decay and, by default, no outpu
 DeltaNet layout). The three convolutions of fla's layout are one depthwise conv over the
 concatenated channels here, as Qwen3-Next and transformers' Kimi Linear hold them: one op call
 and one conv state. The mixer's state is that conv window and S, a fixed size at any length.
+Under bf16 weights everything between the projections and o_proj runs in float32.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def l2_normalize(x: torch.Tensor, eps: float = L2_NORM_EPS) -> torch.Tensor:
 class HeadRMSNorm(nn.Module):
     """weight * rms_norm(o) over each head's V channels, times act(gate) when a gate is given
     (normalise, then gate: fla's FusedRMSNormGated, Qwen3-Next's and Kimi Linear's gated norms).
-    o, gate: (B, T, H, V). Computed in float32 and rounded once, to o's dtype."""
+    o, gate: (B, T, H, V). Computed in float32 (float64 stays float64), returned in o's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-5, gate_activation: str = "silu"):
         super().__init__()
@@ -170,17 +171,21 @@ class DeltaRuleMixer(Mixer):
 
     def forward(self, x, state=None):
         self.check_input(x, state)
+        # from the projections to the output norm in float32: the delta rule's error term
+        # v - S^T k amplifies bf16 roundings of q, k and v (bf16 error 1.9 -> 1.4 U measured)
+        dtype = compute_dtype(x.dtype)
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         conv_state = None
         if self.conv1d is not None:
+            bias = self.conv1d.bias.to(dtype) if self.conv1d.bias is not None else None
             qkv, conv_state = causal_conv1d(
-                qkv, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
-                initial_state=state.conv_state if state is not None else None,
+                qkv.to(dtype), self.conv1d.weight[:, 0].to(dtype), bias, activation="silu",
+                initial_state=state.conv_state.to(dtype) if state is not None else None,
                 output_final_state=True,
             )
-            conv_state = conv_state.detach()
+            conv_state = conv_state.detach().to(x.dtype)  # the projections' values: exact
         else:
-            qkv = F.silu(qkv)
+            qkv = F.silu(qkv.to(dtype))
         q, k, v = qkv.split([self.key_channels, self.key_channels, self.value_channels], dim=-1)
         q = l2_normalize(rearrange(q, "b t (h k) -> b t h k", k=self.head_dim))
         k = l2_normalize(rearrange(k, "b t (h k) -> b t h k", k=self.head_dim))
@@ -189,7 +194,7 @@ class DeltaRuleMixer(Mixer):
             # value head h reads query-key head h // groups (Qwen3-Next's repeat_interleave)
             q = q.repeat_interleave(self.groups, dim=2)
             k = k.repeat_interleave(self.groups, dim=2)
-        beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype)))
+        beta = torch.sigmoid(self.b_proj(x).to(dtype))
         if self.allow_neg_eigval:
             # beta in [0, 2]: the transition I - beta k k^T may reflect, which lets the state
             # track parities (Grazzi et al. 2024)
@@ -199,10 +204,10 @@ class DeltaRuleMixer(Mixer):
             initial_state=state.recurrent_state if state is not None else None,
             output_final_state=True, chunk_size=self.chunk_size,
         )
-        o = self.o_norm(o, self.output_gate(x))
+        o = rearrange(self.o_norm(o, self.output_gate(x)), "b t h v -> b t (h v)")
         # gradients stop at the carried state (the contract allows it; decoding needs no graph)
         new_state = self.state_class(conv_state, recurrent.detach())
-        return self.o_proj(rearrange(o, "b t h v -> b t (h v)")), new_state
+        return self.o_proj(o.to(x.dtype)), new_state
 
 
 @dataclasses.dataclass

@@ -66,15 +66,15 @@ U = 2.0**-8
 BF16_ROUNDINGS = {
     # q/k/v weights and outputs, rotary's tables and rotated q/k, SDPA's output, o_proj x 2
     "attention": 7,
-    # q/k/v x 2, conv x 2, l2 norm, the float32 op's output, norm x 2, g_proj x 2, o_proj x 2
-    "deltanet": 12,
-    # deltanet's, and a_proj x 2 and A_log into the float32 decay
-    "gated_deltanet": 15,
+    # q/k/v x 2, conv and norm weights, the float32 path's output, g_proj x 2, o_proj x 2
+    "deltanet": 9,
+    # deltanet's, and a_proj x 2, A_log and dt_bias into the float32 decay
+    "gated_deltanet": 13,
     # in_proj x 2, short conv x 2, per order (3 at most) the skip weight, the float32 long
     # convolution's output and the gate's product, out_proj x 2; the filters are float32
     "hyena": 15,
-    # deltanet's with the gate's g_a/g_b_proj x 4 (not 2), f_a/f_b_proj x 4 and A_log to the decay
-    "kda": 19,
+    # deltanet's with g_a/g_b_proj x 4 (not 2), and f_a/f_b_proj x 4, A_log, dt_bias to the decay
+    "kda": 17,
     # q/k/v x 2, rotary x 2, the feature map, the op's output, output norm x 2, gate x 2, o_proj x 2
     "linear_attention": 14,
     # q/k/v/control projections x 2, the float32 op's output, o_proj x 2
