@@ -40,6 +40,10 @@ FAMILIES: dict[str, tuple[dict, dict | None]] = {
     "mamba": ({"type": "mamba"}, None),
     "mamba2": ({"type": "mamba2"}, None),
     "hyena": ({"type": "hyena", "max_len": 2 * MAX_N}, {"type": "swiglu", "hidden_size": 256}),
+    "deltanet": ({"type": "deltanet", "n_heads": 4}, {"type": "swiglu", "hidden_size": 256}),
+    "gated_deltanet": ({"type": "gated_deltanet", "n_heads": 4},
+                       {"type": "swiglu", "hidden_size": 256}),
+    "kda": ({"type": "kda", "n_heads": 4}, {"type": "swiglu", "hidden_size": 256}),
     "attention+moe": ({"type": "attention", "n_heads": 4},
                       {"type": "moe", "n_experts": 8, "top_k": 2, "hidden_size": 128}),
 }
