@@ -124,3 +124,13 @@ def _auto(op: OpBackends, x: torch.Tensor, needs_grad: bool) -> str:
     if op.triton and x.is_cuda and not torch.compiler.is_compiling() and triton_available():
         return "triton"
     return op.pytorch_path
+
+
+def check_log_decay(op: str, decay: torch.Tensor) -> None:
+    """A log-decay g must be <= 0 (a positive one grows the state). Reading the values back is a
+    device sync on CUDA and a graph break under torch.compile, so it is checked on the CPU in
+    eager mode only."""
+    if (decay.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool((decay > 0).any())):
+        raise ValueError(f"{op}: decay is a log-decay and must be <= 0, got max "
+                         f"{decay.max().item():.3g}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import OpBackends, resolve_backend
+from ..backend import OpBackends, check_log_decay, resolve_backend
 from .generalized_chunked import generalized_delta_rule_chunked
 from .generalized_recurrent import generalized_delta_rule_recurrent
 from .generalized_reference import generalized_delta_rule_reference
@@ -162,12 +162,7 @@ def _check_inputs(op, q, k, v, decay, initial_state, chunk_size) -> None:
                              f"(B, T, H, K) = {allowed}, got {tuple(decay.shape)}")
         if not decay.is_floating_point():
             raise ValueError(f"{op}: decay must be a floating-point log-decay, got {decay.dtype}")
-        # positive g would grow the state. Reading the values back is a device sync on CUDA
-        # and a graph break under torch.compile: checked on the CPU in eager mode only.
-        if (decay.device.type == "cpu" and not torch.compiler.is_compiling()
-                and bool((decay > 0).any())):
-            raise ValueError(f"{op}: decay is a log-decay and must be <= 0, got max "
-                             f"{decay.max().item():.3g}")
+        check_log_decay(op, decay)
     if initial_state is not None:
         V = v.shape[-1]
         if tuple(initial_state.shape) != (B, H, K, V):

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from ..backend import OpBackends, resolve_backend
+from ..backend import OpBackends, check_log_decay, resolve_backend
 from ..precision import compute_dtype
 from .recurrent import linear_attention_recurrent
 from .reference import NORMALIZE_EPS, linear_attention_reference
@@ -108,12 +108,7 @@ def _check_inputs(q, k, v, decay, bonus, normalize, initial_state, chunk_size) -
                              f"(B, T, H, K) = {allowed}, got {tuple(decay.shape)}")
         if not decay.is_floating_point():
             raise ValueError(f"{op}: decay must be a floating-point log-decay, got {decay.dtype}")
-        # positive g would grow the state. Reading the values back is a device sync on CUDA
-        # and a graph break under torch.compile: checked on the CPU in eager mode only.
-        if (decay.device.type == "cpu" and not torch.compiler.is_compiling()
-                and bool((decay > 0).any())):
-            raise ValueError(f"{op}: decay is a log-decay and must be <= 0, got max "
-                             f"{decay.max().item():.3g}")
+        check_log_decay(op, decay)
     if bonus is not None and tuple(bonus.shape) != (H, K):
         raise ValueError(f"{op}: bonus must be (H, K) = {(H, K)}, got {tuple(bonus.shape)}")
     if initial_state is not None:
