@@ -46,36 +46,60 @@ class ZooBlock(nn.Module):
         mixer_spec, ffn_spec = config.layer_spec(index)
         self.mixer_norm = build_norm(config.norm, config.d_model, config.norm_eps)
         self.mixer = build_mixer(mixer_spec, config.d_model, index)
+        # a mixer that reads what earlier layers computed in the same forward (RWKV-7's value
+        # residual) declares it and gets the forward's context; the others keep (x, state)
+        self.mixer_takes_context = bool(getattr(self.mixer, "takes_forward_context", False))
         self.ffn_norm, self.ffn = None, None
         if ffn_spec is not None:
             self.ffn_norm = build_norm(config.norm, config.d_model, config.norm_eps)
             self.ffn = build_ffn(ffn_spec, config.d_model)
 
     def forward(
-        self, x: torch.Tensor, state: LayerState | None, *, keep_state: bool = True
+        self, x: torch.Tensor, state: LayerState | None, *, keep_state: bool = True,
+        context: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, LayerState | None]:
         """(x after the block, the layer's state after the last token); with `keep_state=False`
-        the caller discards the state, which lets a checkpointed block return None for it."""
+        the caller discards the state, which lets a checkpointed block return None for it.
+        `context` is the forward's dict of tensors that layers leave for later layers
+        (ZooModel.forward); only a mixer that takes it reads or adds to it."""
         if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
                 and state is None and not keep_state):
             # Only stateless calls: the recompute would write an in-place state (a KV cache)
-            # twice. The FFN's auxiliary loss leaves as an output so that it keeps its
-            # gradient under reentrant checkpointing too.
-            x, aux_loss = self._gradient_checkpointing_func(self._checkpointed_forward, x)
-            if aux_loss is not None:
-                self.ffn.aux_loss = aux_loss
-            return x, None
-        return self._forward(x, state)
+            # twice.
+            return self._checkpointed(x, context if self.mixer_takes_context else None), None
+        return self._forward(x, state, context)
 
-    def _checkpointed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x, _ = self._forward(x, None)
-        return x, getattr(self.ffn, "aux_loss", None)
+    def _checkpointed(self, x: torch.Tensor, context: dict[str, torch.Tensor] | None
+                      ) -> torch.Tensor:
+        """The block under `_gradient_checkpointing_func`. What it reads from the context goes
+        in, and what it adds comes out, as explicit tensors, as does the FFN's auxiliary loss:
+        reentrant checkpointing tracks the gradient of no other tensor."""
+        names = tuple(context) if context is not None else ()
+        added: list[str] = []
+
+        def run(x: torch.Tensor, *values: torch.Tensor) -> tuple:
+            local = dict(zip(names, values)) if context is not None else None
+            x, _ = self._forward(x, None, local)
+            added[:] = [name for name in local or () if name not in names]
+            return (x, getattr(self.ffn, "aux_loss", None), *(local[name] for name in added))
+
+        x, aux_loss, *new_values = self._gradient_checkpointing_func(
+            run, x, *(context[name] for name in names))
+        if context is not None:
+            context.update(zip(added, new_values))
+        if aux_loss is not None:
+            self.ffn.aux_loss = aux_loss
+        return x
 
     def _forward(
-        self, x: torch.Tensor, state: LayerState | None
+        self, x: torch.Tensor, state: LayerState | None,
+        context: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, LayerState]:
         mixer_state, ffn_state = state if state is not None else (None, None)
-        h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state)
+        if self.mixer_takes_context:
+            h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state, context=context)
+        else:
+            h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state)
         x = x + h
         if self.ffn is not None:
             h, ffn_state = self.ffn(self.ffn_norm(x), ffn_state)
@@ -304,9 +328,12 @@ class ZooModel(ZooPreTrainedModel):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         hidden = [x] if output_hidden_states else None
+        # what a layer leaves for later layers of this call (RWKV-7's first-layer values): it
+        # covers only this call's tokens, so no cache or compiled step carries it across calls
+        context: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.layers):
             x, state = block(x, cache.layers[i] if cache is not None else None,
-                             keep_state=cache is not None)
+                             keep_state=cache is not None, context=context)
             if cache is not None:
                 cache.layers[i] = state
             if hidden is not None:
