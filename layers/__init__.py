@@ -20,6 +20,7 @@ from . import (  # noqa: F401
     retnet,
     rwkv4,
     rwkv6,
+    rwkv7,
     window_linear_attention,
 )
 from .base import FFN, Mixer, MixerState

@@ -99,6 +99,8 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "d_conv": Bounds(low=2),  # the convolution's state holds the d_conv - 1 previous tokens
     # the delta-rule mixers': value heads, the output gate's rank, and d_conv under fla's name
     **dict.fromkeys(("n_value_heads", "gate_lora"), SIZE),
+    # RWKV-7's adapter ranks: the in-context learning rate's and the value residual's
+    **dict.fromkeys(("iclr_lora", "value_lora"), SIZE),
     "conv_size": Bounds(low=2),
     "filter_depth": COUNT,
     "n_shared_experts": COUNT,

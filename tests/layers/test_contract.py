@@ -91,6 +91,9 @@ BF16_ROUNDINGS = {
     # ddlerp (delta, the low-rank adapter's 2 products and tanh, the mix) x 7, r/k/v/g x 2,
     # the decay adapter x 3, the op's output, ln_x x 2, silu and gate x 2, output x 2
     "rwkv6": 20,
+    # token shift's interpolation x 3, the gate adapter (g1, g2, their products, sigmoid) x 5,
+    # the float32 path's output (adapters, value residual, op, ln_x, bonus, gate), output x 2
+    "rwkv7": 11,
     # q/k/v x 2, rotary x 2, the feature map, the float32 op's output, o_proj x 2
     "window_linear_attention": 8,
 }
