@@ -1,6 +1,17 @@
 import math
 
-from zoo.app.bench.complexity import complexity_report, exponents, fit_exponent
+import torch
+
+from zoo.app.bench.complexity import (
+    FAMILIES,
+    _registered,
+    complexity_report,
+    exponents,
+    family_config,
+    fit_exponent,
+    theory,
+)
+from zoo.model import ZooForCausalLM
 
 
 def test_fit_exponent_recovers_known_powers():
@@ -47,3 +58,14 @@ def test_the_speculative_row_is_reported_and_kept_out_of_the_fits():
     report = complexity_report(rows)
     assert "acceptance 25.0%" in report and "speed-up 0.75x" in report
     assert "identical to plain greedy" in report
+
+
+@torch.no_grad()
+def test_rwkv7_is_a_bounded_family_beside_rwkv6():
+    families = list(FAMILIES)
+    assert families.index("rwkv7") == families.index("rwkv6") + 1
+    assert _registered("rwkv7")
+    assert theory("rwkv7") == {"train": 1, "prefill": 1, "decode": 0, "state": 0}
+    model = ZooForCausalLM(family_config("rwkv7")).eval()
+    assert [type(b.mixer).registry_name for b in model.model.layers] == ["rwkv7", "rwkv7"]
+    assert model(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 256)
