@@ -86,6 +86,9 @@ class Mixer(nn.Module):
     state_class: ClassVar[type[MixerState]] = MixerState
     bounded: ClassVar[bool] = True
     test_variants: ClassVar[list[dict]] = []
+    # True: forward also takes `context`, a dict one model call shares across its layers (RWKV-7's
+    # layer 0 leaves its values there for the later layers).
+    takes_forward_context: ClassVar[bool] = False
 
     def __init__(self, d_model: int, layer_idx: int = 0):
         super().__init__()

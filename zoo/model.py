@@ -48,7 +48,7 @@ class ZooBlock(nn.Module):
         self.mixer = build_mixer(mixer_spec, config.d_model, index)
         # a mixer that reads what earlier layers computed in the same forward (RWKV-7's value
         # residual) declares it and gets the forward's context; the others keep (x, state)
-        self.mixer_takes_context = bool(getattr(self.mixer, "takes_forward_context", False))
+        self.mixer_takes_context = self.mixer.takes_forward_context
         self.ffn_norm, self.ffn = None, None
         if ffn_spec is not None:
             self.ffn_norm = build_norm(config.norm, config.d_model, config.norm_eps)
