@@ -5,7 +5,8 @@ linear layers (one log-decay per step and head), Kimi Delta Attention (one per k
 See `reference.py` for the definition and the order of gate and correction.
 
 `generalized_delta_rule` is the diagonal-plus-low-rank transition that RWKV-7 needs
-(`generalized_reference.py`); it has the reference, the one-token and the chunked PyTorch forms.
+(`generalized_reference.py`); it has the reference, the one-token and the chunked PyTorch forms
+and fused recurrent Triton kernels (`generalized_triton.py`), forward and backward.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .reference import delta_rule_reference
 from .torch_chunked import delta_rule_chunked
 
 OP_BACKENDS = OpBackends("delta_rule")
-GENERALIZED_OP_BACKENDS = OpBackends("generalized_delta_rule", triton=False)
+GENERALIZED_OP_BACKENDS = OpBackends("generalized_delta_rule")
 
 
 def delta_rule(
@@ -113,12 +114,14 @@ def generalized_delta_rule(
         scale: multiplies q; default K ** -0.5 (RWKV-7 reads with 1.0: pass it).
         initial_state: (B, H, K, V), the state before q.
         output_final_state: also return the state after the last token.
-        chunk_size: tokens per chunk of the chunked form; any T works.
-        backend: "auto" (PyTorch), "torch" (the recurrence for one token, chunks otherwise) or
-            "reference". There are no Triton kernels for this op yet.
+        chunk_size: tokens per chunk of the PyTorch chunked form, and the spacing of the Triton
+            backward's state checkpoints; any T works, not only multiples of it.
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "torch" (the recurrence for one
+            token, the chunked form otherwise), "triton" (fused recurrent kernels, K <= 256)
+            or "reference".
     Returns:
         (o, final_state): o (B, T, H, V) in q's dtype; final_state (B, H, K, V) in float32
-        (float64 for float64 inputs), or None unless `output_final_state`.
+        (float64 for float64 inputs, on every backend), or None unless `output_final_state`.
     """
     op = "generalized_delta_rule"
     _check_inputs(op, q, k, v, decay, initial_state, chunk_size)
@@ -133,9 +136,13 @@ def generalized_delta_rule(
     args = (q, k, v, a, b, decay, scale, initial_state, output_final_state)
     if backend == "reference":
         return generalized_delta_rule_reference(*args)
-    if q.shape[1] == 1:  # one token (decoding): the recurrence itself
+    if backend == "torch" and q.shape[1] == 1:  # one token (decoding): the recurrence itself
         return generalized_delta_rule_recurrent(*args)
-    return generalized_delta_rule_chunked(*args, chunk_size=chunk_size)
+    if backend == "torch":
+        return generalized_delta_rule_chunked(*args, chunk_size=chunk_size)
+    from .generalized_triton import generalized_delta_rule_triton
+
+    return generalized_delta_rule_triton(*args, chunk_size=chunk_size)
 
 
 def _check_inputs(op, q, k, v, decay, initial_state, chunk_size) -> None:
