@@ -466,7 +466,7 @@ def test_generalized_bad_inputs_name_the_argument():
         ("v must be", dict(v=torch.randn(2, 5, 2, 4))),
         ("decay is a log-decay", dict(decay=torch.full((2, 5, 3, 8), 0.1))),
         ("initial_state must be", dict(initial_state=torch.zeros(2, 3, 8, 5))),
-        ("backend='triton' is not one of", dict(backend="triton")),
+        ("backend='cpu' is not one of", dict(backend="cpu")),
     ]
     for message, change in cases:
         args = dict(q=q, k=q, v=v, a=q, b=q) | change
