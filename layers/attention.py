@@ -1,6 +1,12 @@
 """Softmax attention, the baseline: multi-head with grouped / multi-query KV heads, rotary
 positions as Llama computes them, PyTorch SDPA (FlashAttention on GPU), an optional sliding
 window, and the KV cache as its state.
+
+Qwen3-Next's gated attention is three options of the same mixer, each off by default:
+`qk_norm` (an RMSNorm over each head's q and k before the rotation, Qwen3's q_norm / k_norm),
+`output_gate` (o * sigmoid(g_proj x) before o_proj; transformers packs g_proj's rows into
+q_proj, head by head after each head's query rows) and `partial_rotary_factor` (the rotation
+on the first int(head_dim * factor) channels of each head, the rest passed through).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from zoo.kernels import decode_attention
 
 from .base import Mixer, MixerState
 from .linear import Linear
+from .norms import RMSNorm
 from .registry import register_mixer
 from .rotary import Rotary
 
@@ -94,7 +101,18 @@ class Attention(Mixer):
         {"n_heads": 4, "n_kv_heads": 2},
         {"n_heads": 4, "n_kv_heads": 1, "window": 5},
         {"n_heads": 2, "rope_theta": None, "qkv_bias": True},
+        {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "output_gate": True,
+         "partial_rotary_factor": 0.25},
     ]
+
+    def __new__(cls, *args, qk_norm: bool = False, output_gate: bool = False,
+                partial_rotary_factor: float = 1.0, **kwargs):
+        # Qwen3-Next's options make a QwenAttention, so code that takes only the plain layout
+        # by its type (zoo.infer.native's C++ step) declines these layers instead of
+        # misreading them
+        if cls is Attention and (qk_norm or output_gate or partial_rotary_factor != 1.0):
+            cls = QwenAttention
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -108,6 +126,10 @@ class Attention(Mixer):
         window: int | None = None,
         qkv_bias: bool = False,
         out_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        output_gate: bool = False,
+        partial_rotary_factor: float = 1.0,
     ):
         super().__init__(d_model, layer_idx)
         n_heads = n_heads or max(1, d_model // 64)
@@ -125,13 +147,25 @@ class Attention(Mixer):
             )
         if window is not None and window < 1:
             raise ValueError(f"attention: window={window} must be a positive number of tokens")
+        if not 0.0 < partial_rotary_factor <= 1.0:
+            raise ValueError(f"attention: partial_rotary_factor={partial_rotary_factor} must be "
+                             "in (0, 1]")
+        rotary_dim = int(head_dim * partial_rotary_factor)  # transformers' rounding
+        if rope_theta is not None and (rotary_dim < 2 or rotary_dim % 2):
+            raise ValueError(
+                f"attention: partial_rotary_factor={partial_rotary_factor} of head_dim={head_dim} "
+                f"rotates {rotary_dim} channels; rotary pairs need an even number >= 2"
+            )
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.window = window
         self.q_proj = Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = Linear(n_heads * head_dim, d_model, bias=out_bias)
-        self.rotary = Rotary(head_dim, rope_theta) if rope_theta is not None else None
+        self.rotary = Rotary(rotary_dim, rope_theta) if rope_theta is not None else None
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.g_proj = Linear(d_model, n_heads * head_dim, bias=qkv_bias) if output_gate else None
 
     def init_state(self, batch_size, device=None, dtype=None, capacity: int = 0):
         B, H, D = batch_size, self.n_kv_heads, self.head_dim
@@ -174,12 +208,8 @@ class Attention(Mixer):
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
-        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        q, k = self._queries_keys(x, state.position)
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
-        if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(state.position, T, q.dtype)
-            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D), the cache's layout
         # the cache never joins the autograd graph; gradients stop at the carried state
         new_state = self._append(state, k.detach(), v.detach())
@@ -188,7 +218,7 @@ class Attention(Mixer):
             # decoding: straight from the buffers (SDPA reads transposed keys slowly: 1.8 ms
             # for one query over 8k cached tokens on the CPU; see kernels/decode_attention)
             out = self._one_query(q, new_state)
-            return self.o_proj(out), new_state
+            return self.o_proj(self._gated(out, x)), new_state
         if past == 0:
             keys, values = k, v
         elif k.requires_grad:
@@ -204,18 +234,35 @@ class Attention(Mixer):
             attn_mask=mask, is_causal=T > 1 and mask is None and past == 0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        y = self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+        y = self.o_proj(self._gated(rearrange(out, "b h t d -> b t (h d)"), x))
         return y, new_state
+
+    def _queries_keys(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d_model) at positions start.. -> q (B, T, H, D), k (B, T, H_kv, D):
+        projected, normalised per head (qk_norm), then rotated (the first rotary_dim channels)."""
+        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is None:
+            return q, k
+        cos, sin = self.rotary.cos_sin(start, x.shape[1], q.dtype)
+        rotary_dim = self.rotary.head_dim
+        if rotary_dim == self.head_dim:
+            return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        q = torch.cat([Rotary.apply(q[..., :rotary_dim], cos, sin), q[..., rotary_dim:]], -1)
+        k = torch.cat([Rotary.apply(k[..., :rotary_dim], cos, sin), k[..., rotary_dim:]], -1)
+        return q, k
+
+    def _gated(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The heads' output (B, T, H * D) times sigmoid(g_proj x) where output_gate is on."""
+        return out if self.g_proj is None else out * torch.sigmoid(self.g_proj(x))
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, d_model) from a fresh start -> (B, n_heads, T, T): the softmax weights
         each query gives each key (float32), what attention transfer teaches a student."""
         T = x.shape[1]
-        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
-        if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(0, T, q.dtype)
-            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        q, k = self._queries_keys(x, 0)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
         scores = torch.einsum("bthd,bjhd->bhtj", q.float(), k.float()) * self.head_dim ** -0.5
         allowed = self._mask(T, 0, x.device)
@@ -236,3 +283,9 @@ class Attention(Mixer):
         out = decode_attention(q.reshape(B, self.n_heads, self.head_dim), keys_t, values,
                                scale=self.head_dim**-0.5)
         return out.reshape(B, 1, self.n_heads * self.head_dim)
+
+
+class QwenAttention(Attention):
+    """An `attention` mixer with any of Qwen3-Next's options (qk_norm, output_gate,
+    partial_rotary_factor): the same module, under its own type so that code written for the
+    plain Llama layout (the native C++ decode step) can tell it apart."""

@@ -8,8 +8,9 @@ checkpoint maps by name (model.layers.i.mlp.* -> layers.i.ffn.*):
     experts.down_proj          (E, D, I)
 Options that are not Mixtral's: `mlp` experts (experts.up_proj (E, I, D), GELU), always-on shared
 experts (DeepSeekMoE; `shared_experts.*`, one dense FFN of n_shared_experts * I hidden units,
-which equals the sum of n_shared_experts separate experts), Switch's capacity factor, router
-jitter and the ST-MoE router z-loss.
+which equals the sum of n_shared_experts separate experts), Qwen3-Next's shared expert of its own
+size scaled by sigmoid(shared_expert_gate x) (`shared_expert_gate.weight` (1, D)), Switch's
+capacity factor, router jitter and the ST-MoE router z-loss.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ class MoE(FFN):
             default that of the dense FFN of the same type.
         expert_type: "swiglu" (Mixtral) or "mlp" (GELU, Switch).
         n_shared_experts: always-on experts of the same size (DeepSeekMoE), 0 for none.
+        shared_expert_hidden_size: the shared experts' total hidden size, where it is not
+            n_shared_experts * hidden_size (Qwen3-Next's shared_expert_intermediate_size).
+        shared_expert_gate: scale the shared experts' output per token by
+            sigmoid(shared_expert_gate x), a learned (1, D) gate (Qwen3-Next).
         normalize_weights: renormalise the top_k probabilities to sum to 1 (Mixtral). Default:
             True when top_k > 1; False for top-1, where it would make every weight 1 and leave
             the router no gradient from the language-model loss (Switch uses the raw p).
@@ -150,6 +155,8 @@ class MoE(FFN):
         hidden_size: int | None = None,
         expert_type: str = "swiglu",
         n_shared_experts: int = 0,
+        shared_expert_hidden_size: int | None = None,
+        shared_expert_gate: bool = False,
         normalize_weights: bool | None = None,
         capacity_factor: float | None = None,
         jitter_noise: float = 0.0,
@@ -166,6 +173,9 @@ class MoE(FFN):
             raise ValueError(f"moe: top_k={top_k} must be in [1, n_experts={n_experts}]")
         if n_shared_experts < 0:
             raise ValueError(f"moe: n_shared_experts={n_shared_experts} must be >= 0")
+        if not n_shared_experts and (shared_expert_hidden_size is not None or shared_expert_gate):
+            raise ValueError("moe: shared_expert_hidden_size and shared_expert_gate need "
+                             f"n_shared_experts >= 1, got n_shared_experts={n_shared_experts}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"moe: capacity_factor={capacity_factor} must be > 0 or None")
         if not 0.0 <= jitter_noise < 1.0:
@@ -181,8 +191,9 @@ class MoE(FFN):
         self.shared_experts: nn.Module | None = None
         if n_shared_experts:
             dense = SwiGLU if expert_type == "swiglu" else MLP
-            self.shared_experts = dense(d_model, hidden_size=n_shared_experts * hidden_size,
-                                        bias=False)
+            shared_hidden = shared_expert_hidden_size or n_shared_experts * hidden_size
+            self.shared_experts = dense(d_model, hidden_size=shared_hidden, bias=False)
+        self.shared_expert_gate = Linear(d_model, 1, bias=False) if shared_expert_gate else None
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def route(
@@ -204,7 +215,10 @@ class MoE(FFN):
         """The routed experts' weighted outputs plus the shared experts'. flat: (N, D)."""
         y = self.experts(flat, expert_ids, weights)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)[0]
+            shared = self.shared_experts(flat)[0]
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(flat))
+            y = y + shared
         return y
 
     def capacity(self, n_tokens: int) -> int | None:

@@ -104,11 +104,14 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "conv_size": Bounds(low=2),
     "filter_depth": COUNT,
     "n_shared_experts": COUNT,
+    "shared_expert_hidden_size": SIZE,
     **dict.fromkeys((
         "rope_theta", "norm_eps", "sine_freq", "decay_fast", "decay_slow", "dt_min", "dt_max",
         "dt_scale", "dt_init_floor", "capacity_factor",
     ), POSITIVE),
     "decay_target": OPEN_UNIT,
+    # attention's share of each head that rotates (Qwen3-Next: 0.25); 1 = the whole head
+    "partial_rotary_factor": Bounds(low=0, high=1, low_open=True),
     "jitter_noise": RATE,
     "dropout": RATE,
     "aux_loss_coef": NON_NEGATIVE,

@@ -269,3 +269,59 @@ def test_compiled_inference_skips_the_losses_and_stats_but_not_the_output():
         got, _ = torch.compile(moe, fullgraph=True)(x)
     assert_close("y", expected, got, 1e-5)
     assert moe.aux_loss is None and moe.last_stats == {}
+
+
+def _qwen3_next_block(norm_topk_prob: bool):
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock
+
+    config = Qwen3NextConfig(hidden_size=32, num_experts=6, num_experts_per_tok=2,
+                             moe_intermediate_size=16, shared_expert_intermediate_size=40,
+                             norm_topk_prob=norm_topk_prob)
+    torch.manual_seed(0)
+    block = Qwen3NextSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.2)
+    return block.eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_equals_transformers_qwen3_next_block_with_its_weights(backend, norm_topk_prob):
+    """Softmax top-k routing, plus one shared expert of its own size whose output is scaled
+    per token by sigmoid(shared_expert_gate x)."""
+    block = _qwen3_next_block(norm_topk_prob)
+    moe = MoE(32, n_experts=6, top_k=2, hidden_size=16, n_shared_experts=1,
+              shared_expert_hidden_size=40, shared_expert_gate=True,
+              normalize_weights=norm_topk_prob, backend=backend).eval()
+    state = {name.replace("shared_expert.", "shared_experts."): p
+             for name, p in block.state_dict().items()}
+    moe.load_state_dict(state, strict=True)
+    x = torch.randn(3, 11, 32)
+    with torch.no_grad():
+        expected = block(x)
+    y, _ = moe(x)
+    assert_close("y vs Qwen3NextSparseMoeBlock", expected, y, 1e-5)
+
+
+def test_the_shared_expert_gate_scales_the_shared_output_alone():
+    torch.manual_seed(0)
+    gated = MoE(16, n_experts=4, top_k=2, hidden_size=8, n_shared_experts=1,
+                shared_expert_hidden_size=24, shared_expert_gate=True).eval()
+    assert gated.shared_experts.down_proj.weight.shape == (16, 24)
+    with torch.no_grad():
+        gated.shared_expert_gate.weight.fill_(-1e4)  # sigmoid = 0: the shared expert is off
+    x = torch.rand(2, 5, 16) + 0.1
+    y, _ = gated(x)
+    flat = x.reshape(-1, 16)
+    _, _, ids, weights = gated.route(flat)
+    assert_close("routed experts only", gated.experts(flat, ids, weights).view_as(y), y, 1e-6)
+
+
+@pytest.mark.parametrize("options", [{"shared_expert_gate": True},
+                                     {"shared_expert_hidden_size": 32}])
+def test_shared_expert_options_without_a_shared_expert_are_refused(options):
+    with pytest.raises(ValueError, match="moe: shared_expert_hidden_size and shared_expert_gate "
+                       r"need n_shared_experts >= 1, got n_shared_experts=0"):
+        MoE(16, n_experts=4, **options)
