@@ -2,6 +2,7 @@
 
     zoo bench decode              ms/token at 128, 1k, 8k context, every shipped tiny config,
                                   next to transformers' generate on the matching HF model
+    zoo bench decode-delta-rule   the same, on the tiny configs with a delta-rule layer only
     zoo bench decode-smollm2      SmolLM2-135M: ms/token at 128 context vs the weight-read bound
     zoo bench speculative         SmolLM2-135M with a layer-truncated copy of itself as draft
 
@@ -73,6 +74,101 @@ def _plain_layers(config: ZooConfig) -> bool:
     return not config.layers
 
 
+def qwen3_next_peer(config: ZooConfig):
+    """("Qwen3NextForCausalLM", a transformers Qwen3-Next of the same stack with random
+    weights) for a zoo config of gated_deltanet and attention layers with SwiGLU FFNs or
+    Qwen3-Next's MoE (softmax router, one gated shared expert), as `zoo.from_hf` maps Qwen3-Next
+    (gated-deltanet-hybrid-tiny), or None: Qwen3-Next has one Gated DeltaNet, one attention,
+    one dense and one MoE shape per model, and needs an attention layer (transformers' cache
+    counts the tokens seen on one); a stack without Gated DeltaNet is Llama's or Mixtral's.
+    Qwen3-Next's attention always carries q/k norms and the output gate (q_proj twice as
+    wide): the peer of a plain-attention zoo stack does that much more work per attention
+    layer, counted in its parameters."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from zoo.layers.attention import Attention
+    from zoo.layers.ffn import SwiGLU
+    from zoo.layers.gated_deltanet import GatedDeltaNet
+    from zoo.layers.moe import MoE
+
+    if config.norm != "rms" or config.embed_norm:
+        return None
+    with torch.device("meta"):  # the built modules resolve every default
+        blocks = list(ZooForCausalLM(config).model.layers)
+
+    def deltanet_shape(m) -> tuple | None:  # Qwen3-Next's conv has no bias; its gate is SiLU
+        if (m.conv1d is None or m.conv1d.bias is not None or m.g_proj is None
+                or m.allow_neg_eigval):
+            return None
+        return ("linear_attention", m.n_heads, m.n_value_heads, m.head_dim, m.value_dim,
+                m.conv_size)
+
+    def attention_shape(m) -> tuple | None:
+        has_bias = m.q_proj.bias is not None
+        if m.window is not None or m.rotary is None or (m.o_proj.bias is not None) != has_bias:
+            return None
+        return ("full_attention", m.n_heads, m.n_kv_heads, m.head_dim, has_bias,
+                m.rotary.theta, m.rotary.head_dim / m.head_dim)
+
+    def moe_shape(f) -> tuple | None:  # softmax router, SwiGLU experts, one gated shared expert
+        if (getattr(f, "router_scoring", "softmax") != "softmax"
+                or getattr(f, "expert_bias", None) is not None
+                or f.experts.expert_type != "swiglu" or f.shared_experts is None
+                or f.shared_expert_gate is None):
+            return None
+        return ("sparse", f.n_experts, f.top_k, f.hidden_size,
+                f.shared_experts.gate_proj.out_features, f.normalize_weights)
+
+    shapes = {}  # kind -> its one shape
+    for block in blocks:
+        mixer, ffn = block.mixer, block.ffn
+        if type(mixer) is GatedDeltaNet:
+            mixer_shape = deltanet_shape(mixer)
+        elif isinstance(mixer, Attention):
+            mixer_shape = attention_shape(mixer)
+        else:
+            return None
+        if isinstance(ffn, MoE):
+            ffn_shape = moe_shape(ffn)
+        elif type(ffn) is SwiGLU and ffn.gate_proj.bias is None:
+            ffn_shape = ("dense", ffn.gate_proj.out_features)
+        else:
+            return None
+        for shape in (mixer_shape, ffn_shape):
+            if shape is None or shapes.setdefault(shape[0], shape) != shape:
+                return None
+    attention, deltanet = shapes.get("full_attention"), shapes.get("linear_attention")
+    # without a Gated DeltaNet layer Llama or Mixtral is the peer; without an attention layer
+    # transformers' Qwen3-Next cannot generate
+    if attention is None or deltanet is None:
+        return None
+    dense, sparse = shapes.get("dense"), shapes.get("sparse")
+    fields = dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model,
+        num_hidden_layers=config.n_layers, rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings, pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        layer_types=["linear_attention" if type(b.mixer) is GatedDeltaNet else "full_attention"
+                     for b in blocks],
+        num_attention_heads=attention[1], num_key_value_heads=attention[2],
+        head_dim=attention[3], attention_bias=attention[4],
+        rope_parameters={"rope_type": "default", "rope_theta": attention[5],
+                         "partial_rotary_factor": attention[6]},
+        max_position_embeddings=16384,
+        linear_num_key_heads=deltanet[1], linear_num_value_heads=deltanet[2],
+        linear_key_head_dim=deltanet[3], linear_value_head_dim=deltanet[4],
+        linear_conv_kernel_dim=deltanet[5],
+        num_experts=0 if sparse is None else sparse[1],
+        mlp_only_layers=[i for i, b in enumerate(blocks) if not isinstance(b.ffn, MoE)],
+    )
+    if dense is not None:
+        fields.update(intermediate_size=dense[1])
+    if sparse is not None:
+        fields.update(num_experts_per_tok=sparse[2], moe_intermediate_size=sparse[3],
+                      shared_expert_intermediate_size=sparse[4], norm_topk_prob=sparse[5])
+    return "Qwen3NextForCausalLM", Qwen3NextForCausalLM(Qwen3NextConfig(**fields))
+
+
 def transformers_peer(config: ZooConfig):
     """(label, a transformers model of the same shape with random weights), or None."""
     from transformers import (
@@ -95,6 +191,9 @@ def transformers_peer(config: ZooConfig):
     common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model,
                   num_hidden_layers=config.n_layers,
                   tie_word_embeddings=config.tie_word_embeddings)
+    qwen3_next = qwen3_next_peer(config)
+    if qwen3_next is not None:
+        return qwen3_next
     if not _plain_layers(config):
         return None
     if kind == "attention" and ffn_kind in ("swiglu", "moe"):
@@ -136,6 +235,22 @@ def _tiny_configs() -> list[str]:
     return [name for name in shipped_configs() if name.endswith("-tiny")]
 
 
+# the delta-rule generation's mixers (issue #25): `zoo bench decode-delta-rule` times only the
+# tiny configs that hold one of them
+DELTA_RULE_MIXERS = ("deltanet", "gated_deltanet", "kda", "rwkv7")
+
+
+def _delta_rule_configs() -> list[str]:
+    """The tiny configs with a delta-rule layer: the pure stacks and their hybrids."""
+    names = []
+    for name in _tiny_configs():
+        config = load_config(name)
+        kinds = {config.layer_spec(i)[0]["type"] for i in range(config.n_layers)}
+        if kinds & set(DELTA_RULE_MIXERS):
+            names.append(name)
+    return names
+
+
 def decode_report(rows: list[dict]) -> str:
     lines = [format_rows(rows), ""]
     for name in dict.fromkeys(r["config"] for r in rows):
@@ -175,18 +290,37 @@ def compiled_step_kind(model: ZooForCausalLM, device: str) -> str:
     return "native" if native.native_support(model, layout, 1) else "inductor"
 
 
+def _decode_plot(rows: list[dict], path) -> None:
+    line_plot(rows, path, x="context", y="zoo_compiled_ms", series="config",
+              title="zoo.infer decode cost per token (compiled step)")
+
+
 @register_bench(
     "decode",
     "zoo.infer decode ms/token at 128/1k/8k context, every tiny config, vs transformers' generate",
-    plot=lambda rows, path: line_plot(rows, path, x="context", y="zoo_compiled_ms",
-                                      series="config",
-                                      title="zoo.infer decode cost per token (compiled step)"),
+    plot=_decode_plot,
     report=decode_report,
 )
 def bench_decode(options: BenchOptions) -> list[dict]:
-    """Per context: the loop eager and with its step compiled (compiled once per model, at the
-    first context: shapes that grow are dynamic after the first recompile), transformers'
-    generate driving the same zoo model, and the matching transformers model's generate."""
+    return decode_rows(options, _tiny_configs())
+
+
+@register_bench(
+    "decode-delta-rule",
+    "zoo bench decode on the tiny configs with a delta-rule layer (DeltaNet, Gated DeltaNet, "
+    "KDA, RWKV-7 and their hybrids) only",
+    plot=_decode_plot,
+    report=decode_report,
+)
+def bench_decode_delta_rule(options: BenchOptions) -> list[dict]:
+    return decode_rows(options, _delta_rule_configs())
+
+
+def decode_rows(options: BenchOptions, names: list[str]) -> list[dict]:
+    """Per config of `names` and context: the loop eager and with its step compiled (compiled
+    once per model, at the first context: shapes that grow are dynamic after the first
+    recompile), transformers' generate driving the same zoo model, and the matching
+    transformers model's generate."""
     contexts = [32, 128] if options.quick else [128, 1024, 8192]
     new_tokens = 8 if options.quick else NEW_TOKENS
     # The best of a few runs per figure, the figures' runs interleaved: on the 2-core VM this
@@ -195,7 +329,7 @@ def bench_decode(options: BenchOptions) -> list[dict]:
     runs = 1 if options.quick else max(1, options.repeats)
 
     rows, start = [], time.perf_counter()
-    for name in _tiny_configs():
+    for name in names:
         if time.perf_counter() - start > options.budget_s:
             break
         config = load_config(name)
