@@ -163,11 +163,211 @@ def _mamba2(cfg) -> tuple[dict, list[tuple[str, str]]]:
     return fields, MAMBA_NAMES
 
 
+QWEN3_NEXT_LAYER_TYPES = {"linear_attention": "gated_deltanet", "full_attention": "attention"}
+QWEN3_NEXT_NAMES = [
+    (r"model\.embed_tokens\.", "model.embed_tokens."),
+    (r"model\.layers\.(\d+)\.self_attn\.", r"model.layers.\1.mixer."),
+    # the Gated DeltaNet's names that differ from zoo's (fla's); the rest (q/k/v_proj once
+    # unpacked, conv1d, A_log, dt_bias) are zoo's already
+    (r"model\.layers\.(\d+)\.linear_attn\.norm\.", r"model.layers.\1.mixer.o_norm."),
+    (r"model\.layers\.(\d+)\.linear_attn\.out_proj\.", r"model.layers.\1.mixer.o_proj."),
+    (r"model\.layers\.(\d+)\.linear_attn\.in_proj_z\.", r"model.layers.\1.mixer.g_proj."),
+    (r"model\.layers\.(\d+)\.linear_attn\.in_proj_b\.", r"model.layers.\1.mixer.b_proj."),
+    (r"model\.layers\.(\d+)\.linear_attn\.in_proj_a\.", r"model.layers.\1.mixer.a_proj."),
+    (r"model\.layers\.(\d+)\.linear_attn\.", r"model.layers.\1.mixer."),
+    (r"model\.layers\.(\d+)\.input_layernorm\.", r"model.layers.\1.mixer_norm."),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.layers.\1.ffn_norm."),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.", r"model.layers.\1.ffn.shared_experts."),
+    (r"model\.layers\.(\d+)\.mlp\.", r"model.layers.\1.ffn."),
+    (r"model\.norm\.", "model.norm."),
+    (r"lm_head\.", "lm_head."),
+]
+
+
+def _qwen3_next(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    """Qwen3-Next: Gated DeltaNet and gated attention layers as layer_types says; MoE with a
+    gated shared expert where decoder_sparse_step and mlp_only_layers put it, SwiGLU elsewhere.
+
+    The checkpoint's mtp.* tensors (the multi-token-prediction head, for speculative decoding
+    only) never reach the model: transformers' own loader drops them, and the logits are the
+    model's without them.
+    """
+    def sparse(i: int) -> bool:
+        return (i not in (cfg.mlp_only_layers or []) and cfg.num_experts > 0
+                and (i + 1) % cfg.decoder_sparse_step == 0)
+
+    return _qwen3_hybrid(cfg, "qwen3_next", sparse, bool(cfg.norm_topk_prob))
+
+
+def _qwen3_5(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    """Qwen3.5's text model (Qwen3_5ForCausalLM): Qwen3-Next's layers with dense FFNs, and
+    the Gated DeltaNet's projections unpacked (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a)."""
+    return _qwen3_hybrid(cfg, "qwen3_5", lambda i: False, True)
+
+
+def _qwen3_5_moe(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    """Qwen3.5's MoE text model (Qwen3_5MoeForCausalLM): Qwen3.5's layers with a MoE FFN (and
+    its gated shared expert) in every layer, the top-k weights always renormalised."""
+    return _qwen3_hybrid(cfg, "qwen3_5_moe", lambda i: True, True)
+
+
+def _qwen3_5_release(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    """A Qwen3.5 release's config (Qwen3_5ForConditionalGeneration, text and vision): its text
+    model's layout, the model AutoModelForCausalLM loads from it (the vision tower's tensors
+    are left on disk)."""
+    text = cfg.get_text_config()
+    return LAYOUTS[text.model_type](text)
+
+
+def _qwen3_hybrid(cfg, name: str, sparse: Callable[[int], bool],
+                  normalize_weights: bool) -> tuple[dict, list[tuple[str, str]]]:
+    """The layout Qwen3-Next and Qwen3.5 share; `sparse(i)`: whether layer i's FFN is MoE."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise UnsupportedCheckpointError(
+            f"{name}: rope_parameters.rope_type={rope_type!r} is not supported (only 'default')"
+        )
+    if cfg.hidden_act != "silu":
+        raise UnsupportedCheckpointError(
+            f"{name}: hidden_act={cfg.hidden_act!r} is not supported (only 'silu')"
+        )
+    unknown = sorted(set(cfg.layer_types) - set(QWEN3_NEXT_LAYER_TYPES))
+    if unknown:
+        raise UnsupportedCheckpointError(
+            f"{name}: layer_types holds {unknown[0]!r}; supported: {sorted(QWEN3_NEXT_LAYER_TYPES)}"
+        )
+    if cfg.linear_value_head_dim % cfg.linear_key_head_dim:
+        raise UnsupportedCheckpointError(
+            f"{name}: linear_value_head_dim={cfg.linear_value_head_dim} is not a multiple of "
+            f"linear_key_head_dim={cfg.linear_key_head_dim} (zoo's value_factor is an integer)"
+        )
+    eps, bias = float(cfg.rms_norm_eps), bool(cfg.attention_bias)
+    # Qwen3.5's multimodal rotary (mrope_section) turns text positions as the plain rotary does:
+    # its three position rows are equal for text
+    mixers = {
+        "attention": {
+            "type": "attention", "n_heads": cfg.num_attention_heads,
+            "n_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+            "rope_theta": float(rope.get("rope_theta", 10000.0)),
+            "partial_rotary_factor": float(rope.get("partial_rotary_factor", 1.0)),
+            "qk_norm": True, "norm_eps": eps, "output_gate": True,
+            "qkv_bias": bias, "out_bias": bias,
+        },
+        "gated_deltanet": {
+            "type": "gated_deltanet", "n_heads": cfg.linear_num_key_heads,
+            "n_value_heads": cfg.linear_num_value_heads, "head_dim": cfg.linear_key_head_dim,
+            "value_factor": cfg.linear_value_head_dim // cfg.linear_key_head_dim,
+            "conv_size": cfg.linear_conv_kernel_dim, "norm_eps": eps,
+        },
+    }
+    ffns = {"swiglu": {"type": "swiglu", "hidden_size": getattr(cfg, "intermediate_size", None)}}
+    if getattr(cfg, "num_experts", 0):
+        ffns["moe"] = {
+            "type": "moe", "n_experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok,
+            "hidden_size": cfg.moe_intermediate_size, "expert_type": "swiglu",
+            "n_shared_experts": 1,
+            "shared_expert_hidden_size": cfg.shared_expert_intermediate_size,
+            "shared_expert_gate": True, "normalize_weights": normalize_weights,
+            "aux_loss_coef": float(cfg.router_aux_loss_coef), "z_loss_coef": 0.0,
+        }
+    n_layers = cfg.num_hidden_layers
+    mixer_of = [QWEN3_NEXT_LAYER_TYPES[cfg.layer_types[i]] for i in range(n_layers)]
+    ffn_of = ["moe" if sparse(i) else "swiglu" for i in range(n_layers)]
+    # the most common mixer and FFN are the defaults; the other layers are overrides
+    mixer, ffn = max(mixer_of, key=mixer_of.count), max(ffn_of, key=ffn_of.count)
+    layers = [{"at": [i for i in range(n_layers) if kinds[i] == kind], part: specs[kind]}
+              for part, kinds, default, specs in (("mixer", mixer_of, mixer, mixers),
+                                                  ("ffn", ffn_of, ffn, ffns))
+              for kind in sorted(set(kinds) - {default})]
+    fields = dict(
+        vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=n_layers,
+        mixer=mixers[mixer], ffn=ffns[ffn], layers=layers or None, norm="rms", norm_eps=eps,
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
+    )
+    return fields, QWEN3_NEXT_NAMES
+
+
+# Qwen3-Next's and Qwen3.5's RMSNorms scale by 1 + weight (zero-centred weights); zoo's by
+# weight. The Gated DeltaNet's own gated norm (linear_attn.norm) scales by weight: not these.
+QWEN3_ZERO_CENTRED_NORM = re.compile(
+    r"model\.(norm|layers\.\d+\.(input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm))"
+    r"\.weight$"
+)
+
+
+def _add_one_to_zero_centred_norms(hf_model, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor + 1 if QWEN3_ZERO_CENTRED_NORM.match(name) else tensor
+
+
+def _unpack_qwen3_next(hf_config, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Qwen3-Next's packed projections under zoo's source-side names, before the renaming:
+    self_attn.q_proj holds per head its query rows, then its output gate's (g_proj);
+    linear_attn.in_proj_qkvz holds per key head its q and k rows and its value heads' v and z
+    rows; in_proj_ba per key head its value heads' b rows, then their a rows."""
+    prefix, _, suffix = name.rpartition(".")  # suffix: weight or bias
+    if prefix.endswith("self_attn.q_proj"):
+        return _split_query_gate(hf_config, prefix, suffix, tensor)
+    n_k = hf_config.linear_num_key_heads
+    ratio = hf_config.linear_num_value_heads // n_k
+    layer = prefix.rpartition(".")[0]
+    if prefix.endswith("linear_attn.in_proj_qkvz"):
+        dk, group_v = hf_config.linear_key_head_dim, ratio * hf_config.linear_value_head_dim
+        rows = tensor.view(n_k, 2 * dk + 2 * group_v, -1).split([dk, dk, group_v, group_v], 1)
+        return {f"{layer}.{part}.{suffix}": w.reshape(-1, w.shape[-1]) for part, w in
+                zip(("q_proj", "k_proj", "v_proj", "in_proj_z"), rows)}
+    if prefix.endswith("linear_attn.in_proj_ba"):
+        rows = tensor.view(n_k, 2 * ratio, -1).split([ratio, ratio], 1)
+        return {f"{layer}.{part}.{suffix}": w.reshape(-1, w.shape[-1])
+                for part, w in zip(("in_proj_b", "in_proj_a"), rows)}
+    return {name: tensor}
+
+
+def _unpack_qwen3_5(hf_config, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Qwen3.5's packed projections: self_attn.q_proj as Qwen3-Next's; linear_attn.in_proj_qkv
+    holds all the q rows, then all the k rows, then the v rows."""
+    prefix, _, suffix = name.rpartition(".")
+    if prefix.endswith("self_attn.q_proj"):
+        return _split_query_gate(hf_config, prefix, suffix, tensor)
+    if prefix.endswith("linear_attn.in_proj_qkv"):
+        key_rows = hf_config.linear_num_key_heads * hf_config.linear_key_head_dim
+        value_rows = hf_config.linear_num_value_heads * hf_config.linear_value_head_dim
+        layer = prefix.rpartition(".")[0]
+        parts = tensor.split([key_rows, key_rows, value_rows], 0)
+        return {f"{layer}.{part}.{suffix}": w for part, w in zip(("q_proj", "k_proj", "v_proj"),
+                                                                 parts)}
+    return {name: tensor}
+
+
+def _split_query_gate(hf_config, prefix: str, suffix: str,
+                      tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gated attention's q_proj (H * 2D, ...), per head D query rows then D gate rows, as
+    q_proj and g_proj (H * D, ...) each."""
+    heads, head_dim = hf_config.num_attention_heads, hf_config.head_dim
+    per_head = tensor.view(heads, 2 * head_dim, *tensor.shape[1:])
+    query, gate = per_head.split([head_dim, head_dim], 1)
+    layer = prefix.rpartition(".")[0]
+    return {f"{layer}.q_proj.{suffix}": query.reshape(heads * head_dim, *tensor.shape[1:]),
+            f"{layer}.g_proj.{suffix}": gate.reshape(heads * head_dim, *tensor.shape[1:])}
+
+
 LAYOUTS: dict[str, Callable] = {
     "llama": _llama, "mamba": _mamba, "mamba2": _mamba2, "mixtral": _mixtral, "rwkv": _rwkv,
+    "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_5, "qwen3_5_moe_text": _qwen3_5_moe,
+    "qwen3_5": _qwen3_5_release, "qwen3_5_moe": _qwen3_5_release,
 }
 # per-layout tensor fixes applied before the copy: (hf_model, source name, tensor) -> tensor
-TENSOR_FIXES: dict[str, Callable] = {"rwkv": _undo_rwkv_rescale}
+TENSOR_FIXES: dict[str, Callable] = {
+    "rwkv": _undo_rwkv_rescale, "qwen3_next": _add_one_to_zero_centred_norms,
+    "qwen3_5_text": _add_one_to_zero_centred_norms,
+    "qwen3_5_moe_text": _add_one_to_zero_centred_norms,
+}
+# per-layout unpacking of tensors that hold several of zoo's: (hf_config, source name, tensor)
+# -> {source-side name: tensor}, each name then renamed by the layout's map
+TENSOR_UNPACKS: dict[str, Callable] = {
+    "qwen3_next": _unpack_qwen3_next, "qwen3_5_text": _unpack_qwen3_5,
+    "qwen3_5_moe_text": _unpack_qwen3_5,
+}
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -283,7 +483,11 @@ def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
         model = ZooForCausalLM(config)
     targets = dict(model.state_dict())
     mapped: dict[str, torch.Tensor] = {}
-    for name, tensor in hf_model.state_dict().items():
+    unpack = TENSOR_UNPACKS.get(hf_model.config.model_type)
+    pieces = (piece for source_name, source in hf_model.state_dict().items()
+              for piece in (unpack(hf_model.config, source_name, source) if unpack is not None
+                            else {source_name: source}).items())
+    for name, tensor in pieces:
         target = _rename(name, names)
         if target is None:
             raise UnsupportedCheckpointError(
