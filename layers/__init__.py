@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     linformer,
     mamba,
     mamba2,
+    mla,
     moe,
     retnet,
     rwkv4,

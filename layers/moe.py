@@ -10,7 +10,9 @@ Options that are not Mixtral's: `mlp` experts (experts.up_proj (E, I, D), GELU),
 experts (DeepSeekMoE; `shared_experts.*`, one dense FFN of n_shared_experts * I hidden units,
 which equals the sum of n_shared_experts separate experts), Qwen3-Next's shared expert of its own
 size scaled by sigmoid(shared_expert_gate x) (`shared_expert_gate.weight` (1, D)), Switch's
-capacity factor, router jitter and the ST-MoE router z-loss.
+capacity factor, router jitter and the ST-MoE router z-loss, and DeepSeek-V3's router (Kimi
+Linear's): sigmoid scores, a per-expert bias for the choice only (`expert_bias.bias`, transformers'
+gate.e_score_correction_bias), group-limited top-k and a scale on the routed weights.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from torch import nn
 
 from zoo.kernels import moe_experts
 
-from .base import FFN
+from .base import FFN, at_least_float32
 from .ffn import MLP, SwiGLU, swiglu_hidden_size
 from .linear import Linear
 from .registry import register_ffn
 
 EXPERT_TYPES = ("swiglu", "mlp")
+ROUTER_SCORINGS = ("softmax", "sigmoid")
+# transformers' sigmoid routers add this to the top-k sum: every score can underflow to 0
+RENORMALIZE_EPS = 1e-20
 
 
 class Experts(nn.Module):
@@ -111,6 +116,33 @@ def apply_capacity(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> t
     return torch.where(kept, expert_ids, -1)
 
 
+class ExpertBias(nn.Module):
+    """DeepSeek-V3's per-expert bias (auxiliary-loss-free load balancing; Kimi Linear's
+    e_score_correction_bias): added to the router's scores when choosing experts, never to the
+    weights the chosen experts get. Kept float32 through a cast to half precision: the choice
+    turns on score margins that bf16 cannot hold."""
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.register_buffer("bias", torch.zeros(n_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(at_least_float32(fn), recurse)
+
+
+def limit_to_groups(choice: torch.Tensor, n_groups: int, top_k_groups: int) -> torch.Tensor:
+    """Group-limited routing (DeepSeek-V3, Kimi Linear): the experts are split into n_groups
+    equal groups, each group scored by the sum of its two best experts' scores, and only the
+    experts of the top_k_groups best groups stay choosable; the others get -inf.
+    choice: (N, E) -> (N, E)."""
+    N, E = choice.shape
+    grouped = choice.view(N, n_groups, E // n_groups)
+    group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, n_groups)
+    best = group_scores.topk(top_k_groups, dim=-1).indices
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return grouped.masked_fill(~kept[..., None], -torch.inf).view(N, E)
+
+
 @register_ffn("moe")
 class MoE(FFN):
     """Routed mixture of experts, plus optional shared experts. x: (B, T, d_model).
@@ -143,6 +175,16 @@ class MoE(FFN):
             forward).
         jitter_noise: multiply the router's input by U(1 - eps, 1 + eps) in training (Switch).
         aux_loss_coef, z_loss_coef: the losses' weights in aux_loss (Switch 0.01, ST-MoE 0.001).
+        router_scoring: "softmax" over the experts (Mixtral, Switch) or an independent
+            "sigmoid" per expert (DeepSeek-V3, Kimi Linear); the load-balancing loss then takes
+            the sigmoid scores normalised to sum to 1 per token.
+        score_correction_bias: a per-expert bias (`ExpertBias`) added to the scores for the
+            choice only (DeepSeek-V3's auxiliary-loss-free balancing; imported, not trained).
+        n_expert_groups, top_k_groups: group-limited routing (`limit_to_groups`): top_k is
+            chosen among the experts of the top_k_groups best of n_expert_groups groups
+            (default: every group; 1 group = no limit).
+        routed_scaling_factor: multiplies the routed experts' weights after the
+            renormalisation (DeepSeek-V3 2.5, Kimi Linear 2.446).
         backend: moe_experts backend ("auto", "torch", "triton", "reference").
     """
 
@@ -162,6 +204,11 @@ class MoE(FFN):
         jitter_noise: float = 0.0,
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.001,
+        router_scoring: str = "softmax",
+        score_correction_bias: bool = False,
+        n_expert_groups: int = 1,
+        top_k_groups: int | None = None,
+        routed_scaling_factor: float = 1.0,
         backend: str = "auto",
     ):
         super().__init__(d_model)
@@ -180,6 +227,11 @@ class MoE(FFN):
             raise ValueError(f"moe: capacity_factor={capacity_factor} must be > 0 or None")
         if not 0.0 <= jitter_noise < 1.0:
             raise ValueError(f"moe: jitter_noise={jitter_noise} must be in [0, 1)")
+        if router_scoring not in ROUTER_SCORINGS:
+            raise ValueError(
+                f"moe: router_scoring={router_scoring!r} is not one of {ROUTER_SCORINGS}")
+        top_k_groups = n_expert_groups if top_k_groups is None else top_k_groups
+        self._check_groups(n_experts, top_k, n_expert_groups, top_k_groups)
         if hidden_size is None:
             hidden_size = swiglu_hidden_size(d_model) if expert_type == "swiglu" else 4 * d_model
         self.n_experts, self.top_k, self.hidden_size = n_experts, top_k, hidden_size
@@ -194,7 +246,26 @@ class MoE(FFN):
             shared_hidden = shared_expert_hidden_size or n_shared_experts * hidden_size
             self.shared_experts = dense(d_model, hidden_size=shared_hidden, bias=False)
         self.shared_expert_gate = Linear(d_model, 1, bias=False) if shared_expert_gate else None
+        self.router_scoring, self.routed_scaling_factor = router_scoring, routed_scaling_factor
+        self.n_expert_groups, self.top_k_groups = n_expert_groups, top_k_groups
+        self.expert_bias = ExpertBias(n_experts) if score_correction_bias else None
         self.last_stats: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _check_groups(n_experts: int, top_k: int, n_groups: int, top_k_groups: int) -> None:
+        if n_experts % n_groups:
+            raise ValueError(f"moe: n_experts={n_experts} is not divisible by "
+                             f"n_expert_groups={n_groups}")
+        if not 1 <= top_k_groups <= n_groups:
+            raise ValueError(f"moe: top_k_groups={top_k_groups} must be in [1, "
+                             f"n_expert_groups={n_groups}]")
+        per_group = n_experts // n_groups
+        if n_groups > 1 and per_group < 2:
+            raise ValueError(f"moe: n_expert_groups={n_groups} leaves {per_group} expert per "
+                             "group; a group is scored by its two best experts, so it needs >= 2")
+        if top_k > top_k_groups * per_group:
+            raise ValueError(f"moe: top_k={top_k} exceeds the {top_k_groups * per_group} experts "
+                             f"of top_k_groups={top_k_groups} groups of {per_group}")
 
     def route(
         self, x: torch.Tensor
@@ -204,10 +275,25 @@ class MoE(FFN):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         # the softmax and top-k in float32, as Mixtral: bf16 ties and rounding flip choices
         logits = self.gate(x).float()
-        probs = logits.softmax(-1)
-        weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        if self.router_scoring == "softmax":
+            scores = probs = logits.softmax(-1)
+        else:  # DeepSeek-V3's router, as transformers' Kimi Linear runs it
+            scores = logits.sigmoid()
+            probs = scores / scores.sum(-1, keepdim=True).clamp_min(RENORMALIZE_EPS)
+        # the expert bias and the group limit steer which experts are chosen; the chosen ones
+        # are weighted by their plain scores
+        choice = scores if self.expert_bias is None else scores + self.expert_bias.bias
+        if self.n_expert_groups > 1:
+            choice = limit_to_groups(choice, self.n_expert_groups, self.top_k_groups)
+        if choice is scores:
+            weights, expert_ids = scores.topk(self.top_k, dim=-1)
+        else:
+            expert_ids = choice.topk(self.top_k, dim=-1).indices
+            weights = scores.gather(1, expert_ids)
         if self.normalize_weights:
-            weights = weights / weights.sum(-1, keepdim=True)
+            weights = weights / (weights.sum(-1, keepdim=True) + RENORMALIZE_EPS)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
         return logits, probs, expert_ids, weights
 
     def _combine(self, flat: torch.Tensor, expert_ids: torch.Tensor,

@@ -105,6 +105,14 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "filter_depth": COUNT,
     "n_shared_experts": COUNT,
     "shared_expert_hidden_size": SIZE,
+    # MLA's low ranks and head sizes (its shared key part may be absent), and the MoE's
+    # group-limited routing and scale of the routed experts' weights
+    **dict.fromkeys((
+        "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "n_expert_groups",
+        "top_k_groups",
+    ), SIZE),
+    "qk_rope_head_dim": COUNT,
+    "routed_scaling_factor": POSITIVE,
     **dict.fromkeys((
         "rope_theta", "norm_eps", "sine_freq", "decay_fast", "decay_slow", "dt_min", "dt_max",
         "dt_scale", "dt_init_floor", "capacity_factor",
@@ -129,10 +137,11 @@ def option_choices() -> dict[str, tuple[str, ...]]:
     from zoo.kernels.backend import BACKENDS
 
     from .feature_maps import FEATURE_MAPS
-    from .moe import EXPERT_TYPES
+    from .moe import EXPERT_TYPES, ROUTER_SCORINGS
 
     return {"feature_map": FEATURE_MAPS, "expert_type": EXPERT_TYPES, "backend": BACKENDS,
-            "dt_init": ("random", "constant"), "dt_rank": ("auto",)}
+            "dt_init": ("random", "constant"), "dt_rank": ("auto",),
+            "router_scoring": ROUTER_SCORINGS}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,6 +83,9 @@ BF16_ROUNDINGS = {
     "mamba": 11,
     # in_proj x 2, conv x 2, x * dt, the float32 op's output, + D x, gated norm x 2, out_proj x 2
     "mamba2": 12,
+    # the longer of q's and the latent's paths (q_a_proj, q_a_layernorm, q_b_proj; kv_a_proj,
+    # kv_a_layernorm, kv_b_proj) x 2, SDPA's or the float32 absorbed step's output, o_proj x 2
+    "mla": 9,
     # q/k/v x 2, rotary x 2, the op's output, group norm x 2, gate x 3, o_proj x 2
     "retnet": 12,
     # token shift's interpolation x 3, k/v/r x 2, sigmoid, the float32 wkv's output, r * y,
