@@ -351,10 +351,118 @@ def _split_query_gate(hf_config, prefix: str, suffix: str,
             f"{layer}.g_proj.{suffix}": gate.reshape(heads * head_dim, *tensor.shape[1:])}
 
 
+KIMI_LINEAR_LAYER_TYPES = {"linear_attention": "kda", "full_attention": "mla"}
+KIMI_LINEAR_NAMES = [
+    (r"model\.embed_tokens\.", "model.embed_tokens."),
+    # KDA's decay parameters (f_a_proj, f_b_proj, dt_bias, A_log) sit in a forget_gate
+    # submodule in transformers, on the mixer itself in zoo
+    (r"model\.layers\.(\d+)\.self_attn\.forget_gate\.", r"model.layers.\1.mixer."),
+    (r"model\.layers\.(\d+)\.self_attn\.", r"model.layers.\1.mixer."),
+    (r"model\.layers\.(\d+)\.input_layernorm\.", r"model.layers.\1.mixer_norm."),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.layers.\1.ffn_norm."),
+    # the router's expert bias lives in its own float32 module in zoo (moe.ExpertBias)
+    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$",
+     r"model.layers.\1.ffn.expert_bias.bias"),
+    (r"model\.layers\.(\d+)\.mlp\.", r"model.layers.\1.ffn."),
+    (r"model\.norm\.", "model.norm."),
+    (r"lm_head\.", "lm_head."),
+]
+
+
+def _kimi_linear(cfg) -> tuple[dict, list[tuple[str, str]]]:
+    """Kimi Linear: KDA and MLA layers where layer_types puts them (transformers builds it from
+    linear_attn_config's kda_layers and full_attn_layers, 1-indexed), a dense SwiGLU where
+    mlp_layer_types says "dense" (the first first_k_dense_replace layers) and elsewhere MoE
+    with DeepSeek-V3's sigmoid router and shared experts.
+
+    transformers never ties Kimi Linear's head to its embedding (no tied keys, whatever
+    tie_word_embeddings says), so neither does zoo. Its MoE adds no auxiliary loss to the
+    language-model loss, so zoo's coefficients are 0.
+    """
+    for field, value, supported in (
+        ("hidden_act", cfg.hidden_act, "silu"),
+        ("moe_router_activation_func", getattr(cfg, "moe_router_activation_func", "sigmoid"),
+         "sigmoid"),
+        # a checkpoint asking for rotary MLA: transformers' KimiLinearAttention and zoo's mla
+        # both compute NoPE
+        ("mla_use_nope", getattr(cfg, "mla_use_nope", True), True),
+    ):
+        if value != supported:
+            raise UnsupportedCheckpointError(
+                f"kimi_linear: {field}={value!r} is not supported (only {supported!r})")
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        # kv_b_proj expands the latent into num_attention_heads heads, which transformers then
+        # repeats num_attention_heads / num_key_value_heads times: more heads than queries
+        raise UnsupportedCheckpointError(
+            f"kimi_linear: num_key_value_heads={cfg.num_key_value_heads} != "
+            f"num_attention_heads={cfg.num_attention_heads} (MLA has one latent for all heads)")
+    for i, kind in enumerate(cfg.layer_types):  # transformers' config admits any attention kind
+        if kind not in KIMI_LINEAR_LAYER_TYPES:
+            raise UnsupportedCheckpointError(
+                f"kimi_linear: layer_types[{i}]={kind!r} is not supported; supported: "
+                f"{sorted(KIMI_LINEAR_LAYER_TYPES)}")
+    eps = float(cfg.rms_norm_eps)
+    mixers = {
+        "kda": {"type": "kda", "n_heads": cfg.linear_num_heads,
+                "head_dim": cfg.linear_head_dim, "conv_size": cfg.linear_conv_kernel_dim,
+                "norm_eps": eps},
+        "mla": {"type": "mla", "n_heads": cfg.num_attention_heads,
+                "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+                "qk_nope_head_dim": cfg.qk_nope_head_dim,
+                "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+                "attention_bias": bool(cfg.attention_bias)},
+    }
+    ffns = {
+        "dense": {"type": "swiglu", "hidden_size": cfg.intermediate_size},
+        "sparse": {
+            "type": "moe", "n_experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok,
+            "hidden_size": cfg.moe_intermediate_size, "expert_type": "swiglu",
+            "n_shared_experts": cfg.n_shared_experts,
+            "normalize_weights": bool(cfg.norm_topk_prob), "router_scoring": "sigmoid",
+            "score_correction_bias": True, "n_expert_groups": cfg.n_group,
+            "top_k_groups": cfg.topk_group,
+            "routed_scaling_factor": float(cfg.routed_scaling_factor),
+            "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
+        },
+    }
+    mixer_of = [KIMI_LINEAR_LAYER_TYPES[kind] for kind in cfg.layer_types]
+    mixer, ffn, layers = _defaults_and_overrides(
+        {"mixer": (mixer_of, mixers), "ffn": (list(cfg.mlp_layer_types), ffns)})
+    fields = dict(
+        vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
+        mixer=mixer, ffn=ffn, layers=layers, norm="rms", norm_eps=eps,
+        tie_word_embeddings=False,
+    )
+    return fields, KIMI_LINEAR_NAMES
+
+
+def _defaults_and_overrides(parts: dict[str, tuple[list[str], dict[str, dict]]]):
+    """Per part ("mixer", "ffn"): each layer's kind and the spec of each kind -> the most common
+    kind's spec of each part as the default, then the per-layer overrides (None if none)."""
+    defaults, layers = [], []
+    for part, (kinds, specs) in parts.items():
+        default = max(kinds, key=kinds.count)
+        defaults.append(specs[default])
+        layers += [{"at": [i for i, k in enumerate(kinds) if k == kind], part: specs[kind]}
+                   for kind in sorted(set(kinds) - {default})]
+    return *defaults, layers or None
+
+
+def _unpack_kimi_linear(hf_config, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers holds KDA's A_log as (1, 1, H, 1), zoo as (H,); a MoE without shared experts
+    (num_shared_experts 0) still holds zero-width shared-expert tensors there, dropped here."""
+    if name.endswith("self_attn.forget_gate.A_log"):
+        return {name: tensor.reshape(-1)}
+    if ".mlp.shared_experts." in name and tensor.numel() == 0:
+        return {}
+    return {name: tensor}
+
+
 LAYOUTS: dict[str, Callable] = {
     "llama": _llama, "mamba": _mamba, "mamba2": _mamba2, "mixtral": _mixtral, "rwkv": _rwkv,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_5, "qwen3_5_moe_text": _qwen3_5_moe,
     "qwen3_5": _qwen3_5_release, "qwen3_5_moe": _qwen3_5_release,
+    "kimi_linear": _kimi_linear,
 }
 # per-layout tensor fixes applied before the copy: (hf_model, source name, tensor) -> tensor
 TENSOR_FIXES: dict[str, Callable] = {
@@ -366,7 +474,7 @@ TENSOR_FIXES: dict[str, Callable] = {
 # -> {source-side name: tensor}, each name then renamed by the layout's map
 TENSOR_UNPACKS: dict[str, Callable] = {
     "qwen3_next": _unpack_qwen3_next, "qwen3_5_text": _unpack_qwen3_5,
-    "qwen3_5_moe_text": _unpack_qwen3_5,
+    "qwen3_5_moe_text": _unpack_qwen3_5, "kimi_linear": _unpack_kimi_linear,
 }
 
 

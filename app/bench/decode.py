@@ -74,6 +74,99 @@ def _plain_layers(config: ZooConfig) -> bool:
     return not config.layers
 
 
+def kimi_linear_peer(config: ZooConfig):
+    """("KimiLinearForCausalLM", a transformers Kimi Linear model of the same stack with random
+    weights) for a zoo config of KDA and MLA layers with SwiGLU and sigmoid-routed MoE FFNs, as
+    Kimi Linear lays them out (kimi-linear-tiny), or None: Kimi Linear has one KDA, one MLA, one
+    dense and one MoE shape per model, and at least one MLA layer. It never ties its head, so
+    the peer of a tied zoo model holds one more matrix (each decode step multiplies by one head
+    either way)."""
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+    from zoo.layers.ffn import SwiGLU
+    from zoo.layers.kda import KimiDeltaAttention
+    from zoo.layers.mla import LATENT_NORM_EPS, MultiHeadLatentAttention
+    from zoo.layers.moe import MoE
+
+    if config.norm != "rms" or config.embed_norm:
+        return None
+    with torch.device("meta"):  # the built modules resolve every default
+        blocks = list(ZooForCausalLM(config).model.layers)
+
+    def kda_shape(m) -> tuple | None:  # Kimi Linear's low ranks are head_dim; no conv bias
+        if (m.conv1d is None or m.conv1d.bias is not None or m.value_dim != m.head_dim
+                or m.allow_neg_eigval or m.f_a_proj.out_features != m.head_dim
+                or m.g_a_proj.out_features != m.head_dim):
+            return None
+        return ("kda", m.n_heads, m.head_dim, m.conv_size)
+
+    def mla_shape(m) -> tuple | None:  # transformers' latent norms have a fixed epsilon
+        if m.kv_a_layernorm.eps != LATENT_NORM_EPS:
+            return None
+        return ("mla", m.n_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim,
+                m.qk_rope_head_dim, m.v_head_dim, m.o_proj.bias is not None)
+
+    def moe_shape(f) -> tuple | None:  # sigmoid router, SwiGLU experts, plain shared experts
+        shared = f.shared_experts
+        shared_hidden = 0 if shared is None else shared.gate_proj.out_features
+        if (f.router_scoring != "sigmoid" or f.experts.expert_type != "swiglu"
+                or getattr(f, "shared_expert_gate", None) is not None
+                or shared_hidden % f.hidden_size):
+            return None
+        return ("sparse", f.n_experts, f.top_k, f.hidden_size, shared_hidden // f.hidden_size,
+                f.normalize_weights, f.n_expert_groups, f.top_k_groups,
+                f.routed_scaling_factor)
+
+    shapes = {}  # kind -> its one shape
+    for block in blocks:
+        mixer, ffn = block.mixer, block.ffn
+        if isinstance(mixer, KimiDeltaAttention):
+            mixer_shape = kda_shape(mixer)
+        elif isinstance(mixer, MultiHeadLatentAttention):
+            mixer_shape = mla_shape(mixer)
+        else:
+            return None
+        if isinstance(ffn, MoE):
+            ffn_shape = moe_shape(ffn)
+        elif type(ffn) is SwiGLU and ffn.gate_proj.bias is None:
+            ffn_shape = ("dense", ffn.gate_proj.out_features)
+        else:
+            return None
+        for shape in (mixer_shape, ffn_shape):
+            if shape is None or shapes.setdefault(shape[0], shape) != shape:
+                return None
+    if "mla" not in shapes:
+        # transformers' Kimi Linear cannot run without a full-attention layer: its cache then
+        # has no layer to count the tokens seen (get_seq_length raises), so no KDA-only peer
+        return None
+    kda, mla = shapes.get("kda"), shapes.get("mla")
+    dense, sparse = shapes.get("dense"), shapes.get("sparse")
+    fields = dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model,
+        num_hidden_layers=config.n_layers, rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=False, pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        layer_types=["linear_attention" if isinstance(b.mixer, KimiDeltaAttention)
+                     else "full_attention" for b in blocks],
+        mlp_layer_types=["sparse" if isinstance(b.ffn, MoE) else "dense" for b in blocks],
+    )
+    if kda is not None:
+        fields.update(linear_num_heads=kda[1], linear_head_dim=kda[2],
+                      linear_conv_kernel_dim=kda[3])
+    if mla is not None:
+        fields.update(num_attention_heads=mla[1], num_key_value_heads=mla[1],
+                      q_lora_rank=mla[2], kv_lora_rank=mla[3], qk_nope_head_dim=mla[4],
+                      qk_rope_head_dim=mla[5], v_head_dim=mla[6], attention_bias=mla[7])
+    if dense is not None:
+        fields.update(intermediate_size=dense[1])
+    if sparse is not None:
+        fields.update(num_experts=sparse[1], num_experts_per_token=sparse[2],
+                      moe_intermediate_size=sparse[3], num_shared_experts=sparse[4],
+                      moe_renormalize=sparse[5], num_expert_group=sparse[6],
+                      topk_group=sparse[7], routed_scaling_factor=sparse[8])
+    return "KimiLinearForCausalLM", KimiLinearForCausalLM(KimiLinearConfig(**fields))
+
+
 def qwen3_next_peer(config: ZooConfig):
     """("Qwen3NextForCausalLM", a transformers Qwen3-Next of the same stack with random
     weights) for a zoo config of gated_deltanet and attention layers with SwiGLU FFNs or
@@ -191,6 +284,9 @@ def transformers_peer(config: ZooConfig):
     common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model,
                   num_hidden_layers=config.n_layers,
                   tie_word_embeddings=config.tie_word_embeddings)
+    kimi_linear = kimi_linear_peer(config)
+    if kimi_linear is not None:
+        return kimi_linear
     qwen3_next = qwen3_next_peer(config)
     if qwen3_next is not None:
         return qwen3_next
