@@ -8,6 +8,7 @@ import torch
 import zoo
 from zoo.layers.attention import AttentionState
 from zoo.layers.hyena import HyenaState
+from zoo.layers.mla import MLAState
 
 
 def tiny_model(name: str, seed: int = 0) -> zoo.ZooForCausalLM:
@@ -22,6 +23,8 @@ def _logical_tensors(state) -> dict:
         return {"k": k, "v": v}
     if isinstance(state, HyenaState):
         return {"conv": state.conv, "inputs": state.inputs[:, :, : state.length]}
+    if isinstance(state, MLAState):
+        return {"latent": state.filled()}
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
             if isinstance(getattr(state, f.name), torch.Tensor)}
 
