@@ -6,7 +6,9 @@ loss serves text and tasks, and accuracy = argmax at the answer positions.
 
 - MQAR, multi-query associative recall (zoology, Arora et al. 2023): key-value pairs, then the
   keys asked again in another order; the value must be recalled. Keys from [1, V/2), values
-  from [V/2, V), token 0 fills the gaps.
+  from [V/2, V), token 0 fills the gaps. A query's slot is uniform by default; zoology draws it
+  from a power law (`query_gap_power` 0.01, its `power_a`), so most queries come soon after the
+  context, as a repeated bigram does in text.
 - Selective copying (Mamba, Gu & Dao 2023, section 3.1): data tokens scattered among blank
   tokens (0), a separator (1), then the data tokens in order.
 - Induction heads (Mamba, section 3.1; Olsson et al. 2022): random tokens with a trigger token
@@ -53,7 +55,8 @@ class SyntheticTask:
 
 
 class MQAR(SyntheticTask):
-    def __init__(self, vocab_size: int, seq_len: int, seed: int, num_kv_pairs: int):
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, num_kv_pairs: int,
+                 query_gap_power: float = 1.0):
         super().__init__(vocab_size, seq_len, seed)
         self.num_kv_pairs = k = num_kv_pairs
         key_vocab = vocab_size // 2
@@ -67,6 +70,14 @@ class MQAR(SyntheticTask):
                 f"train.seq_len={seq_len} is too short for data.num_kv_pairs={k}: MQAR needs "
                 f"at least 4 x num_kv_pairs = {4 * k} tokens (context + queries)"
             )
+        if not 0 < query_gap_power <= 1:
+            raise RunConfigError(f"MQAR query_gap_power={query_gap_power!r} must be in (0, 1] "
+                                 "(1: uniform query slots; zoology uses 0.01)")
+        self.query_gap_power = query_gap_power
+        # zoology's power law over the query slots after the context: P(slot i) ~ (i+1)^(a-1)
+        slots = (seq_len - 2 * k) // 2
+        weights = np.arange(1, slots + 1, dtype=np.float64) ** (query_gap_power - 1)
+        self._slot_probabilities = None if query_gap_power == 1 else weights / weights.sum()
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         k, half = self.num_kv_pairs, self.vocab_size // 2
@@ -76,7 +87,8 @@ class MQAR(SyntheticTask):
         mask = np.zeros(self.seq_len, dtype=bool)
         ids[0: 2 * k: 2], ids[1: 2 * k: 2] = keys, values
         # Queries sit in pairs of slots after the context, at random places, in random order.
-        slots = np.sort(rng.choice((self.seq_len - 2 * k) // 2, size=k, replace=False))
+        slots = np.sort(rng.choice((self.seq_len - 2 * k) // 2, size=k, replace=False,
+                                   p=self._slot_probabilities))
         asked = rng.permutation(k)
         where = 2 * k + 2 * slots
         ids[where], ids[where + 1] = keys[asked], values[asked]

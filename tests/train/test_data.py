@@ -127,8 +127,10 @@ def _answers(labels):
     return labels[labels != -100]
 
 
-def test_mqar_answers_are_the_values_of_the_queried_keys():
-    task = MQAR(vocab_size=32, seq_len=40, seed=0, num_kv_pairs=5)
+@pytest.mark.parametrize("query_gap_power", [1.0, 0.01])
+def test_mqar_answers_are_the_values_of_the_queried_keys(query_gap_power):
+    task = MQAR(vocab_size=32, seq_len=40, seed=0, num_kv_pairs=5,
+                query_gap_power=query_gap_power)
     ids, labels = task.train_batch(np.arange(8))
     for row, lab in zip(ids.tolist(), labels):
         pairs = dict(zip(row[0:10:2], row[1:10:2]))
@@ -139,6 +141,27 @@ def test_mqar_answers_are_the_values_of_the_queried_keys():
         assert all(row[t] == pairs[row[t - 1]] for t in answer_at)
     assert torch.equal(task.train_batch(np.arange(8))[0], ids)  # a pure function of position
     assert not torch.equal(task.val_batch(np.arange(8))[0], ids)  # validation is another stream
+
+
+def _query_slots(task, samples):
+    """The slot (pair of positions after the context) of every query in `samples` sequences."""
+    _, labels = task.train_batch(np.arange(samples))
+    answer_at = (labels != -100).nonzero()[:, 1]
+    return ((answer_at - 1 - 2 * task.num_kv_pairs) // 2).numpy()
+
+
+def test_mqar_query_gaps_follow_zoologys_power_law():
+    # zoology's power_a = 0.01: P(slot i) ~ (i + 1)^-0.99, so queries crowd the first slots
+    # after the context; 1.0 (the default) spreads them evenly over the 28 slots.
+    zoology = MQAR(vocab_size=64, seq_len=64, seed=0, num_kv_pairs=4, query_gap_power=0.01)
+    uniform = MQAR(vocab_size=64, seq_len=64, seed=0, num_kv_pairs=4)
+    first_quarter = 28 // 4
+    crowded = (_query_slots(zoology, 400) < first_quarter).mean()
+    spread = (_query_slots(uniform, 400) < first_quarter).mean()
+    assert crowded > 0.45 and 0.2 < spread < 0.3, (crowded, spread)
+    assert set(_query_slots(zoology, 400)) <= set(range(28))
+    with pytest.raises(RunConfigError, match="MQAR query_gap_power=0 must be in"):
+        MQAR(vocab_size=64, seq_len=64, seed=0, num_kv_pairs=4, query_gap_power=0)
 
 
 def test_selective_copying_answers_are_the_scattered_tokens_in_order():
