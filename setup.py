@@ -8,6 +8,7 @@ PACKAGE_DIRS = {
     "zoo": "zoo",
     "zoo.kernels": "kernels",
     "zoo.layers": "layers",
+    "zoo.compression": "compression",
     "zoo.train": "train",
     "zoo.infer": "infer",
     "zoo.configs": "configs",

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from zoo.cache import CacheLayout
+from zoo.compression import is_quantized, prepare_kernels
 from zoo.model import ZooForCausalLM
 
 from . import native
@@ -63,6 +64,9 @@ def compiled_decode_step(
     # a .to() keeps the parameter objects (whose guards are skipped, below): compile anew
     key = (weight.dtype, weight.device, layout, greedy)
     steps = model.__dict__.setdefault("_zoo_compiled_decode_steps", _CompiledSteps())
+    # quantised layers repack their codes for the CPU kernels now, outside the graph (a no-op
+    # when done already), so that no step repacks them
+    prepare_kernels(model, weight.dtype)
     if key not in steps:
         on_cuda = weight.device.type == "cuda"
 
@@ -95,9 +99,15 @@ COMPILE_MODES = (False, True, "inductor", "native")
 def fast_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool, batch_size: int,
                      mode: bool | str = True) -> CompiledStep:
     """The step `generate(compile=mode)` runs. "native": zoo.infer.native's C++ step, one call
-    per token (CPU; stacks of attention with SwiGLU or GELU FFNs and RMSNorm; at most 16 rows),
-    an error where it does not apply; "inductor": `compiled_decode_step`; True: native where it
-    applies, inductor otherwise."""
+    per token (CPU; stacks of attention with SwiGLU or GELU FFNs and RMSNorm; at most 16 rows;
+    float weights), an error where it does not apply; "inductor": `compiled_decode_step`; True:
+    native where it applies, inductor otherwise."""
+    if mode in (True, "native") and is_quantized(model):
+        if mode == "native":
+            raise ValueError("compile='native' does not apply to this model: its weights are "
+                             "quantised (zoo.compression) and the native step reads float "
+                             "weights; use compile=True or 'inductor'")
+        return compiled_decode_step(model, layout, greedy)
     if mode in (True, "native"):
         support = native.native_support(model, layout, batch_size)
         if support:

@@ -1,6 +1,8 @@
 """The house's one rule: imports only go down the floors, late imports inside functions included.
 
-    kernels <- layers <- zoo (the model) <- train, infer <- app
+    kernels <- layers <- compression <- zoo (the model) <- train, infer <- app
+
+compression sits under the model: zoo.model rebuilds quantised layers when it loads a folder.
 
 train and infer are siblings: neither imports the other. A `__main__` module is a command
 (`python -m zoo.train` is what torchrun runs), never imported, so it may call the app.
@@ -14,9 +16,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOORS = {"kernels": 0, "layers": 1, "zoo": 2, "train": 3, "infer": 3, "app": 4, "configs": 0}
-FOLDERS = {"zoo.kernels": "kernels", "zoo.layers": "layers", "zoo.train": "train",
-           "zoo.infer": "infer", "zoo.app": "app", "zoo.configs": "configs", "zoo": "zoo"}
+FLOORS = {"kernels": 0, "layers": 1, "compression": 2, "zoo": 3, "train": 4, "infer": 4,
+          "app": 5, "configs": 0}
+FOLDERS = {"zoo.kernels": "kernels", "zoo.layers": "layers", "zoo.compression": "compression",
+           "zoo.train": "train", "zoo.infer": "infer", "zoo.app": "app", "zoo.configs": "configs",
+           "zoo": "zoo"}
 
 
 def floor_of(module: str) -> str | None:
@@ -100,9 +104,23 @@ def test_no_import_climbs_a_floor():
     ("from zoo.infer import generate\n", True),  # a sibling floor
     ("from zoo.kernels import rms_norm\n", False),
     ("from .config import RunConfig\n", False),
+    ("from zoo.compression import quantize_model\n", False),
 ])
 def test_the_check_sees_late_and_sibling_imports(tmp_path, monkeypatch, source, expected):
     """The rule itself: a train/ module that imports the app, late or not, or its sibling."""
     fake = ROOT / "train" / "_layering_probe.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source)
+    assert bool(climbing_imports(fake)) is expected
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("from zoo.layers.moe import MoE\n", False),
+    ("from zoo.kernels import rms_norm\n", False),
+    ("from zoo.model import ZooForCausalLM\n", True),
+    ("def f():\n    from zoo.infer import generate\n", True),
+])
+def test_compression_sits_between_the_layers_and_the_model(monkeypatch, source, expected):
+    """compression may import the layers and kernels, never the model or anything above it."""
+    fake = ROOT / "compression" / "_layering_probe.py"
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source)
     assert bool(climbing_imports(fake)) is expected

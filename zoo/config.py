@@ -17,6 +17,7 @@ import torch
 import yaml
 from transformers import PreTrainedConfig
 
+from zoo.compression import check_quantization_section
 from zoo.layers import build_ffn, build_mixer, validate_ffn_spec, validate_mixer_spec
 
 NORMS = ("rms", "layer")
@@ -37,6 +38,9 @@ class ZooConfig(PreTrainedConfig):
         norm: "rms" or "layer"; norm_eps its epsilon.
         embed_norm: a norm right after the embedding (RWKV's ln0).
         tie_word_embeddings: share the embedding with the output head (YAML: tie_embeddings).
+        quantization: null, or the section zoo.compression.quantize_model writes (weights
+            format, group size, method, the quantised layers' names), which the model reads to
+            build those layers as QuantizedLinear before loading their tensors.
     """
 
     model_type = "zoo"
@@ -57,6 +61,7 @@ class ZooConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    quantization: dict | None = None
 
     def __post_init__(self, **kwargs):
         if "tie_embeddings" in kwargs:
@@ -101,6 +106,11 @@ class ZooConfig(PreTrainedConfig):
                                       or not 0 <= value < self.vocab_size):
                 raise ConfigError(f"{name}={value!r} must be null or a token id in "
                                   f"[0, vocab_size={self.vocab_size})")
+        if self.quantization is not None:
+            _named_check(check_quantization_section, self.quantization, "quantization")
+            if self.tie_word_embeddings and "lm_head" in self.quantization["modules"]:
+                raise ConfigError("quantization.modules holds lm_head, so the head is no longer "
+                                  "the embedding table: tie_word_embeddings must be false")
         _named_check(validate_mixer_spec, self.mixer, "config.mixer")
         if self.ffn is not None:
             _named_check(validate_ffn_spec, self.ffn, "config.ffn")

@@ -17,6 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from zoo.cache import LayerState, ZooCache
+from zoo.compression import apply_quantized_layout
 from zoo.config import ZooConfig
 from zoo.layers import build_ffn, build_mixer, build_norm
 from zoo.layers.linear import Linear
@@ -253,7 +254,8 @@ class ZooPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, ZooForCausalLM) and not self.config.tie_word_embeddings:
+        elif (isinstance(module, ZooForCausalLM) and not self.config.tie_word_embeddings
+              and isinstance(module.lm_head, nn.Linear)):  # a quantised head holds codes
             nn.init.normal_(module.lm_head.weight, mean=0.0, std=std)
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
@@ -370,6 +372,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ZooModel(config)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        if config.quantization is not None:
+            # a quantised folder (zoo.compression): its layers exist before their tensors load
+            apply_quantized_layout(self, config.quantization)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

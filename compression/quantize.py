@@ -1,0 +1,144 @@
+"""Weight-only quantisation of a model (round to nearest) and the config section that lets
+`from_pretrained` rebuild the quantised layers before loading their tensors.
+
+    section = quantize_model(model, weights="int4", group_size=32)
+    model.save_pretrained(folder)     # config.json carries `quantization` = section
+
+The section (config.json's "quantization"):
+
+    weights     "int8" (symmetric, per output channel) or "int4" (groups along the input,
+                scale and zero)
+    group_size  null for int8; 32, 64 or 128 for int4
+    method      how the codes were chosen: "rtn" (round to nearest)
+    modules     the qualified names of the QuantizedLinear layers, in model order
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .quantized_linear import INT4_GROUP_SIZES, WEIGHT_FORMATS, QuantizedLinear
+from .targets import CompressionError, linear_targets, output_head, replace_module
+
+QUANTIZATION_METHODS = ("rtn",)
+SECTION_KEYS = ("weights", "group_size", "method", "modules")
+
+
+def check_quantization_args(weights: str, group_size: int | None) -> None:
+    """A CompressionError naming the argument unless (weights, group_size) is a format
+    quantize_model writes: int8 per channel (group_size None), int4 in groups of 32/64/128."""
+    if weights not in WEIGHT_FORMATS:
+        raise CompressionError("weights", weights, f"allowed: {', '.join(WEIGHT_FORMATS)}")
+    if weights == "int8" and group_size is not None:
+        raise CompressionError("group_size", group_size,
+                               "int8 is per output channel; group_size applies to int4")
+    if weights == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise CompressionError("group_size", group_size,
+                               f"int4 takes {', '.join(map(str, INT4_GROUP_SIZES))}")
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, weights: str = "int8", group_size: int | None = None,
+                   skip: Iterable[str] = ()) -> dict[str, Any]:
+    """Replace every linear layer compression takes (`linear_targets`: mixers, FFNs, the output
+    head) by a round-to-nearest QuantizedLinear, in place; returns the config section and sets
+    it as `model.config.quantization` where the model has a config.
+
+    A tied output head is untied (config.tie_word_embeddings = False): the head becomes int8 or
+    int4 codes and the embedding stays a float table, of which decoding reads one row a token.
+    Every layer is checked before any is replaced: int4 with a group size that does not divide a
+    layer's input width is a CompressionError naming group_size and the layer.
+    """
+    check_quantization_args(weights, group_size)
+    config = getattr(model, "config", None)
+    if getattr(config, "quantization", None):
+        raise CompressionError("weights", weights, "the model is quantised already "
+                               f"({config.quantization['weights']}); quantise the float model")
+    targets = linear_targets(model, skip)
+    if not targets:
+        raise CompressionError("weights", weights, "the model has no linear layer to quantise")
+    for name, linear in targets:
+        if group_size is not None and linear.in_features % group_size:
+            raise CompressionError(
+                "group_size", group_size, f"does not divide the input width "
+                f"{linear.in_features} of {name}; pick one that does, or leave such layers "
+                f"float (skip '*.{name.rpartition('.')[2]}')")
+    head = output_head(model)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = (isinstance(head, nn.Linear) and embedding is not None
+            and head.weight is embedding.weight)
+    for name, linear in targets:
+        replace_module(model, name, QuantizedLinear.from_linear(linear, weights, group_size))
+    section = {"weights": weights, "group_size": group_size, "method": "rtn",
+               "modules": [name for name, _ in targets]}
+    if config is not None:
+        if tied and any(module is head for _, module in targets):
+            config.tie_word_embeddings = False
+            if hasattr(model, "get_expanded_tied_weights_keys"):
+                # transformers reads this mapping when saving and loading
+                model.all_tied_weights_keys = model.get_expanded_tied_weights_keys()
+        config.quantization = section
+    return section
+
+
+def check_quantization_section(section: Any, where: str = "quantization") -> None:
+    """A ValueError naming the field unless `section` is a config section quantize_model
+    writes (module doc)."""
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where} must be a mapping with keys {', '.join(SECTION_KEYS)}, "
+                         f"got {section!r}")
+    unknown = [key for key in section if key not in SECTION_KEYS]
+    if unknown:
+        raise ValueError(f"{where} has unknown key {unknown[0]!r}; "
+                         f"allowed: {', '.join(SECTION_KEYS)}")
+    try:
+        check_quantization_args(section.get("weights"), section.get("group_size"))
+    except CompressionError as error:
+        raise ValueError(f"{where}.{error.option}={error.value!r}: {error.detail}") from None
+    if section.get("method") not in QUANTIZATION_METHODS:
+        raise ValueError(f"{where}.method={section.get('method')!r} is not one of "
+                         f"{QUANTIZATION_METHODS}")
+    modules = section.get("modules")
+    if not isinstance(modules, list) or not modules or not all(
+            isinstance(name, str) and name for name in modules):
+        raise ValueError(f"{where}.modules must be a non-empty list of module names, "
+                         f"got {modules!r}")
+
+
+def apply_quantized_layout(model: nn.Module, section: Mapping[str, Any]) -> None:
+    """Replace the linear layers the section names by empty QuantizedLinear layers of the same
+    shapes, device and dtype, ready for their saved tensors (what from_pretrained loads into).
+    A name that is not a linear layer of this model is a ValueError naming it."""
+    check_quantization_section(section)
+    for name in section["modules"]:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"quantization.modules names {name!r}, which is not a linear "
+                             "layer of this model")
+        replace_module(model, name, QuantizedLinear(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            weights=section["weights"], group_size=section["group_size"],
+            device=linear.weight.device, dtype=linear.weight.dtype))
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
+    """(name, module) of every QuantizedLinear in the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> None:
+    """Build what every QuantizedLinear's CPU kernel needs for `dtype` activations (before a
+    compiled step traces the model)."""
+    for _, module in quantized_layers(model):
+        module.prepare_kernels(dtype)
