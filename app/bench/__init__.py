@@ -17,5 +17,6 @@ def load_entries() -> None:
         mamba,
         model,
         moe,
+        mqar,
         rwkv,
     )
