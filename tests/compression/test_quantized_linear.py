@@ -83,6 +83,15 @@ def test_a_group_of_zeros_quantises_to_zeros():
         assert torch.isfinite(module.scale).all()
 
 
+@pytest.mark.parametrize(("weights", "group_size"), FORMATS)
+def test_pruned_weights_stay_exactly_zero(weights, group_size):
+    """0 has a code of its own (int4: an integer zero point), so a 2:4 pattern survives."""
+    weight = _linear(bias=False).weight.detach().clone()
+    weight.view(96, -1, 4)[..., :2] = 0
+    dequantised = QuantizedLinear.from_linear(_as_linear(weight), weights, group_size).dequantize()
+    assert (dequantised[weight == 0] == 0).all()
+
+
 def _as_linear(weight: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
