@@ -74,6 +74,32 @@ def _plain_layers(config: ZooConfig) -> bool:
     return not config.layers
 
 
+def _stack_shapes(config: ZooConfig, mixer_shape, moe_shape):
+    """(blocks, {kind: shape}) of a config whose every mixer and FFN has a shape in a peer
+    family (`mixer_shape` / `moe_shape` give None otherwise, dense SwiGLU FFNs are "dense") and
+    whose layers of one kind share one shape, as transformers' hybrid configs require; else None."""
+    from zoo.layers.ffn import SwiGLU
+    from zoo.layers.moe import MoE
+
+    if config.norm != "rms" or config.embed_norm:
+        return None
+    with torch.device("meta"):  # the built modules resolve every default
+        blocks = list(ZooForCausalLM(config).model.layers)
+    shapes = {}  # kind -> its one shape
+    for block in blocks:
+        ffn = block.ffn
+        if isinstance(ffn, MoE):
+            ffn_shape = moe_shape(ffn)
+        elif type(ffn) is SwiGLU and ffn.gate_proj.bias is None:
+            ffn_shape = ("dense", ffn.gate_proj.out_features)
+        else:
+            return None
+        for shape in (mixer_shape(block.mixer), ffn_shape):
+            if shape is None or shapes.setdefault(shape[0], shape) != shape:
+                return None
+    return blocks, shapes
+
+
 def kimi_linear_peer(config: ZooConfig):
     """("KimiLinearForCausalLM", a transformers Kimi Linear model of the same stack with random
     weights) for a zoo config of KDA and MLA layers with SwiGLU and sigmoid-routed MoE FFNs, as
@@ -83,15 +109,9 @@ def kimi_linear_peer(config: ZooConfig):
     either way)."""
     from transformers import KimiLinearConfig, KimiLinearForCausalLM
 
-    from zoo.layers.ffn import SwiGLU
     from zoo.layers.kda import KimiDeltaAttention
     from zoo.layers.mla import LATENT_NORM_EPS, MultiHeadLatentAttention
     from zoo.layers.moe import MoE
-
-    if config.norm != "rms" or config.embed_norm:
-        return None
-    with torch.device("meta"):  # the built modules resolve every default
-        blocks = list(ZooForCausalLM(config).model.layers)
 
     def kda_shape(m) -> tuple | None:  # Kimi Linear's low ranks are head_dim; no conv bias
         if (m.conv1d is None or m.conv1d.bias is not None or m.value_dim != m.head_dim
@@ -117,24 +137,15 @@ def kimi_linear_peer(config: ZooConfig):
                 f.normalize_weights, f.n_expert_groups, f.top_k_groups,
                 f.routed_scaling_factor)
 
-    shapes = {}  # kind -> its one shape
-    for block in blocks:
-        mixer, ffn = block.mixer, block.ffn
-        if isinstance(mixer, KimiDeltaAttention):
-            mixer_shape = kda_shape(mixer)
-        elif isinstance(mixer, MultiHeadLatentAttention):
-            mixer_shape = mla_shape(mixer)
-        else:
-            return None
-        if isinstance(ffn, MoE):
-            ffn_shape = moe_shape(ffn)
-        elif type(ffn) is SwiGLU and ffn.gate_proj.bias is None:
-            ffn_shape = ("dense", ffn.gate_proj.out_features)
-        else:
-            return None
-        for shape in (mixer_shape, ffn_shape):
-            if shape is None or shapes.setdefault(shape[0], shape) != shape:
-                return None
+    def mixer_shape(m) -> tuple | None:
+        if isinstance(m, KimiDeltaAttention):
+            return kda_shape(m)
+        return mla_shape(m) if isinstance(m, MultiHeadLatentAttention) else None
+
+    found = _stack_shapes(config, mixer_shape, moe_shape)
+    if found is None:
+        return None
+    blocks, shapes = found
     if "mla" not in shapes:
         # transformers' Kimi Linear cannot run without a full-attention layer: its cache then
         # has no layer to count the tokens seen (get_seq_length raises), so no KDA-only peer
@@ -180,14 +191,8 @@ def qwen3_next_peer(config: ZooConfig):
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
     from zoo.layers.attention import Attention
-    from zoo.layers.ffn import SwiGLU
     from zoo.layers.gated_deltanet import GatedDeltaNet
     from zoo.layers.moe import MoE
-
-    if config.norm != "rms" or config.embed_norm:
-        return None
-    with torch.device("meta"):  # the built modules resolve every default
-        blocks = list(ZooForCausalLM(config).model.layers)
 
     def deltanet_shape(m) -> tuple | None:  # Qwen3-Next's conv has no bias; its gate is SiLU
         if (m.conv1d is None or m.conv1d.bias is not None or m.g_proj is None
@@ -212,24 +217,15 @@ def qwen3_next_peer(config: ZooConfig):
         return ("sparse", f.n_experts, f.top_k, f.hidden_size,
                 f.shared_experts.gate_proj.out_features, f.normalize_weights)
 
-    shapes = {}  # kind -> its one shape
-    for block in blocks:
-        mixer, ffn = block.mixer, block.ffn
-        if type(mixer) is GatedDeltaNet:
-            mixer_shape = deltanet_shape(mixer)
-        elif isinstance(mixer, Attention):
-            mixer_shape = attention_shape(mixer)
-        else:
-            return None
-        if isinstance(ffn, MoE):
-            ffn_shape = moe_shape(ffn)
-        elif type(ffn) is SwiGLU and ffn.gate_proj.bias is None:
-            ffn_shape = ("dense", ffn.gate_proj.out_features)
-        else:
-            return None
-        for shape in (mixer_shape, ffn_shape):
-            if shape is None or shapes.setdefault(shape[0], shape) != shape:
-                return None
+    def mixer_shape(m) -> tuple | None:
+        if type(m) is GatedDeltaNet:
+            return deltanet_shape(m)
+        return attention_shape(m) if isinstance(m, Attention) else None
+
+    found = _stack_shapes(config, mixer_shape, moe_shape)
+    if found is None:
+        return None
+    blocks, shapes = found
     attention, deltanet = shapes.get("full_attention"), shapes.get("linear_attention")
     # without a Gated DeltaNet layer Llama or Mixtral is the peer; without an attention layer
     # transformers' Qwen3-Next cannot generate
