@@ -274,15 +274,11 @@ def _qwen3_hybrid(cfg, name: str, sparse: Callable[[int], bool],
     n_layers = cfg.num_hidden_layers
     mixer_of = [QWEN3_NEXT_LAYER_TYPES[cfg.layer_types[i]] for i in range(n_layers)]
     ffn_of = ["moe" if sparse(i) else "swiglu" for i in range(n_layers)]
-    # the most common mixer and FFN are the defaults; the other layers are overrides
-    mixer, ffn = max(mixer_of, key=mixer_of.count), max(ffn_of, key=ffn_of.count)
-    layers = [{"at": [i for i in range(n_layers) if kinds[i] == kind], part: specs[kind]}
-              for part, kinds, default, specs in (("mixer", mixer_of, mixer, mixers),
-                                                  ("ffn", ffn_of, ffn, ffns))
-              for kind in sorted(set(kinds) - {default})]
+    mixer, ffn, layers = _defaults_and_overrides(
+        {"mixer": (mixer_of, mixers), "ffn": (ffn_of, ffns)})
     fields = dict(
         vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=n_layers,
-        mixer=mixers[mixer], ffn=ffns[ffn], layers=layers or None, norm="rms", norm_eps=eps,
+        mixer=mixer, ffn=ffn, layers=layers, norm="rms", norm_eps=eps,
         tie_word_embeddings=bool(cfg.tie_word_embeddings),
     )
     return fields, QWEN3_NEXT_NAMES
