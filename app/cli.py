@@ -1,10 +1,11 @@
 """The `zoo` command: one subcommand per job, each a small function over the library.
 
-    zoo info CONFIG            parameters, layers, state bytes per sequence
+    zoo info CONFIG            parameters, layers, state bytes per sequence, weight bytes
     zoo bench NAME             run a registered benchmark (zoo bench --list)
     zoo generate MODEL --prompt TEXT   generate text (zoo.infer), --stream to print as it comes
     zoo train RUN              train from a run config (zoo train --list; --plot RUN_DIR)
     zoo distill RUN            distil a teacher into a student (linearise, transfer, KD)
+    zoo compress SRC OUT       quantise (int8, int4) and / or prune (magnitude, wanda) a model
 
 Subcommands live in COMMANDS: (name, help, add_arguments, run).
 """
@@ -49,12 +50,15 @@ def runs_of(lines: list[str]) -> list[tuple[int, int, str]]:
 
 
 def model_info(config, dtype: torch.dtype = torch.float32) -> dict:
-    """Parameters, per-layer mixer/FFN and state bytes per sequence at 1k, 8k and 64k tokens."""
+    """Parameters (of the float model a quantised one stands for), per-layer mixer/FFN, state
+    bytes per sequence at 1k, 8k and 64k tokens, and the weights' bytes: all of them, and what
+    one decode step reads (float tensors counted in `dtype`)."""
+    from zoo.compression import decode_read_bytes, logical_parameters, weight_bytes
     from zoo.model import ZooForCausalLM
 
     with torch.device("meta"):
         model = ZooForCausalLM(config)
-    params = sum(p.numel() for p in model.parameters())
+    params = logical_parameters(model)
     embedding = model.model.embed_tokens.weight.numel()
     state = {}
     for seq_len in (1024, 8192, 65536):
@@ -69,6 +73,8 @@ def model_info(config, dtype: torch.dtype = torch.float32) -> dict:
         "non_embedding_parameters": params - embedding,
         "layers": config.describe_layers(),
         "state_bytes": state,
+        "weight_bytes": weight_bytes(model, dtype),
+        "decode_read_bytes": decode_read_bytes(model, dtype),
     }
 
 
@@ -108,7 +114,22 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"state per sequence ({args.dtype}):")
     for seq_len, nbytes in info["state_bytes"].items():
         print(f"  {seq_len // 1024:3d}k tokens: {human_bytes(nbytes)}")
+    quantization = config.quantization
+    stored = (f"{args.dtype}" if quantization is None else
+              f"{len(quantization['modules'])} linear layers {describe_weights(quantization)}, "
+              f"the rest {args.dtype}")
+    print(f"weights: {human_bytes(info['weight_bytes'])}, "
+          f"{info['weight_bytes'] / info['parameters']:.3f} bytes per weight ({stored})")
+    print(f"a decode step reads {human_bytes(info['decode_read_bytes'])} of weights (each once; "
+          "an embedding table not shared with the head, one row)")
     return 0
+
+
+def describe_weights(quantization: dict) -> str:
+    """'int4 in groups of 32 (rtn)' for a config's quantization section."""
+    grouping = ("per output channel" if quantization["group_size"] is None
+                else f"in groups of {quantization['group_size']}")
+    return f"{quantization['weights']} {grouping} ({quantization['method']})"
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,6 +317,20 @@ def run_distill(args: argparse.Namespace) -> int:
     if "report" in summary:
         print(f"report: {summary['report']['md']}")
     return 0
+
+
+def _compress_arguments(p: argparse.ArgumentParser) -> None:
+    from zoo.app.compress import add_compress_arguments
+
+    add_compress_arguments(p)
+
+
+@command("compress", "quantise (int8, int4) and / or prune (magnitude, wanda) a model into a "
+         "new model folder", _compress_arguments)
+def run_compress(args: argparse.Namespace) -> int:
+    from zoo.app.compress import run_compress_command
+
+    return run_compress_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
