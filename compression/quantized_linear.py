@@ -19,12 +19,12 @@ matrix, so code that reads a layer's weight directly still gets the right values
 own forward never builds it where a kernel applies.
 
 Forward equals `F.linear(x, dequantize(x.dtype), bias)` up to summation order. On the CPU, few
-rows (decoding) in bfloat16 or float16 run torch's weight-only kernels, which read the codes and
-dequantise in registers: `aten._weight_int8pack_mm` (per-channel int8) and
-`aten._weight_int4pack_mm_for_cpu` (int4, after a one-time repacking into its own layout, kept
-beside the stored codes). Every other case (float32 activations, whose torch kernels run a
-scalar loop slower than dequantising; prefill-sized inputs; CUDA; shapes a kernel refuses;
-inputs that need a gradient) dequantises the weight and calls F.linear.
+rows (decoding; up to 16 for int8, 64 for int4) in bfloat16 or float16 run torch's weight-only
+kernels, which read the codes and dequantise in registers: `aten._weight_int8pack_mm`
+(per-channel int8) and `aten._weight_int4pack_mm_for_cpu` (int4, after a one-time repacking into
+its own layout, kept beside the stored codes). Every other case (float32 activations, whose
+torch kernels run a scalar loop slower than dequantising; prefill-sized inputs; CUDA; shapes a
+kernel refuses; inputs that need a gradient) dequantises the weight and calls F.linear.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ INT4_GROUP_SIZES = (32, 64, 128)
 INT8_MAX, INT4_MAX = 127, 15
 # activation dtypes torch's CPU weight-only kernels vectorise (float32 takes a scalar loop)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-# beyond this many rows a product is a GEMM, which dequantising once and calling BLAS wins
-KERNEL_MAX_ROWS = 16
+# beyond this many rows dequantising once and calling BLAS wins (torch's weight-only kernels
+# cost in proportion to the rows; measured at SmolLM2's widths, bf16, 2 threads)
+KERNEL_MAX_ROWS = {"int8": 16, "int4": 64}
 # input widths the int8 kernel handles: it segfaults or returns garbage on widths like 8 or 63
 INT8_KERNEL_WIDTH_MULTIPLE = 32
 # torch's CPU int4 repacking takes output widths that are multiples of 16
@@ -186,10 +187,12 @@ class QuantizedLinear(nn.Module):
         scales) and returned in `dtype` (default: the scales' dtype)."""
         dtype = dtype or self.scale.dtype
         compute = _compute_dtype(self.scale.dtype)
-        codes = self.codes().to(compute).view(self.out_features, -1, self.group)
-        weight = codes * self.scale.to(compute)[..., None]
+        # in place on the one fresh tensor: a new weight-sized tensor per operation costs more
+        # (page faults of fresh allocations) than the arithmetic
+        weight = self.codes().to(compute).view(self.out_features, -1, self.group)
+        weight.mul_(self.scale.to(compute)[..., None])
         if self.zero is not None:
-            weight = weight + self.zero.to(compute)[..., None]
+            weight.add_(self.zero.to(compute)[..., None])
         return weight.view(self.out_features, self.in_features).to(dtype)
 
     @property
@@ -215,7 +218,7 @@ class QuantizedLinear(nn.Module):
         """Whether a torch weight-only CPU kernel takes this input (see the module doc)."""
         if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or x.numel() == 0:
             return False
-        if x.numel() > KERNEL_MAX_ROWS * self.in_features:
+        if x.numel() > KERNEL_MAX_ROWS[self.weights] * self.in_features:
             return False
         if torch.is_grad_enabled() and x.requires_grad:
             return False  # the kernels have no backward; the dequantised product has

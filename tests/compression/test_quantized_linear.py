@@ -100,7 +100,7 @@ def _as_linear(weight: torch.Tensor) -> nn.Linear:
 
 
 @pytest.mark.parametrize(("weights", "group_size"), FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64, 80])
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_equals_the_dequantised_product_in_float32(weights, group_size, rows, bias):
     module = QuantizedLinear.from_linear(_linear(bias=bias), weights, group_size)
@@ -132,7 +132,7 @@ def test_prefill_sized_inputs_and_inputs_needing_gradients_take_the_dequantised_
     op = "_weight_int8pack_mm" if weights == "int8" else "_weight_int4pack_mm_for_cpu"
     calls = _Calls(monkeypatch, op)
     module = QuantizedLinear.from_linear(_linear(dtype=torch.bfloat16), weights, group_size)
-    x = torch.randn(40, 128, dtype=torch.bfloat16)
+    x = torch.randn(80, 128, dtype=torch.bfloat16)
     assert torch.equal(module(x), F.linear(x, module.dequantize(torch.bfloat16), module.bias))
     few = torch.randn(2, 128, dtype=torch.bfloat16, requires_grad=True)
     module(few).sum().backward()
