@@ -9,9 +9,7 @@ Stored tensors (the safetensors layout `save_pretrained` writes, per module):
     scale    float (out, in / group_size)   one per group of `group_size` inputs of a row
                                             (per output channel: one column, group = in)
     zero     float (out, in / group_size)   int4 only: the weight the code 0 stands for
-                                            (round to nearest writes -zp * scale, an integer
-                                            zero point; GGUF's Q4_1 "m" fits as it is, and its
-                                            Q4_0 as zero = -8 * scale)
+                                            (GGUF Q4_1's "m"; Q4_0 is zero = -8 * scale)
     bias     float (out,)                    as nn.Linear's
 
 Float tensors follow the model's dtype through `.to()`. `weight` (a property) is the dequantised
@@ -81,23 +79,30 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None,
 
 def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round to nearest, asymmetric per group of `group_size` inputs of a row, as GPTQ's
-    quantiser: the range [min(w, 0), max(w, 0)] in 15 steps of `scale` (1 for a group of
-    zeros), an integer zero point zp = round(-min / scale), codes round(w / scale) + zp. Returns
-    (packed uint8 (out, in / 2), scale (out, groups), zero = -zp * scale (out, groups)): the
-    weight 0 has a code of its own, so pruned weights stay exactly zero (float32 scales; within
-    a rounding of the scale dtype otherwise). The scale is rounded to `scale_dtype` first, as in
+    """Round to nearest, asymmetric per group of `group_size` inputs of a row: (packed uint8
+    (out, in / 2), scale (out, groups), zero (out, groups)), codes round((w - zero) / scale).
+
+    A group spans its own range, zero = its minimum and scale = its range / 15 (GGUF's Q4_1
+    grid, so weights imported from a Q4_1 file keep their codes, and their values to float32's
+    rounding). A group that holds an exact
+    zero (a pruned weight) spans [min(w, 0), max(w, 0)] with an integer zero point zp, zero =
+    -zp * scale, as GPTQ's quantiser does: 0 has a code of its own and pruned weights stay zero
+    (exactly with float32 scales, within a rounding of a half-precision zero otherwise). A
+    constant group gets scale 1. Scale and zero are rounded to `scale_dtype` first, as in
     `quantize_int8`."""
     out_features, in_features = weight.shape
     compute = _compute_dtype(weight.dtype)
     w = weight.detach().to(compute).view(out_features, -1, group_size)
-    low, high = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    holds_zero = (w == 0).any(dim=-1)
+    low = torch.where(holds_zero, low.clamp(max=0), low)
+    high = torch.where(holds_zero, high.clamp(min=0), high)
     scale = torch.where(high > low, (high - low) / INT4_MAX, torch.ones_like(low))
     scale = scale.to(scale_dtype or weight.dtype)
     step = scale.to(compute)
     zero_point = torch.round(-low / step).clamp(0, INT4_MAX)
-    codes = (torch.round(w / step[..., None]) + zero_point[..., None]).clamp(0, INT4_MAX)
-    zero = (-zero_point * step).to(scale.dtype)
+    zero = torch.where(holds_zero, -zero_point * step, low).to(scale.dtype)
+    codes = torch.round((w - zero.to(compute)[..., None]) / step[..., None]).clamp(0, INT4_MAX)
     return pack_int4(codes.view(out_features, in_features)), scale, zero
 
 

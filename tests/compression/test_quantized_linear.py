@@ -53,8 +53,11 @@ def test_int4_packing_round_trips_and_puts_even_columns_in_the_low_nibble():
 
 
 @pytest.mark.parametrize(("weights", "group_size"), FORMATS)
-def test_codes_are_the_nearest_for_the_stored_scales(weights, group_size):
-    weight = _linear(bias=False).weight.detach()
+@pytest.mark.parametrize("pruned", [False, True])
+def test_codes_are_the_nearest_for_the_stored_scales(weights, group_size, pruned):
+    weight = _linear(bias=False).weight.detach().clone()
+    if pruned:  # int4 groups holding a zero take a grid through 0
+        weight.view(96, -1, 4)[..., :2] = 0
     rows, width = weight.shape
     group = width if group_size is None else group_size
     if weights == "int8":
@@ -72,6 +75,21 @@ def test_codes_are_the_nearest_for_the_stored_scales(weights, group_size):
     dequantised = codes.view(rows, -1, group) * scale + zero
     # round to nearest: every weight within half a step of what its code stands for
     assert ((grouped - dequantised).abs() <= scale / 2 * (1 + 1e-6)).all()
+
+
+def test_weights_on_gguf_q4_1_grids_keep_their_codes():
+    """SmolLM2 ships as Q4_1 (w = d * q + m per 32 weights, d and m float16): re-quantised to
+    int4 in groups of 32, it keeps its codes, where a grid forced through 0 would round anew."""
+    rows, groups = 8, 4
+    q = torch.randint(0, 16, (rows, groups, 32))
+    q[..., 0], q[..., 1] = 0, 15  # every Q4_1 block holds its minimum and its maximum
+    d = (torch.rand(rows, groups, 1) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(rows, groups, 1) * 0.1).half().float()
+    weight = (q * d + m).view(rows, groups * 32)
+    packed, scale, zero = quantize_int4(weight, 32)
+    assert torch.equal(unpack_int4(packed).view(rows, groups, 32), q.to(torch.uint8))
+    module = QuantizedLinear.from_linear(_as_linear(weight), "int4", 32)
+    assert_close("w", weight, module.dequantize(), 1e-6)
 
 
 def test_a_group_of_zeros_quantises_to_zeros():
