@@ -141,6 +141,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=600.0, help="wall-time budget")
     p.add_argument("--out", default="runs/bench", help="directory for JSON and PNG")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--only", default="", metavar="NAME,...",
+                   help="only these families (benches that have them: complexity, mqar)")
 
 
 @command("bench", "run a registered benchmark; JSON (+PNG) with the device", _bench_arguments)
@@ -153,7 +155,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
             print(f"{name:28s} {entry.help}")
         return 0
     options = BenchOptions(device=args.device, quick=args.quick, repeats=args.repeats,
-                           budget_s=args.budget_s, out_dir=Path(args.out))
+                           budget_s=args.budget_s, out_dir=Path(args.out),
+                           only=tuple(name for name in args.only.split(",") if name))
     record = run_bench(args.name, options, plot=not args.no_plot)
     env = record["environment"]
     print(f"{args.name} on {env['device']} (torch {env['torch']}, commit {env['commit']})")

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from zoo.app.bench.harness import BenchOptions, line_plot, measure, register_bench
+from zoo.app.bench.harness import (
+    BenchOptions,
+    line_plot,
+    measure,
+    only_families,
+    register_bench,
+)
 from zoo.app.decode_timer import time_decode
 from zoo.config import ZooConfig
 from zoo.layers import FFNS, MIXERS
@@ -175,7 +181,7 @@ def measure_cell(model: ZooForCausalLM, n: int, options: BenchOptions) -> dict:
 
 def run_complexity(options: BenchOptions) -> list[dict]:
     """Rows of (family, n, measures). Each family grows n until its share of the budget is spent."""
-    families = [f for f in FAMILIES if _registered(f)]
+    families = [f for f in only_families(options, tuple(FAMILIES)) if _registered(f)]
     if torch.device(options.device).type == "cpu":
         reuse_freed_memory()
     # Quadratic families last, so that the time the linear ones leave over lets attention reach
@@ -334,4 +340,5 @@ register_bench(
     "the survey's Table 2 by measurement: train/prefill/decode cost and memory vs n, all families",
     plot=complexity_plots,
     report=complexity_report,
+    families=tuple(FAMILIES),
 )(run_complexity)

@@ -30,6 +30,7 @@ class BenchOptions:
     warmup: int = 1
     budget_s: float = 600.0  # entries stop growing sizes past this wall time
     out_dir: Path = Path("runs/bench")
+    only: tuple[str, ...] = ()  # the families an entry that has them runs (`--only`); () = all
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class BenchEntry:
     plot: Callable[[list[dict], Path], None] | None = None
     # rows -> markdown (tables derived from the rows, e.g. fitted exponents); written as .md
     report: Callable[[list[dict]], str] | None = None
+    families: tuple[str, ...] = ()  # what `--only` may choose from; () = the entry has none
 
 
 BENCHES: dict[str, BenchEntry] = {}
@@ -50,8 +52,12 @@ def register_bench(
     help: str,
     plot: Callable[[list[dict], Path], None] | None = None,
     report: Callable[[list[dict]], str] | None = None,
+    families: tuple[str, ...] = (),
 ):
     """Decorator: `@register_bench("attention-model", "what it measures")`.
+
+    `families`: the names `--only` may choose from; the entry reads its choice from
+    `only_families(options, families)`.
 
     `plot(rows, png_path)` may write more PNGs beside png_path (same stem, a suffix each).
     """
@@ -59,7 +65,7 @@ def register_bench(
     def add(fn: Callable[[BenchOptions], list[dict]]):
         if name in BENCHES:
             raise ValueError(f"bench {name!r} is registered twice")
-        BENCHES[name] = BenchEntry(name, fn, help, plot, report)
+        BENCHES[name] = BenchEntry(name, fn, help, plot, report, tuple(families))
         return fn
 
     return add
@@ -150,6 +156,9 @@ def run_bench(name: str, options: BenchOptions, plot: bool = True) -> dict[str, 
     if name not in BENCHES:
         raise ValueError(f"unknown bench {name!r}; registered: {sorted(BENCHES)}")
     entry = BENCHES[name]
+    if options.only and not entry.families:
+        raise ValueError(f"bench {name!r} has no families to choose: drop --only")
+    only_families(options, entry.families)  # names an unknown family before any work
     rows = entry.run(options)
     record = {"bench": name, "environment": environment(options.device), "rows": rows}
     out_dir = Path(options.out_dir)
@@ -170,6 +179,16 @@ def run_bench(name: str, options: BenchOptions, plot: bool = True) -> dict[str, 
         except ImportError:
             record["png"] = None  # matplotlib is the `bench` extra
     return record
+
+
+def only_families(options: BenchOptions, families: tuple[str, ...]) -> list[str]:
+    """The families of `families` that `options.only` keeps (all of them without --only), in
+    the entry's order; an unknown name is an error naming the allowed ones."""
+    unknown = [name for name in options.only if name not in families]
+    if unknown:
+        raise ValueError(f"--only {unknown[0]!r} is not a family of this bench; "
+                         f"choose from {', '.join(families)}")
+    return [f for f in families if not options.only or f in options.only]
 
 
 def format_rows(rows: list[dict]) -> str:

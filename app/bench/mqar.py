@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zoo.app.bench.harness import BenchOptions, register_bench
+from zoo.app.bench.harness import BenchOptions, only_families, register_bench
 from zoo.config import ZooConfig
 from zoo.layers import MIXERS
 from zoo.model import ZooForCausalLM
@@ -239,7 +239,8 @@ def run_mqar(options: BenchOptions) -> list[dict]:
     with stopped "not run". A budget above Recipe.cell_s per cell trains every cell longer;
     `--quick`: two cells of a few steps (what the test suite runs)."""
     torch.set_num_threads(os.cpu_count() or 1)
-    plan = cell_plan(available_families())
+    chosen = only_families(options, FAMILIES)
+    plan = cell_plan([f for f in available_families() if f in chosen])
     if options.quick:  # the two cheapest cells of the first families
         recipe = QUICK
         plan = [(family, seq_len, kv, d_model) for family, seq_len, kv, d_model in plan
@@ -397,4 +398,5 @@ register_bench(
     "multi-query associative recall (zoology figure 2): accuracy vs d_model per family and length",
     plot=mqar_plot,
     report=mqar_report,
+    families=FAMILIES,
 )(run_mqar)
