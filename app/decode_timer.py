@@ -99,7 +99,7 @@ def time_decode(
             entry whatever it holds, and a long real prefill of a large model takes minutes.
     """
     model.eval()
-    device = model.lm_head.weight.device
+    device = model.device
     if isinstance(prompt, int):
         generator = torch.Generator().manual_seed(seed)
         real = prompt if real_prefill is None else min(prompt, real_prefill)

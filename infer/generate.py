@@ -282,7 +282,7 @@ def generate(
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
     rows = normalize_prompts(prompts, model.config.vocab_size)
     check_length_limit(model, max(map(len, rows)), max_new_tokens)
-    device = model.lm_head.weight.device
+    device = model.device
     stops = resolve_stop_tokens(model, stop_tokens, eos_token_id)
     generator = None
     if seed is not None:
@@ -312,7 +312,7 @@ def generate(
 def _run(model, rows, plan, stream, return_cache):
     """The generator behind generate(): yields (row, token) only when streaming, returns the
     GenerationResult."""
-    device = model.lm_head.weight.device
+    device = model.device
     was_training = model.training
     model.eval()  # dropout, MoE jitter and capacity are training-only behaviours
     try:

@@ -83,7 +83,7 @@ def states_mergeable(model: ZooForCausalLM) -> bool:
     """Whether states after different prompt lengths concatenate along the batch: probed once
     per model by prefilling one- and two-token prompts and trying."""
     if model not in _MERGEABLE:
-        device = model.lm_head.weight.device
+        device = model.device
         caches = []
         for length in (1, 2):
             cache = model.new_cache()
@@ -103,7 +103,7 @@ class Prefilled:
 
 def prefill(model: ZooForCausalLM, prompts: list[list[int]]) -> Prefilled:
     """Run every prompt through the model in the parallel form (see the module docstring)."""
-    device = model.lm_head.weight.device
+    device = model.device
     lengths = [len(p) for p in prompts]
     if len(set(lengths)) == 1:
         cache = model.new_cache()

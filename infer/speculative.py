@@ -175,7 +175,7 @@ def speculative_generate(
         check_length_limit(model, len(prompt_ids), max_new_tokens + k)
     sampling = SamplingConfig(temperature, top_k, top_p)
     stops = set(resolve_stop_tokens(target, stop_tokens, eos_token_id))
-    device = target.lm_head.weight.device
+    device = target.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     modes = (target.training, draft.training)
     target.eval()
@@ -189,7 +189,7 @@ def speculative_generate(
 
 
 def _speculate(target, draft, prompt_ids, max_new_tokens, k, sampling, stops, generator):
-    device = target.lm_head.weight.device
+    device = target.device
     start = time.perf_counter()
     ids = torch.tensor([prompt_ids], device=device)
     target_cache, draft_cache = target.new_cache(), draft.new_cache()
