@@ -15,7 +15,6 @@ OUT is written in a temporary folder beside it and renamed, so it is whole or ab
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import shutil
@@ -189,27 +188,16 @@ def corpus_tokenizer(src: str, tokenizer):
     """zoo.train.data's tokenizer for the model's own: the byte tokenizer as it is, a zoo
     folder's saved tokenizer files, or an imported model's tokenizer saved once under the cache
     folder, where distillation saves it (so their token caches are shared)."""
-    from zoo.hf_import import SHORT_NAMES, is_hf_source
+    from zoo.hf_import import is_hf_source
     from zoo.tokenizer import ByteTokenizer
-    from zoo.train.data import HFTokenizer, default_cache_dir
+    from zoo.train.data import HFTokenizer
+    from zoo.train.distill.teacher import save_source_tokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
         return tokenizer
     if not is_hf_source(src):  # a zoo folder with its tokenizer (load_for_generation)
         return HFTokenizer(Path(src))
-    key = src if src in SHORT_NAMES else hashlib.sha256(
-        str(Path(src).expanduser().resolve()).encode()).hexdigest()[:16]
-    root = default_cache_dir().parent / "tokenizers"
-    folder = root / key
-    if not (folder / "tokenizer_config.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process saved it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return HFTokenizer(folder)
+    return HFTokenizer(Path(save_source_tokenizer(tokenizer, src)))
 
 
 def calibration_windows(tokens: np.ndarray, n_tokens: int, seq_len: int) -> torch.Tensor:

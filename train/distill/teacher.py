@@ -68,8 +68,14 @@ class Teacher:
         return out.logits, (out.hidden_states if hidden else None)
 
 
-def _save_tokenizer(tokenizer: Any, name: str) -> str:
-    """A tokenizer object (e.g. from a GGUF file) saved once where data.tokenizer can name it."""
+def save_source_tokenizer(tokenizer: Any, source: str) -> str:
+    """The tokenizer of an imported model (e.g. from a GGUF file) saved once where
+    data.tokenizer can name it, keyed by its source (a short name, or a hash of the path), so
+    every job that tokenizes the corpus for that source shares one token cache."""
+    from zoo.hf_import import SHORT_NAMES
+
+    name = source if source in SHORT_NAMES else hashlib.sha256(
+        str(Path(source).expanduser().resolve()).encode()).hexdigest()[:16]
     root = default_cache_dir().parent / "tokenizers"
     folder = root / name
     if not (folder / "tokenizer_config.json").exists():
@@ -112,9 +118,7 @@ def _load_teacher_model(source: str, dtype: torch.dtype) -> tuple[nn.Module, str
         model = from_hf(source, dtype=dtype)
         spec = None
         if model.tokenizer is not None:
-            key = source if source in SHORT_NAMES else hashlib.sha256(
-                str(path.resolve()).encode()).hexdigest()[:16]
-            spec = _save_tokenizer(model.tokenizer, key)
+            spec = save_source_tokenizer(model.tokenizer, source)
         return model, spec
     if not path.exists():
         raise RunConfigError(
