@@ -1,10 +1,17 @@
 """The state contract every sequence mixer obeys, and the small interface every FFN obeys.
 
-    y, state = mixer(x, state=None)      # x: (B, T, d_model) -> y: (B, T, d_model)
+    y, state = mixer(x, state=None, padding_mask=None)   # x: (B, T, d_model) -> y: (B, T, d_model)
 
 `state=None` starts from the empty state; the returned state is the state after the last token
 of x. Running x whole, split at any point with the state carried, or one token at a time gives
 the same y. The mixer picks its parallel, chunked or recurrent form; the caller never does.
+
+`padding_mask` is None (no padding: the fast path, no extra work) or a (B, T) bool tensor, True
+at a real token. A False position is a no-op on the state, exactly: a decay is 1 and the update
+zero there, a convolution's window or token shift does not move, attention never attends to it.
+The output there is finite (zeros preferred) and never read. Left padding (False before a row's
+first True) and right padding (False after its last True: the returned state is the state after
+the row's last real token) are exact in every form, so a padded row gives what it gives alone.
 """
 
 from __future__ import annotations
@@ -17,6 +24,17 @@ import torch
 from torch import nn
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def fill_padding(
+    x: torch.Tensor, padding_mask: torch.Tensor | None, value: float = 0.0
+) -> torch.Tensor:
+    """x (B, T, ...) with `value` at the padded positions (padding_mask (B, T) False), x itself
+    when padding_mask is None: zero an update, or set a decay to 1 (a log-decay to 0), there."""
+    if padding_mask is None:
+        return x
+    real = padding_mask.reshape(*padding_mask.shape, *([1] * (x.dim() - 2)))
+    return torch.where(real, x, torch.tensor(value, dtype=x.dtype, device=x.device))
 
 
 def at_least_float32(
@@ -96,8 +114,11 @@ class Mixer(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(
-        self, x: torch.Tensor, state: MixerState | None = None
+        self, x: torch.Tensor, state: MixerState | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MixerState]:
+        """x (B, T, d_model) -> (y, the state after x's last real token); padding_mask (B, T)
+        bool, True at real tokens, or None: the module docstring's contract."""
         raise NotImplementedError
 
     def init_state(
@@ -147,8 +168,11 @@ class FFN(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     def forward(
-        self, x: torch.Tensor, state: MixerState | None = None
+        self, x: torch.Tensor, state: MixerState | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MixerState | None]:
+        """As a mixer's: padding_mask (B, T) bool or None; a stateless FFN ignores it (its
+        output at a padded position is never read), a stateful one leaves its state there."""
         raise NotImplementedError
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> MixerState | None:
