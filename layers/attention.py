@@ -284,6 +284,50 @@ class Attention(Mixer):
                                scale=self.head_dim**-0.5)
         return out.reshape(B, 1, self.n_heads * self.head_dim)
 
+    def forward_paged(
+        self, x: torch.Tensor, positions: torch.Tensor, key_blocks: torch.Tensor,
+        value_blocks: torch.Tensor, block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decoding a batch whose rows stand at different positions, the KV cache in a pool of
+        blocks (vLLM's PagedAttention layout, zoo.infer.paged): x (B, 1, d_model) -> (B, 1,
+        d_model).
+
+        positions (B,) long: each row's cached tokens, which is the new token's position.
+        key_blocks, value_blocks (N, block_size, H_kv, D): the new keys and values are written
+        into them in place. block_tables (B, M) long: each row's block ids in order, covering
+        its position; entries past it are read and masked out, so any valid id may fill them.
+        """
+        B, H, D, block_size = x.shape[0], self.n_kv_heads, self.head_dim, key_blocks.shape[1]
+        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=D)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=D)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            # Rotary.cos_sin's arithmetic, one position per row instead of one per time step
+            freqs = positions[:, None].float() * self.rotary.inv_freq.float()
+            emb = torch.cat([freqs, freqs], dim=-1)
+            cos, sin = emb.cos().to(q.dtype)[:, None, None], emb.sin().to(q.dtype)[:, None, None]
+            rotary_dim = self.rotary.head_dim
+            q = torch.cat([Rotary.apply(q[..., :rotary_dim], cos, sin), q[..., rotary_dim:]], -1)
+            k = torch.cat([Rotary.apply(k[..., :rotary_dim], cos, sin), k[..., rotary_dim:]], -1)
+        slots = (block_tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size
+                 + positions % block_size)
+        key_blocks.view(-1, H, D).index_copy_(0, slots, k[:, 0])
+        value_blocks.view(-1, H, D).index_copy_(0, slots, v[:, 0])
+        length = block_tables.shape[1] * block_size
+        keys = key_blocks[block_tables].reshape(B, length, H, D).transpose(1, 2)
+        values = value_blocks[block_tables].reshape(B, length, H, D).transpose(1, 2)
+        key_index = torch.arange(length, device=x.device)[None, :]
+        allowed = key_index <= positions[:, None]
+        if self.window is not None:
+            allowed &= key_index > positions[:, None] - self.window
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=allowed[:, None, None, :],
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(self._gated(rearrange(out, "b h t d -> b t (h d)"), x))
+
 
 class QwenAttention(Attention):
     """An `attention` mixer with any of Qwen3-Next's options (qk_norm, output_gate,

@@ -1,0 +1,83 @@
+"""Attention's KV cache in a pool of fixed-size blocks, as vLLM's PagedAttention keeps it.
+
+Every attention layer owns two tensors (N, block_size, H_kv, D), keys and values, and a
+sequence owns a list of block ids (its block table): token t of the sequence lives in block
+table[t // block_size] at offset t % block_size, in every attention layer at once. A finished
+sequence hands its blocks back and the next one reuses them: memory follows the tokens actually
+held, never a per-sequence maximum, and nothing is ever copied to grow a cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVBlockPool:
+    """The blocks of every attention layer and which of them are free.
+
+    `layer_shapes` maps a layer index to its (H_kv, D); every layer gets `num_blocks` blocks of
+    `block_size` tokens, allocated once here."""
+
+    def __init__(
+        self, layer_shapes: dict[int, tuple[int, int]], num_blocks: int, block_size: int,
+        dtype: torch.dtype, device: torch.device,
+    ):
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be a positive number of tokens")
+        if num_blocks < 0:
+            raise ValueError(f"kv_blocks={num_blocks} must be >= 0")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        for layer, (heads, head_dim) in layer_shapes.items():
+            shape = (num_blocks, block_size, heads, head_dim)
+            self.keys[layer] = torch.zeros(shape, dtype=dtype, device=device)
+            self.values[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        # handed out from the end, so the lowest ids go first (easier to read in tests and logs)
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        """How many blocks hold `tokens` tokens."""
+        return -(-tokens // self.block_size)
+
+    def bytes_per_token(self) -> int:
+        """KV bytes one token takes over all attention layers."""
+        return sum(2 * k[0, 0].numel() * k.element_size() for k in self.keys.values())
+
+    def allocate(self, count: int) -> list[int]:
+        """`count` free block ids; a ValueError when fewer are free (callers check first)."""
+        if count > len(self._free):
+            raise ValueError(f"{count} KV blocks asked for, {len(self._free)} free")
+        taken = self._free[len(self._free) - count:][::-1]
+        del self._free[len(self._free) - count:]
+        return taken
+
+    def release(self, blocks: list[int]) -> None:
+        """Hand `blocks` back; they are reused by the next allocation."""
+        self._free.extend(reversed(blocks))
+
+    def slots(self, blocks: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """The flat token slots (block * block_size + offset) of positions start .. start +
+        count - 1 of one sequence whose block table is `blocks` (M,) long."""
+        positions = torch.arange(start, start + count, device=blocks.device)
+        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (T, H_kv, D) into the flat token `slots` (T,) of `layer`'s blocks."""
+        heads, head_dim = self.keys[layer].shape[2:]
+        self.keys[layer].view(-1, heads, head_dim).index_copy_(0, slots, k)
+        self.values[layer].view(-1, heads, head_dim).index_copy_(0, slots, v)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values at the flat token `slots` (T,) of `layer`: each (T, H_kv, D)."""
+        heads, head_dim = self.keys[layer].shape[2:]
+        return (self.keys[layer].view(-1, heads, head_dim).index_select(0, slots),
+                self.values[layer].view(-1, heads, head_dim).index_select(0, slots))
