@@ -1,13 +1,18 @@
 """Pruning: zero the least important weights of every linear layer of the mixers and FFNs
 (`linear_targets`, the output head left dense), unstructured or N:M, scored by magnitude or by
-Wanda. Pruned weights stay dense float tensors holding zeros: the point here is the quality a
-pattern costs, and a 2:4 layout a GPU sparse kernel can take later; a CPU decodes it no faster.
+Wanda, or chosen and compensated by SparseGPT. Pruned weights stay dense float tensors holding
+zeros: the point here is the quality a pattern costs, and a 2:4 layout a GPU sparse kernel can
+take later; a CPU decodes it no faster.
 
 - magnitude: score |W|.
 - wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"): score
   |W_ij| * ||X_j||_2, where ||X_j|| is the norm of input channel j over the calibration tokens.
   Layer by layer, as the paper's code does: block i's inputs come from blocks 0..i-1 already
   pruned, and block i's output is recomputed with its pruned weights before block i+1 sees it.
+- sparsegpt (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately
+  Pruned in One-Shot"; compression/sparsegpt.py): the mask by w² / [H⁻¹]_jj, and the error of
+  each pruned column fed to the columns after it through the inverse Hessian, so the kept
+  weights change too; the same block-by-block calibration as wanda.
 - Sparsity "N:M" keeps the N best of every M consecutive inputs of a row (2:4, 4:8); a fraction
   s in (0, 1) prunes the int(s * in) lowest-scored weights of each output row (Wanda's
   comparison group, used for magnitude too, so the two differ only in the score).
@@ -22,9 +27,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .calibration import NEVER_RAN, InputHessians, check_calibration, run_block_by_block
+from .sparsegpt import sparsegpt_prune
 from .targets import CompressionError, linear_targets
 
-PRUNING_METHODS = ("magnitude", "wanda")
+PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +128,10 @@ def prune_model(model: nn.Module, method: str = "wanda", sparsity: float | str =
                 calibration: torch.Tensor | None = None, skip: Iterable[str] = ()
                 ) -> PruningResult:
     """Prune `model` in place (module doc). `calibration`: token ids (B, T), needed by wanda
-    (calibration text from the default corpus: zoo compress takes it from the training split).
-    Errors name the argument: an unknown method, a sparsity outside (0, 1) or N:M with N >= M,
-    N:M whose M does not divide a layer's input, wanda without calibration, a model without
-    linear layers to prune."""
+    and sparsegpt (calibration text from the default corpus: zoo compress takes it from the
+    training split). Errors name the argument: an unknown method, a sparsity outside (0, 1) or
+    N:M with N >= M, N:M whose M does not divide a layer's input, wanda or sparsegpt without
+    calibration, a model without linear layers to prune."""
     if method not in PRUNING_METHODS:
         raise CompressionError("method", method, f"allowed: {', '.join(PRUNING_METHODS)}")
     pattern = parse_sparsity(sparsity)
@@ -140,10 +147,9 @@ def prune_model(model: nn.Module, method: str = "wanda", sparsity: float | str =
         for _, linear in targets:
             linear.weight.mul_(keep_mask(pruning_scores(linear.weight, method), pattern))
         return _result(targets, {})
-    if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
-        raise CompressionError("calibration", None if calibration is None else tuple(
-            getattr(calibration, "shape", ())), "wanda needs calibration token ids (B, T)")
-    left_dense = _prune_wanda(model, targets, pattern, calibration)
+    check_calibration(calibration, method)
+    prune = _prune_wanda if method == "wanda" else _prune_sparsegpt
+    left_dense = prune(model, targets, pattern, calibration)
     return _result([(n, m) for n, m in targets if n not in left_dense], left_dense)
 
 
@@ -152,72 +158,45 @@ def _result(pruned: list[tuple[str, nn.Linear]], left_dense: dict[str, str]) -> 
                          {name: m.weight.numel() for name, m in pruned}, left_dense)
 
 
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's residual blocks and their qualified name (a zoo model's model.layers)."""
-    blocks = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise CompressionError("method", "wanda", "runs block by block and needs a model whose "
-                               "blocks are model.model.layers (a zoo model)")
-    return "model.layers", blocks
-
-
 def _prune_wanda(model: nn.Module, targets: list[tuple[str, nn.Linear]], pattern: Sparsity,
                  calibration: torch.Tensor) -> dict[str, str]:
-    """One forward pass of the backbone over the calibration tokens: each linear layer sums its
-    inputs' squares per channel, and when a block has run, its layers are pruned and the block
-    runs again so the next block sees the pruned output. Returns the layers left dense."""
-    prefix, blocks = _blocks(model)
-    by_block: dict[int, list[tuple[str, nn.Linear]]] = {}
-    for name, linear in targets:
-        match = re.match(rf"{re.escape(prefix)}\.(\d+)\.", name)
-        if match is None:
-            raise CompressionError("method", "wanda", f"{name} lies outside the blocks")
-        by_block.setdefault(int(match[1]), []).append((name, linear))
-    squares = {name: None for name, _ in targets}
+    """One pass block by block (compression.calibration): each linear layer sums its inputs'
+    squares per channel; when a block has run, its layers are pruned by |W| * ||X_j||. Returns
+    the layers left dense."""
+    squares: dict[str, torch.Tensor] = {}
     left_dense: dict[str, str] = {}
-    rerunning = False
 
-    def collect(name: str):
-        def hook(module, args):
-            if rerunning:
-                return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            total = x.square().sum(dim=0)
-            squares[name] = total if squares[name] is None else squares[name] + total
-        return hook
+    def observe(name: str, x: torch.Tensor) -> None:
+        total = x.to(torch.float64).square().sum(dim=0)
+        squares[name] = squares[name] + total if name in squares else total
 
-    def prune_after(index: int):
-        def hook(block, args, kwargs, output):
-            nonlocal rerunning
-            if rerunning:
-                return None
-            for name, linear in by_block.get(index, []):
-                if squares[name] is None:
-                    left_dense[name] = "its forward never ran on the calibration tokens"
-                    continue
-                scores = pruning_scores(linear.weight, "wanda", squares[name].sqrt())
-                linear.weight.mul_(keep_mask(scores, pattern))
-            rerunning = True
-            try:
-                return block(*args, **kwargs)  # the pruned block's output for the next block
-            finally:
-                rerunning = False
-        return hook
+    def prune_block(index: int, layers: list[tuple[str, nn.Linear]]) -> None:
+        for name, linear in layers:
+            if name not in squares:
+                left_dense[name] = NEVER_RAN
+                continue
+            scores = pruning_scores(linear.weight, "wanda", squares.pop(name).sqrt())
+            linear.weight.mul_(keep_mask(scores, pattern))
 
-    handles = [linear.register_forward_pre_hook(collect(name)) for name, linear in targets]
-    handles += [block.register_forward_hook(prune_after(i), with_kwargs=True)
-                for i, block in enumerate(blocks)]
-    device = next(model.parameters()).device
-    was_training = model.training
-    try:
-        model.eval()
-        model.model(calibration.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    unseen = [name for name, _ in targets if squares[name] is None and name not in left_dense]
-    for name in unseen:  # inside no block that ran: cannot happen for a zoo model
-        left_dense[name] = "its forward never ran on the calibration tokens"
+    run_block_by_block(model, targets, calibration, observe, prune_block, "wanda")
     return left_dense
 
+
+def _prune_sparsegpt(model: nn.Module, targets: list[tuple[str, nn.Linear]], pattern: Sparsity,
+                     calibration: torch.Tensor) -> dict[str, str]:
+    """One pass block by block (compression.calibration): each linear layer sums its inputs'
+    Hessian; when a block has run, SparseGPT prunes its layers (and updates their kept
+    weights). Returns the layers left dense."""
+    hessians = InputHessians()
+    left_dense: dict[str, str] = {}
+
+    def prune_block(index: int, layers: list[tuple[str, nn.Linear]]) -> None:
+        for name, linear in layers:
+            hessian = hessians.pop(name)
+            if hessian is None:
+                left_dense[name] = NEVER_RAN
+                continue
+            linear.weight.copy_(sparsegpt_prune(linear.weight, hessian, pattern))
+
+    run_block_by_block(model, targets, calibration, hessians.add, prune_block, "sparsegpt")
+    return left_dense

@@ -9,8 +9,11 @@ The section (config.json's "quantization"):
     weights     "int8" (symmetric, per output channel) or "int4" (groups along the input,
                 scale and zero)
     group_size  null for int8; 32, 64 or 128 for int4
-    method      how the codes were chosen: "rtn" (round to nearest)
+    method      how the codes were chosen: "rtn" (round to nearest) or "gptq" (calibrated,
+                compression/gptq.py; same stored layout)
     modules     the qualified names of the QuantizedLinear layers, in model order
+    rounded_to_nearest  (gptq only, when there are such) the layers GPTQ had no calibration
+                inputs for (their weight is read directly, never called), rounded to nearest
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import check_calibration
+from .gptq import gptq_quantize_layers
 from .quantized_linear import INT4_GROUP_SIZES, WEIGHT_FORMATS, QuantizedLinear
 from .targets import CompressionError, linear_targets, output_head, replace_module
 
-QUANTIZATION_METHODS = ("rtn",)
-SECTION_KEYS = ("weights", "group_size", "method", "modules")
+QUANTIZATION_METHODS = ("rtn", "gptq")
+SECTION_KEYS = ("weights", "group_size", "method", "modules", "rounded_to_nearest")
 
 
 def check_quantization_args(weights: str, group_size: int | None) -> None:
@@ -43,17 +48,25 @@ def check_quantization_args(weights: str, group_size: int | None) -> None:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, weights: str = "int8", group_size: int | None = None,
-                   skip: Iterable[str] = ()) -> dict[str, Any]:
+                   skip: Iterable[str] = (), *, method: str = "rtn",
+                   calibration: torch.Tensor | None = None) -> dict[str, Any]:
     """Replace every linear layer compression takes (`linear_targets`: mixers, FFNs, the output
-    head) by a round-to-nearest QuantizedLinear, in place; returns the config section and sets
-    it as `model.config.quantization` where the model has a config.
+    head) by a QuantizedLinear, in place; returns the config section and sets it as
+    `model.config.quantization` where the model has a config. `method`: "rtn" rounds to nearest;
+    "gptq" (compression/gptq.py) needs `calibration` token ids (B, T) (zoo compress takes them
+    from the default corpus's training split) and runs block by block over them.
 
     A tied output head is untied (config.tie_word_embeddings = False): the head becomes int8 or
     int4 codes and the embedding stays a float table, of which decoding reads one row a token.
     Every layer is checked before any is replaced: int4 with a group size that does not divide a
-    layer's input width is a CompressionError naming group_size and the layer.
+    layer's input width is a CompressionError naming group_size and the layer; so are an
+    unknown method and gptq without calibration.
     """
     check_quantization_args(weights, group_size)
+    if method not in QUANTIZATION_METHODS:
+        raise CompressionError("method", method, f"allowed: {', '.join(QUANTIZATION_METHODS)}")
+    if method == "gptq":
+        check_calibration(calibration, method)
     config = getattr(model, "config", None)
     if getattr(config, "quantization", None):
         raise CompressionError("weights", weights, "the model is quantised already "
@@ -71,10 +84,16 @@ def quantize_model(model: nn.Module, weights: str = "int8", group_size: int | No
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = (isinstance(head, nn.Linear) and embedding is not None
             and head.weight is embedding.weight)
-    for name, linear in targets:
-        replace_module(model, name, QuantizedLinear.from_linear(linear, weights, group_size))
-    section = {"weights": weights, "group_size": group_size, "method": "rtn",
+    rounded: dict[str, str] = {}
+    if method == "gptq":
+        rounded = gptq_quantize_layers(model, targets, weights, group_size, calibration)
+    else:
+        for name, linear in targets:
+            replace_module(model, name, QuantizedLinear.from_linear(linear, weights, group_size))
+    section = {"weights": weights, "group_size": group_size, "method": method,
                "modules": [name for name, _ in targets]}
+    if rounded:
+        section["rounded_to_nearest"] = [name for name, _ in targets if name in rounded]
     if config is not None:
         if tied and any(module is head for _, module in targets):
             config.tie_word_embeddings = False
@@ -107,6 +126,10 @@ def check_quantization_section(section: Any, where: str = "quantization") -> Non
             isinstance(name, str) and name for name in modules):
         raise ValueError(f"{where}.modules must be a non-empty list of module names, "
                          f"got {modules!r}")
+    rounded = section.get("rounded_to_nearest", [])
+    if not isinstance(rounded, list) or not all(name in modules for name in rounded):
+        raise ValueError(f"{where}.rounded_to_nearest must be a list of names from "
+                         f"{where}.modules, got {rounded!r}")
 
 
 def apply_quantized_layout(model: nn.Module, section: Mapping[str, Any]) -> None:
