@@ -6,6 +6,7 @@
     zoo train RUN              train from a run config (zoo train --list; --plot RUN_DIR)
     zoo distill RUN            distil a teacher into a student (linearise, transfer, KD)
     zoo compress SRC OUT       quantise (int8, int4) and / or prune (magnitude, wanda) a model
+    zoo serve MODEL            an OpenAI-compatible HTTP server (continuous batching)
 
 Subcommands live in COMMANDS: (name, help, add_arguments, run).
 """
@@ -334,6 +335,20 @@ def run_compress(args: argparse.Namespace) -> int:
     from zoo.app.compress import run_compress_command
 
     return run_compress_command(args)
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    from zoo.app.serve import add_serve_arguments
+
+    add_serve_arguments(p)
+
+
+@command("serve", "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+         "streaming) over the continuous-batching engine", _serve_arguments)
+def run_serve(args: argparse.Namespace) -> int:
+    from zoo.app.serve import run_serve_command
+
+    return run_serve_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

