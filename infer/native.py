@@ -2,7 +2,9 @@
 SwiGLU or GELU FFNs and RMSNorm (Llama, SmolLM2, attention-tiny) decodes through
 `zoo.kernels.transformer_decode_step`, one C++ call per token, in place of the torch.compile'd
 step. Same arguments and results as `compiled_decode_step`'s step (the cache as tensors and
-ints); logits equal the model's own up to summation order (float32).
+ints); logits equal the model's own up to summation order (float32). Linear layers quantised by
+zoo.compression (int8 per channel or in groups, int4 in groups of 32, 64 or 128; the head too)
+are read as their codes, dequantised in the kernel's registers.
 
     support = native_support(model, layout, batch_size)   # truthy where the step applies
     step = native_decode_step(model, layout, greedy)        # else support.reason says why not
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from zoo.cache import CacheLayout
+from zoo.compression import QuantizedLinear
 from zoo.kernels import transformer_step
 from zoo.layers.attention import Attention, AttentionState
 from zoo.layers.ffn import MLP, SwiGLU
@@ -52,15 +55,19 @@ def native_support(model: ZooForCausalLM, layout: CacheLayout, batch_size: int) 
 
 def _why_not_native(model: ZooForCausalLM, layout: CacheLayout, batch_size: int) -> str | None:
     """The first check `model` fails, or None where it passes them all."""
-    weight = model.lm_head.weight
+    # the embedding table stays float in a quantised model (a quantised head's `weight` would
+    # dequantise the whole matrix)
+    weight = model.model.embed_tokens.weight
     if weight.device.type != "cpu":
         return f"the model is on {weight.device}; the native step runs on the CPU"
     if weight.dtype not in transformer_step.KERNEL_DTYPES:
         return f"its weights are {weight.dtype}; the native step takes float32, bfloat16, float16"
-    if any(p.dtype != weight.dtype for p in model.parameters()):
+    if any(p.is_floating_point() and p.dtype != weight.dtype for p in model.parameters()):
         return "its parameters mix dtypes"
     if batch_size > MAX_NATIVE_BATCH:
         return f"batch {batch_size} > {MAX_NATIVE_BATCH} rows (a matrix product: BLAS's work)"
+    if (reason := _unreadable(model.lm_head)) is not None:
+        return f"the output head {reason}"
     if model.lm_head.bias is not None:
         return "the output head has a bias"
     backbone = model.model
@@ -89,10 +96,16 @@ def _why_not_native(model: ZooForCausalLM, layout: CacheLayout, batch_size: int)
         if block.ffn is not None and type(block.ffn) not in (SwiGLU, MLP):
             return f"layer {i}'s FFN is {type(block.ffn).__name__}; native: swiglu or mlp"
         ffn_kinds.add(type(block.ffn))
+        for name, linear in _linears(block).items():
+            if (reason := _unreadable(linear)) is not None:
+                return f"layer {i}'s {name} {reason}"
         if layout.layers[i] is None or layout.layers[i][0] is None or (
             layout.layers[i][0][0] is not AttentionState or layout.layers[i][1] is not None
         ):
             return f"layer {i}'s cache is not a KV cache alone"
+        if dict(layout.layers[i][0][1]).get("key_positions") == "tensor":
+            return (f"layer {i}'s KV cache holds padding (a padded batch); the native step "
+                    "reads caches without it")
     if len(ffn_kinds - {None}) > 1:
         return "its layers mix SwiGLU and MLP FFNs"
     if first.head_dim % 2 or first.head_dim > 512:
@@ -104,36 +117,85 @@ def _why_not_native(model: ZooForCausalLM, layout: CacheLayout, batch_size: int)
     return None
 
 
-def _weights(model: ZooForCausalLM) -> tuple[list, list, str]:
-    """The op's layer_weights and globals for `model` (its own tensors: in-place updates show)."""
+def _linears(block: nn.Module) -> dict[str, nn.Module]:
+    """A block's linear layers the step runs, by module name."""
+    attention, ffn = block.mixer, block.ffn
+    linears = {"q_proj": attention.q_proj, "k_proj": attention.k_proj,
+               "v_proj": attention.v_proj, "o_proj": attention.o_proj}
+    if isinstance(ffn, SwiGLU):
+        linears.update(gate_proj=ffn.gate_proj, up_proj=ffn.up_proj, down_proj=ffn.down_proj)
+    elif isinstance(ffn, MLP):
+        linears.update(fc_in=ffn.fc_in, fc_out=ffn.fc_out)
+    return linears
+
+
+def _unreadable(linear: nn.Module) -> str | None:
+    """Why the step cannot read `linear`'s weights (said of the layer), or None where it can."""
+    if isinstance(linear, QuantizedLinear):
+        multiple = {"int8": transformer_step.INT8_GROUP_MULTIPLE,
+                    "int4": transformer_step.INT4_GROUP_MULTIPLE}.get(linear.weights)
+        if multiple is None:
+            return f"holds {linear.weights} weights; the native step reads int8 and int4"
+        if linear.group_size is not None and linear.group_size % multiple:
+            return (f"is {linear.weights} in groups of {linear.group_size}; the native step "
+                    f"takes {linear.weights} groups of a multiple of {multiple}"
+                    + (" or per output channel" if linear.weights == "int8" else ""))
+        return None
+    if not isinstance(linear, nn.Linear):
+        return (f"is {type(linear).__name__}; the native step reads nn.Linear and "
+                "QuantizedLinear")
+    return None
+
+
+# the step's fields of a block's linear layers (GELU's fc_in and fc_out sit in gate and down)
+_FIELDS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+           "up_proj": "up", "down_proj": "down", "fc_in": "gate", "fc_out": "down"}
+
+
+def _weights(model: ZooForCausalLM) -> tuple[list, list, list | None, list | None, str]:
+    """The op's layer_weights, globals, scales and zeros (None where no layer is quantised) for
+    `model`: its own tensors, so in-place updates show."""
 
     def data(module: nn.Module | None, name: str = "weight") -> torch.Tensor | None:
         value = getattr(module, name, None) if module is not None else None
         return value.detach() if value is not None else None
 
-    layers, activation = [], "swiglu"
+    def linear_entries(linear: nn.Module) -> tuple:
+        """(weight, bias, scale, zero): a QuantizedLinear's codes in place of its weight."""
+        if isinstance(linear, QuantizedLinear):
+            return (data(linear, "qweight"), data(linear, "bias"), data(linear, "scale"),
+                    data(linear, "zero"))
+        return data(linear), data(linear, "bias"), None, None
+
+    layers, scales, zeros, activation = [], [], [], "swiglu"
     for block in model.model.layers:
-        attention, ffn = block.mixer, block.ffn
         entries = {"mixer_norm": data(block.mixer_norm), "ffn_norm": data(block.ffn_norm)}
-        for field, linear in (("q", attention.q_proj), ("k", attention.k_proj),
-                              ("v", attention.v_proj), ("o", attention.o_proj)):
-            entries[field], entries[f"{field}_bias"] = data(linear), data(linear, "bias")
-        if isinstance(ffn, SwiGLU):
-            linears = {"gate": ffn.gate_proj, "up": ffn.up_proj, "down": ffn.down_proj}
-        elif isinstance(ffn, MLP):
-            linears, activation = {"gate": ffn.fc_in, "down": ffn.fc_out}, "gelu"
-        else:
-            linears = {}
-        for field, linear in linears.items():
-            entries[field], entries[f"{field}_bias"] = data(linear), data(linear, "bias")
-        layers += [entries.get(field) for field in transformer_step.LAYER_FIELDS]
+        quantized = {}
+        for name, linear in _linears(block).items():
+            field = _FIELDS[name]
+            weight, entries[f"{field}_bias"], *quantized[field] = linear_entries(linear)
+            entries[field] = weight
+        if isinstance(block.ffn, MLP):
+            activation = "gelu"
+        for field in transformer_step.LAYER_FIELDS:
+            layers.append(entries.get(field))
+            scale, zero = quantized.get(field, (None, None))
+            scales.append(scale)
+            zeros.append(zero)
     rotary = model.model.layers[0].mixer.rotary
+    head, _, head_scale, head_zero = linear_entries(model.lm_head)
     globals_ = {
         "embed": data(model.model.embed_tokens), "embed_norm": data(model.model.embed_norm),
-        "final_norm": data(model.model.norm), "head": data(model.lm_head),
+        "final_norm": data(model.model.norm), "head": head,
         "inv_freq": rotary.inv_freq.float().contiguous() if rotary is not None else None,
     }
-    return layers, [globals_[field] for field in transformer_step.GLOBAL_FIELDS], activation
+    for field in transformer_step.GLOBAL_FIELDS:
+        scales.append(head_scale if field == "head" else None)
+        zeros.append(head_zero if field == "head" else None)
+    if all(scale is None for scale in scales):
+        scales = zeros = None
+    return (layers, [globals_[field] for field in transformer_step.GLOBAL_FIELDS], scales,
+            zeros, activation)
 
 
 def native_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool) -> NativeStep:
@@ -144,11 +206,12 @@ def native_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool)
     with `tensors, ints` as `ZooCache.flatten` gives them for this layout (per layer k_t, v;
     seen_tokens, then per layer length, position). The caches take the token in place; every
     int advances by one. `out` is the logits (B, V), or the argmax tokens (B,) with greedy."""
-    layer_weights, globals_, activation = _weights(model)
+    layer_weights, globals_, scales, zeros, activation = _weights(model)
     attention = model.model.layers[0].mixer
     config = dict(n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads,
                   head_dim=attention.head_dim, eps=model.model.norm.eps,
-                  activation=activation, greedy=greedy, backend="cpu")
+                  activation=activation, greedy=greedy, scales=scales, zeros=zeros,
+                  backend="cpu")
 
     def step(ids: torch.Tensor, tensors: list[torch.Tensor], ints: list[int]):
         out = transformer_step.transformer_decode_step(

@@ -19,11 +19,31 @@ from einops import rearrange
 
 from zoo.kernels import decode_attention
 
-from .base import Mixer, MixerState
+from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
 from .norms import RMSNorm
 from .registry import register_mixer
 from .rotary import Rotary
+
+
+def rotary_at(rotary: Rotary, positions: torch.Tensor,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, T, 1, D) at per-row positions (B, T), computed as Rotary.cos_sin
+    computes them for a range, so a padded row's rotation equals the row's alone bit for bit."""
+    freqs = positions[..., None].float() * rotary.inv_freq.float()
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+
+
+def row_positions(padding_mask: torch.Tensor, start: torch.Tensor | int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (B, T), next start (B,)) of a padded batch's tokens: each row counts only its
+    real tokens (padding_mask True), from `start` (an int or (B,) long); a padded token takes the
+    position of the real token before it (start - 1 before the first)."""
+    counts = padding_mask.long().cumsum(1)
+    start = torch.as_tensor(start, dtype=torch.long, device=padding_mask.device)
+    start = start.expand(padding_mask.shape[0]) if start.dim() == 0 else start
+    return start[:, None] + counts - 1, start + counts[:, -1]
 
 
 @dataclasses.dataclass
@@ -38,6 +58,13 @@ class AttentionState(MixerState):
     Appending writes past `length` in place and returns a new state object that shares the
     buffers, so decoding does not copy the cache each token. An older state object stays valid
     (its slots are never overwritten) until a second branch appends from it.
+
+    A cache that has seen padding (a padded batch) also knows each row's positions:
+    key_positions (B, capacity) long, the position of each filled slot's token in its row (its
+    real tokens counted from 0), -1 at a padded slot; next_positions (B,) long, each row's next
+    position. Both None for a cache that never saw padding, whose slot i holds position
+    `position - length + i` in every row (the native and compiled steps read only such caches).
+    A padded cache with a window keeps every slot (the mask applies the window per row).
     """
 
     k_t: torch.Tensor
@@ -45,13 +72,16 @@ class AttentionState(MixerState):
     length: int = 0
     position: int = 0  # absolute position of the next token (differs from length with a window)
     window: int | None = None
+    key_positions: torch.Tensor | None = None
+    next_positions: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
         return self.v.shape[2]
 
     def nbytes(self) -> int:
-        kept = self.length if self.window is None else min(self.length, self.window)
+        trimmed = self.window is not None and self.key_positions is None
+        kept = min(self.length, self.window) if trimmed else self.length
         per_token = self.v.shape[1] * self.v.shape[3] * self.v.element_size()
         return 2 * kept * per_token
 
@@ -59,15 +89,35 @@ class AttentionState(MixerState):
         """(B, H_kv, length, D) views of the filled slots (the keys a transposed view)."""
         return self.k_t[..., : self.length].transpose(2, 3), self.v[:, :, : self.length]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> AttentionState:
+    def write(self, k: torch.Tensor, v: torch.Tensor,
+              positions: torch.Tensor | None = None) -> AttentionState:
         """k, v (B, H_kv, T, D) into the T slots after `length`, which must be free; the new
-        state shares the buffers."""
+        state shares the buffers. A padded cache takes the tokens' positions (B, T), -1 at
+        padding."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"attention cache: {end} tokens do not fit {self.capacity} slots")
         self.k_t[..., start:end] = k.transpose(2, 3)
         self.v[:, :, start:end] = v
-        return AttentionState(self.k_t, self.v, end, self.position + k.shape[2], self.window)
+        next_positions = None
+        if self.key_positions is not None:
+            self.key_positions[:, start:end] = positions
+            next_positions = torch.maximum(self.next_positions, positions.amax(1) + 1)
+        return AttentionState(self.k_t, self.v, end, self.position + k.shape[2], self.window,
+                              self.key_positions, next_positions)
+
+    def with_row_positions(self) -> AttentionState:
+        """This cache (sharing its buffers) with key_positions and next_positions, as a padded
+        cache keeps them; itself if it has them."""
+        if self.key_positions is not None:
+            return self
+        B, device = self.v.shape[0], self.v.device
+        slots = torch.arange(self.capacity, device=device)
+        first = self.position - self.length  # the position of slot 0 (a window drops some)
+        key_positions = torch.where(slots < self.length, slots + first, -1)
+        return dataclasses.replace(
+            self, key_positions=key_positions.expand(B, -1).contiguous(),
+            next_positions=torch.full((B,), self.position, dtype=torch.long, device=device))
 
     def with_capacity(self, capacity: int) -> AttentionState:
         """The same cache in new buffers of `capacity` slots (>= length)."""
@@ -75,18 +125,25 @@ class AttentionState(MixerState):
         k_t, v = self.k_t.new_empty(B, H, D, capacity), self.v.new_empty(B, H, capacity, D)
         k_t[..., : self.length] = self.k_t[..., : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
-        return dataclasses.replace(self, k_t=k_t, v=v)
+        key_positions = self.key_positions
+        if key_positions is not None:
+            key_positions = key_positions.new_full((B, capacity), -1)
+            key_positions[:, : self.length] = self.key_positions[:, : self.length]
+        return dataclasses.replace(self, k_t=k_t, v=v, key_positions=key_positions)
 
     def last(self, tokens: int) -> AttentionState:
         """Views of the last `tokens` filled slots as a full cache (a window's trim)."""
         start, end = self.length - tokens, self.length
+        key_positions = None if self.key_positions is None else self.key_positions[:, start:end]
         return dataclasses.replace(
-            self, k_t=self.k_t[..., start:end], v=self.v[:, :, start:end], length=tokens)
+            self, k_t=self.k_t[..., start:end], v=self.v[:, :, start:end], length=tokens,
+            key_positions=key_positions)
 
     def reserve(self, tokens: int) -> AttentionState:
         """Room for `tokens` more without growing, so a compiled decode step never sees the
         buffers change shape. A windowed cache trims itself when it grows: left as it is."""
-        if self.window is not None or self.length + tokens <= self.capacity:
+        trims = self.window is not None and self.key_positions is None
+        if trims or self.length + tokens <= self.capacity:
             return self
         return self.with_capacity(self.length + tokens)
 
@@ -182,15 +239,18 @@ class Attention(Mixer):
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * kept * self.n_kv_heads * self.head_dim * element
 
-    def _append(self, state: AttentionState, k: torch.Tensor, v: torch.Tensor) -> AttentionState:
-        """Write k, v (B, H_kv, T, D) after the cached tokens, growing the buffers by doubling."""
+    def _append(self, state: AttentionState, k: torch.Tensor, v: torch.Tensor,
+                positions: torch.Tensor | None = None) -> AttentionState:
+        """Write k, v (B, H_kv, T, D) after the cached tokens, growing the buffers by doubling.
+        A padded cache takes the tokens' positions (B, T), -1 at padding."""
         T = k.shape[2]
         if state.length + T > state.capacity:
-            if self.window is not None and state.length >= self.window:
+            if (self.window is not None and state.length >= self.window
+                    and state.key_positions is None):
                 # the next queries see at most window - 1 earlier tokens: drop the rest
                 state = state.last(self.window - 1)
             state = state.with_capacity(max(state.length + T, 2 * state.capacity, 16))
-        return state.write(k, v)
+        return state.write(k, v, positions)
 
     def _mask(self, T: int, past: int, device: torch.device) -> torch.Tensor | None:
         """Boolean (T, past + T) mask, or None where SDPA's own causal flag or no mask fits."""
@@ -203,11 +263,13 @@ class Attention(Mixer):
             allowed &= key_index > query_index - self.window
         return allowed
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
+        if padding_mask is not None or state.key_positions is not None:
+            return self._forward_padded(x, state, padding_mask)
         q, k = self._queries_keys(x, state.position)
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D), the cache's layout
@@ -237,16 +299,58 @@ class Attention(Mixer):
         y = self.o_proj(self._gated(rearrange(out, "b h t d -> b t (h d)"), x))
         return y, new_state
 
-    def _queries_keys(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, d_model) at positions start.. -> q (B, T, H, D), k (B, T, H_kv, D):
-        projected, normalised per head (qk_norm), then rotated (the first rotary_dim channels)."""
+    def _forward_padded(self, x: torch.Tensor, state: AttentionState,
+                        padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, AttentionState]:
+        """The padding contract (layers/base.py): x (B, T, d_model), padding_mask (B, T) True
+        at real tokens (None: all real, on a cache that has seen padding). Each row's tokens
+        take the positions of its real tokens alone, and a query attends only to the real keys
+        at or before its position (and within the window): what the row gives alone."""
+        B, T, _ = x.shape
+        real = (padding_mask.bool() if padding_mask is not None
+                else torch.ones(B, T, dtype=torch.bool, device=x.device))
+        state = state.with_row_positions()
+        positions, _ = row_positions(real, state.next_positions)
+        q, k = self._queries_keys(x, positions=positions)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        new_state = self._append(state, k.detach(), v.detach(), torch.where(real, positions, -1))
+        past = new_state.length - T
+        if past == 0:
+            keys, values = k, v
+        else:
+            past_keys, past_values = new_state.keys_values()
+            keys = torch.cat([past_keys[:, :, :past], k], dim=2)
+            values = torch.cat([past_values[:, :, :past], v], dim=2)
+        key_positions = new_state.key_positions[:, None, : new_state.length]  # (B, 1, L)
+        query_positions = positions[:, :, None]  # (B, T, 1)
+        allowed = (key_positions >= 0) & (key_positions <= query_positions)
+        if self.window is not None:
+            allowed &= key_positions > query_positions - self.window
+        # a padded query attends to everything, so its softmax stays finite; its output is
+        # zeroed below and never read
+        allowed |= ~real[:, :, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=allowed[:, None],
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        y = self.o_proj(self._gated(rearrange(out, "b h t d -> b t (h d)"), x))
+        return fill_padding(y, real), new_state
+
+    def _queries_keys(self, x: torch.Tensor, start: int = 0,
+                      positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d_model) at positions start.. (or at `positions` (B, T), a padded batch's
+        per-row positions) -> q (B, T, H, D), k (B, T, H_kv, D): projected, normalised per head
+        (qk_norm), then rotated (the first rotary_dim channels)."""
         q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is None:
             return q, k
-        cos, sin = self.rotary.cos_sin(start, x.shape[1], q.dtype)
+        if positions is not None:
+            cos, sin = rotary_at(self.rotary, positions, q.dtype)
+        else:
+            cos, sin = self.rotary.cos_sin(start, x.shape[1], q.dtype)
         rotary_dim = self.rotary.head_dim
         if rotary_dim == self.head_dim:
             return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)

@@ -25,7 +25,8 @@ class MLP(FFN):
         self.fc_in = Linear(d_model, hidden_size, bias=bias)
         self.fc_out = Linear(hidden_size, d_model, bias=bias)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
+        # position-wise and stateless: a padded position's output is never read
         return self.fc_out(F.gelu(self.fc_in(x))), None
 
 
@@ -40,5 +41,6 @@ class SwiGLU(FFN):
         self.up_proj = Linear(d_model, hidden_size, bias=bias)
         self.down_proj = Linear(hidden_size, d_model, bias=bias)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
+        # position-wise and stateless: a padded position's output is never read
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None

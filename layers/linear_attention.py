@@ -20,7 +20,8 @@ from einops import rearrange
 from zoo.kernels import compute_dtype
 from zoo.kernels.linear_attention import NORMALIZE_EPS, linear_attention
 
-from .base import Mixer, MixerState
+from .attention import rotary_at, row_positions
+from .base import Mixer, MixerState, fill_padding
 from .feature_maps import build_feature_map
 from .linear import Linear
 from .norms import RMSNorm
@@ -33,10 +34,13 @@ class LinearAttentionState(MixerState):
     """sum_s phi(k_s) v_s^T per KV head: (B, H_kv, F, D), or (B, H_kv, F, D + 1) when
     normalised (the last column is the key sum z). float32 (float64 for float64 activations).
     position: tokens seen so far (the next token's rotary position), one host integer for the
-    batch as attention's state keeps it: no tensor, so no bytes per sequence."""
+    batch as attention's state keeps it: no tensor, so no bytes per sequence. After padding
+    with rotary positions, next_positions (B,) long: each row's next position (its real tokens
+    counted), None otherwise."""
 
     memory: torch.Tensor
     position: int = 0
+    next_positions: torch.Tensor | None = None
 
 
 @register_mixer("linear_attention")
@@ -171,19 +175,25 @@ class LinearAttention(Mixer):
         shape = self._memory_shape(1)
         return element * shape[1] * shape[2] * shape[3]
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         T = x.shape[1]
         position = 0 if state is None else state.position
+        next_positions = None if state is None else state.next_positions
+        rotation = self._rotation(x, position, next_positions, padding_mask)
+        if self.rotary is not None and (padding_mask is not None or next_positions is not None):
+            next_positions = rotation[2]
         split = "b t (h d) -> b t h d"
         q = rearrange(self.q_proj(x), split, d=self.head_dim)
         k = rearrange(self.k_proj(x), split, d=self.head_dim)
         v = rearrange(self.v_proj(x), split, d=self.head_dim)
         rotate_features = self.rotary is not None and not self.feature_maps_after_rotary
         if self.rotary is not None and self.feature_maps_after_rotary:
-            cos, sin = self.rotary.cos_sin(position, T, q.dtype)
+            cos, sin = (part.to(q.dtype) for part in rotation[:2])
             q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         q, k = self.feature_map(q, "query"), self.feature_map(k, "key")
+        # a padded token adds nothing to the running sums (no decay here to hold at 1)
+        k, v = fill_padding(k, padding_mask), fill_padding(v, padding_mask)
         memory = None if state is None else state.memory
         if self.groups > 1:
             # query head h reads KV head h // groups, as attention's enable_gqa does
@@ -192,7 +202,7 @@ class LinearAttention(Mixer):
             if memory is not None:
                 memory = memory.repeat_interleave(self.groups, dim=1)
         if rotate_features:
-            o, final = self._rotated_feature_attention(q, k, v, position, memory)
+            o, final = self._rotated_feature_attention(q, k, v, rotation[:2], memory)
         else:
             o, final = linear_attention(
                 q, k, v, scale=self.feature_map.kernel_scale, normalize=self.normalize,
@@ -207,14 +217,32 @@ class LinearAttention(Mixer):
         if self.g_proj is not None:
             o = o * F.silu(self.g_proj(x))
         # gradients stop at the carried state (the contract allows it; decoding needs no graph)
-        return self.o_proj(o), LinearAttentionState(final.detach(), position + T)
+        y = fill_padding(self.o_proj(o), padding_mask)
+        return y, LinearAttentionState(final.detach(), position + T, next_positions)
+
+    def _rotation(self, x: torch.Tensor, position: int, next_positions: torch.Tensor | None,
+                  padding_mask: torch.Tensor | None) -> tuple:
+        """(cos, sin, each row's next position) of x's tokens, in float32, or () without
+        rotary. Without padding they are positions position..; with it (now or before) each
+        row counts only its real tokens, as the row alone would."""
+        if self.rotary is None:
+            return ()
+        T = x.shape[1]
+        if padding_mask is None and next_positions is None:
+            return (*self.rotary.cos_sin(position, T, torch.float32), None)
+        real = padding_mask if padding_mask is not None else torch.ones(
+            x.shape[0], T, dtype=torch.bool, device=x.device)
+        start = next_positions if next_positions is not None else position
+        positions, next_positions = row_positions(real.bool(), start)
+        return (*rotary_at(self.rotary, positions, torch.float32), next_positions)
 
     def _rotated_feature_attention(
-        self, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, position: int,
-        memory: torch.Tensor | None,
+        self, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor], memory: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature maps before rotary: phi_q, phi_k (B, T, H, F) and v (B, T, H, D) of the
-        tokens from `position` on, memory (B, H, F, D[+1]) -> o (B, T, H, D), final memory.
+        tokens at the rotation `cos_sin` ((B or 1, T, 1, F) float32 each), memory
+        (B, H, F, D[+1]) -> o (B, T, H, D), final memory.
 
         The numerator reads (R_t phi(q_t)) . (R_s phi(k_s)), which depends on t - s only; the
         denominator reads the unrotated phi(q_t) . phi(k_s), which non-negative maps keep from
@@ -224,7 +252,7 @@ class LinearAttention(Mixer):
         out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
         # the op computes in this dtype anyway; its outputs in it keep the division exact
         phi_q, phi_k, v = phi_q.to(dtype), phi_k.to(dtype), v.to(dtype)
-        cos, sin = self.rotary.cos_sin(position, phi_q.shape[1], dtype)
+        cos, sin = (part.to(dtype) for part in cos_sin)
         run = dict(scale=self.feature_map.kernel_scale, output_final_state=True,
                    chunk_size=self.chunk_size)
         rotated_q, rotated_k = Rotary.apply(phi_q, cos, sin), Rotary.apply(phi_k, cos, sin)

@@ -25,7 +25,7 @@ from torch import nn
 
 from zoo.kernels import moe_experts
 
-from .base import FFN, at_least_float32
+from .base import FFN, at_least_float32, fill_padding
 from .ffn import MLP, SwiGLU, swiglu_hidden_size
 from .linear import Linear
 from .registry import register_ffn
@@ -79,38 +79,51 @@ def slots_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts.index_add_(0, flat, torch.ones_like(flat))[1:]
 
 
-def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor,
+                        real: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer's auxiliary loss (its eq. 4-6): E * sum_i f_i * P_i.
 
     probs: (N, E) router probabilities; tokens_per_expert: (E,) slots routed to each expert.
     f_i is the fraction of the N * K routed slots that chose expert i (not differentiable), P_i
     the mean router probability of expert i (carries the gradient). Both sum to 1, so uniform
     routing gives the minimum, 1, and everything on one expert gives E. (transformers' Mixtral
-    divides by N instead of N * K: its value is K times this one.)
+    divides by N instead of N * K: its value is K times this one.) real: (N,) bool, the tokens
+    that count (a padded batch's real ones), or None for all.
     """
     E = probs.shape[-1]
     f = tokens_per_expert.to(probs.dtype) / tokens_per_expert.sum().clamp(min=1)
-    return E * (f * probs.mean(0)).sum()
+    return E * (f * _mean_over_tokens(probs, real)).sum()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+def _mean_over_tokens(values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """values (N, ...) averaged over the tokens where real (N,) is True (all when None),
+    without reading the count back to the host."""
+    if real is None:
+        return values.mean(0)
+    weights = real.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * weights).sum(0) / weights.sum().clamp(min=1)
+
+
+def router_z_loss(logits: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE's router z-loss (its eq. 5): mean over tokens of logsumexp(logits)^2.
 
     Keeps router logits small, so the softmax stays in the range where float32 and bf16 are
-    exact enough. logits: (N, E).
+    exact enough. logits: (N, E); real: (N,) bool, the tokens that count, or None for all.
     """
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return _mean_over_tokens(torch.logsumexp(logits, dim=-1).pow(2), real)
 
 
-def apply_capacity(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+def apply_capacity(expert_ids: torch.Tensor, n_experts: int,
+                   capacity: int | torch.Tensor) -> torch.Tensor:
     """Drop the slots beyond each expert's capacity; dropped slots get expert id -1.
 
-    expert_ids: (N, K). Every token's first choice is served before any second choice (GShard's
+    expert_ids: (N, K), -1 at slots already dropped (a padded token's), which take no place in
+    any queue. Every token's first choice is served before any second choice (GShard's
     priority; for K = 1 this is Switch's first come, first served in token order).
     """
     N, K = expert_ids.shape
     choice_major = expert_ids.t().reshape(-1)  # (K * N,): all first choices, then all second...
-    onehot = F.one_hot(choice_major, n_experts)
+    onehot = F.one_hot(choice_major + 1, n_experts + 1)[:, 1:]  # a dropped slot: all zeros
     position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based place in its expert's queue
     kept = (position <= capacity).view(K, N).t()
     return torch.where(kept, expert_ids, -1)
@@ -307,37 +320,52 @@ class MoE(FFN):
             y = y + shared
         return y
 
-    def capacity(self, n_tokens: int) -> int | None:
-        """Slots per expert for a forward over n_tokens; None when unlimited (inference too)."""
+    def capacity(self, n_tokens: int | torch.Tensor) -> int | torch.Tensor | None:
+        """Slots per expert for a forward over n_tokens (a tensor for a padded batch's real
+        tokens, left on its device); None when unlimited (inference too)."""
         if self.capacity_factor is None or not self.training:
             return None
+        if isinstance(n_tokens, torch.Tensor):
+            # float64, as Python computes the unpadded count: the same rounding at the ceiling
+            n_tokens = n_tokens.to(torch.float64)
+            return torch.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
 
-    def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, state=None,
+                padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """x (B, T, D) -> (y, None). With padding_mask (B, T) (True at real tokens) a padded
+        token takes no expert slot, no capacity and no part in the losses or the statistics, so
+        the real tokens are routed and weighed as they would be alone; its output is zero."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        real = None if padding_mask is None else padding_mask.reshape(-1).bool()
         logits, probs, expert_ids, weights = self.route(flat)
+        if real is not None:
+            expert_ids = torch.where(real[:, None], expert_ids, -1)
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             # a compiled inference step (zoo.infer's decode loop): nothing can backpropagate the
             # losses, and a compiled graph hands every tensor set as a module attribute back to
             # Python: the bookkeeping was a quarter of mixtral-tiny's compiled decode step
             self.aux_loss, self.last_stats = None, {}
-            return self._combine(flat, expert_ids, weights).view(shape), None
+            y = self._combine(flat, expert_ids, weights).view(shape)
+            return fill_padding(y, padding_mask), None
         E = self.n_experts
         routed = slots_per_expert(expert_ids, E)
-        capacity = self.capacity(flat.shape[0])
+        capacity = self.capacity(flat.shape[0] if real is None else real.sum())
         if capacity is not None:
             expert_ids = apply_capacity(expert_ids, E, capacity)
         kept = slots_per_expert(expert_ids, E)
         y = self._combine(flat, expert_ids, weights)
-        lb_loss = load_balancing_loss(probs, routed)
-        z_loss = router_z_loss(logits)
+        lb_loss = load_balancing_loss(probs, routed, real)
+        z_loss = router_z_loss(logits, real)
         self.aux_loss = self.aux_loss_coef * lb_loss + self.z_loss_coef * z_loss
+        lost_every_slot = (expert_ids < 0).all(-1)
         self.last_stats = {
             "tokens_per_expert": routed.detach(),
             "dropped_per_expert": (routed - kept).detach(),
-            "dropped_tokens": (expert_ids < 0).all(-1).sum().detach(),
+            "dropped_tokens": (lost_every_slot if real is None
+                               else lost_every_slot & real).sum().detach(),
             "load_balancing_loss": lb_loss.detach(),
             "z_loss": z_loss.detach(),
         }
-        return y.view(shape), None
+        return fill_padding(y.view(shape), padding_mask), None

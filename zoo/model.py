@@ -58,20 +58,23 @@ class ZooBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, state: LayerState | None, *, keep_state: bool = True,
         context: dict[str, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, LayerState | None]:
         """(x after the block, the layer's state after the last token); with `keep_state=False`
         the caller discards the state, which lets a checkpointed block return None for it.
         `context` is the forward's dict of tensors that layers leave for later layers
-        (ZooModel.forward); only a mixer that takes it reads or adds to it."""
+        (ZooModel.forward); only a mixer that takes it reads or adds to it. `padding_mask`
+        (B, T) bool, True at real tokens, or None: the padding contract of layers/base.py."""
         if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
                 and state is None and not keep_state):
             # Only stateless calls: the recompute would write an in-place state (a KV cache)
             # twice.
-            return self._checkpointed(x, context if self.mixer_takes_context else None), None
-        return self._forward(x, state, context)
+            return self._checkpointed(
+                x, context if self.mixer_takes_context else None, padding_mask), None
+        return self._forward(x, state, context, padding_mask)
 
-    def _checkpointed(self, x: torch.Tensor, context: dict[str, torch.Tensor] | None
-                      ) -> torch.Tensor:
+    def _checkpointed(self, x: torch.Tensor, context: dict[str, torch.Tensor] | None,
+                      padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The block under `_gradient_checkpointing_func`. What it reads from the context goes
         in, and what it adds comes out, as explicit tensors, as does the FFN's auxiliary loss:
         reentrant checkpointing tracks the gradient of no other tensor."""
@@ -80,7 +83,7 @@ class ZooBlock(nn.Module):
 
         def run(x: torch.Tensor, *values: torch.Tensor) -> tuple:
             local = dict(zip(names, values)) if context is not None else None
-            x, _ = self._forward(x, None, local)
+            x, _ = self._forward(x, None, local, padding_mask)
             added[:] = [name for name in local or () if name not in names]
             return (x, getattr(self.ffn, "aux_loss", None), *(local[name] for name in added))
 
@@ -95,15 +98,19 @@ class ZooBlock(nn.Module):
     def _forward(
         self, x: torch.Tensor, state: LayerState | None,
         context: dict[str, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, LayerState]:
         mixer_state, ffn_state = state if state is not None else (None, None)
+        # the keyword only when there is padding: the unpadded call stays what it always was
+        padded = {} if padding_mask is None else {"padding_mask": padding_mask}
         if self.mixer_takes_context:
-            h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state, context=context)
+            h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state, context=context,
+                                        **padded)
         else:
-            h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state)
+            h, mixer_state = self.mixer(self.mixer_norm(x), mixer_state, **padded)
         x = x + h
         if self.ffn is not None:
-            h, ffn_state = self.ffn(self.ffn_norm(x), ffn_state)
+            h, ffn_state = self.ffn(self.ffn_norm(x), ffn_state, **padded)
             x = x + h
         return x, (mixer_state, ffn_state)
 
@@ -325,7 +332,10 @@ class ZooModel(ZooPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: ZooCache | None = None,
         output_hidden_states: bool = False,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ZooCache | None, tuple[torch.Tensor, ...] | None]:
+        """padding_mask: (B, T) bool, True at real tokens, or None (no padding), given to every
+        mixer and FFN (the padding contract of layers/base.py)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embed_norm is not None:
             x = self.embed_norm(x)
@@ -335,7 +345,8 @@ class ZooModel(ZooPreTrainedModel):
         context: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.layers):
             x, state = block(x, cache.layers[i] if cache is not None else None,
-                             keep_state=cache is not None, context=context)
+                             keep_state=cache is not None, context=context,
+                             padding_mask=padding_mask)
             if cache is not None:
                 cache.layers[i] = state
             if hidden is not None:
@@ -345,17 +356,27 @@ class ZooModel(ZooPreTrainedModel):
         return self.norm(x), cache, tuple(hidden) if hidden is not None else None
 
 
-PADDING_ERROR = (
-    "attention_mask has padding: a recurrent state cannot skip masked tokens. Use "
-    "zoo.infer.generate for prompts of different lengths (it prefills each row at its own length)"
-)
-
-
 def _reading_back_is_free(tensor: torch.Tensor) -> bool:
     """Whether reading a value of `tensor` on the host costs nothing extra: a CPU tensor in
     eager mode. On an accelerator it is a host sync every step, inside torch.compile a graph
     break."""
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The mixers' padding_mask for this call's `length` tokens: attention_mask's last columns
+    as bool (transformers' generate passes the mask of past and new tokens), or None when there
+    is no padding. Where checking for a zero would cost a host sync or a graph break (off the
+    CPU, inside torch.compile) any given mask is passed: the padded path is exact either way."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < length:
+        raise ValueError(
+            f"attention_mask must be (batch, past + {length} tokens), got "
+            f"{tuple(attention_mask.shape)}")
+    if _reading_back_is_free(attention_mask) and bool(attention_mask.all()):
+        return None
+    return attention_mask[:, -length:].bool()
 
 
 def _check_ids_dtype(input_ids: torch.Tensor) -> None:
@@ -444,11 +465,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                 self.check_input_ids(input_ids)
             # elsewhere the embedding's own index check (a device assert, inductor's bounds
             # check) stops them; zoo.infer.generate checks its prompts once per call
-        if attention_mask is not None:
-            if not _reading_back_is_free(attention_mask):
-                torch._assert_async(attention_mask.all(), PADDING_ERROR)  # no host sync
-            elif not bool(attention_mask.all()):
-                raise ValueError(PADDING_ERROR)
+        padding_mask = _padding_mask(attention_mask, (input_ids if input_ids is not None
+                                                      else inputs_embeds).shape[1])
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, ZooCache):
             raise TypeError(f"cache must be a ZooCache, got {type(cache).__name__}")
@@ -458,7 +476,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             cache = self.new_cache()
         hidden, cache, all_hidden = self.model(
             input_ids, inputs_embeds, cache if use_cache else None,
-            output_hidden_states=bool(output_hidden_states),
+            output_hidden_states=bool(output_hidden_states), padding_mask=padding_mask,
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

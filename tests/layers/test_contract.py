@@ -217,3 +217,75 @@ def test_state_from_another_mixer_is_refused(name):
     mixer = _mixer(name, {})
     with pytest.raises(TypeError, match="another mixer"):
         mixer(torch.randn(2, 1, D_MODEL), ForeignState(torch.zeros(2, 3)))
+
+
+# The padding contract (layers/base.py): rows of different real lengths in one padded batch give,
+# at their real positions, what each gives alone, and the returned state continues as the row's
+# alone, for left and right padding, run whole, in chunks and token by token.
+PADDED_LENGTHS = (11, 7, 4)
+
+
+def _padded_batch(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows (1, L_i, D) -> x (B, T, D) with random values at the padding (so a mixer that reads
+    them is caught) and padding_mask (B, T), True at real tokens, padded on `side`."""
+    T = max(row.shape[1] for row in rows)
+    x = torch.randn(len(rows), T, D_MODEL, dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        L = row.shape[1]
+        span = slice(T - L, T) if side == "left" else slice(0, L)
+        x[i, span], mask[i, span] = row[0], True
+    return x, mask
+
+
+def _run_padded(mixer, x, mask, form):
+    """The padded batch run whole, in three chunks, or token by token, the state carried."""
+    cuts = {"whole": [], "chunks": [3, 8], "steps": list(range(1, x.shape[1]))}[form]
+    state, outputs = None, []
+    bounds = [0, *cuts, x.shape[1]]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        y, state = mixer(x[:, start:end], state, padding_mask=mask[:, start:end])
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), state
+
+
+def _continue(mixer, state, x):
+    """x (B, 5, D) after `state`, without padding: three tokens at once, then two steps."""
+    y3, state = mixer(x[:, :3], state)
+    y4, state = mixer(x[:, 3:4], state)
+    y5, _ = mixer(x[:, 4:5], state)
+    return torch.cat([y3, y4, y5], dim=1)
+
+
+def _float64_if_it_runs(mixer):
+    """The mixer in float64 where all its paths take it (exactness shows best there), else
+    float32 as built."""
+    wide = copy.deepcopy(mixer).double()
+    try:
+        wide(torch.randn(1, 2, D_MODEL, dtype=torch.float64))
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return mixer, torch.float32
+    return wide, torch.float64
+
+
+@pytest.mark.parametrize("name,options", CASES)
+@torch.no_grad()
+def test_padded_rows_equal_rows_alone(name, options):
+    mixer, dtype = _float64_if_it_runs(_mixer(name, options))
+    generator = torch.Generator().manual_seed(5)
+    rows = [torch.randn(1, L, D_MODEL, generator=generator, dtype=dtype) for L in PADDED_LENGTHS]
+    after = torch.randn(len(rows), 5, D_MODEL, generator=generator, dtype=dtype)
+    alone = []
+    for i, row in enumerate(rows):
+        y, state = mixer(row)
+        alone.append((y, _continue(mixer, state, after[i : i + 1])))
+    for side in ("left", "right"):
+        x, mask = _padded_batch(rows, side)
+        for form in ("whole", "chunks", "steps"):
+            y, state = _run_padded(mixer, x, mask, form)
+            assert torch.isfinite(y).all(), f"{name} {side}-padded {form}: non-finite output"
+            continued = _continue(mixer, state, after)
+            for i, (want, want_continued) in enumerate(alone):
+                where = f"{name} {side}-padded {form}, row {i} ({PADDED_LENGTHS[i]} tokens)"
+                assert_close(where, want[0], y[i][mask[i]], 1e-4)
+                assert_close(f"{where} continued", want_continued[0], continued[i], 1e-4)

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import zoo
 from zoo.model import CACHE_LINE, align_parameters
+from zoo.testing import assert_close
 
 TINY = [name for name in zoo.shipped_configs() if name.endswith("-tiny")]
 
@@ -137,11 +138,11 @@ def test_out_of_vocabulary_ids_are_a_clear_error():
         model(torch.tensor([[-1, 3]]))
 
 
-def test_padding_and_foreign_caches_are_refused():
+def test_misshaped_masks_and_foreign_caches_are_refused():
     model = _model("attention-tiny")
     ids = torch.tensor([[1, 2, 3]])
-    with pytest.raises(ValueError, match="zoo.infer.generate"):
-        model(ids, attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(ids, attention_mask=torch.tensor([[1, 1]]))
     with pytest.raises(TypeError, match="ZooCache"):
         model(ids, cache=object())
     with torch.no_grad():
@@ -172,16 +173,21 @@ def test_compiled_forward_has_no_graph_break_from_the_input_checks():
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
 
 
-def test_padding_is_refused_inside_a_compiled_forward_too():
-    # no host read there: an asynchronous assert on the device, which still stops the call
+@torch.no_grad()
+def test_padded_forward_compiles_whole_and_equals_eager():
+    # inside a graph the mask is passed as given (checking it for a zero would break the graph)
     model = _model("attention-tiny")
     compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
-    ids = torch.tensor([[1, 2, 3]])
+    ids = torch.tensor([[5, 1, 2, 3], [4, 1, 2, 3]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     try:
-        with pytest.raises(RuntimeError, match="attention_mask has padding"):
-            compiled(ids, attention_mask=torch.tensor([[0, 1, 1]]), use_cache=False)
+        got = compiled(ids, attention_mask=mask, use_cache=False).logits
     finally:
         torch._dynamo.reset()
+    want = model(ids, attention_mask=mask, use_cache=False).logits
+    assert_close("compiled padded logits", want, got, 1e-5)
+    alone = model(ids[:1, 1:], use_cache=False).logits[0]
+    assert_close("left-padded row vs alone", alone, got[0, 1:], 1e-5)
 
 
 def test_only_length_limited_mixers_report_a_sequence_limit():
