@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from zoo.cache import CacheLayout
-from zoo.compression import is_quantized, prepare_kernels
+from zoo.compression import prepare_kernels
 from zoo.model import ZooForCausalLM
 
 from . import native
@@ -100,14 +100,8 @@ def fast_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool, b
                      mode: bool | str = True) -> CompiledStep:
     """The step `generate(compile=mode)` runs. "native": zoo.infer.native's C++ step, one call
     per token (CPU; stacks of attention with SwiGLU or GELU FFNs and RMSNorm; at most 16 rows;
-    float weights), an error where it does not apply; "inductor": `compiled_decode_step`; True:
-    native where it applies, inductor otherwise."""
-    if mode in (True, "native") and is_quantized(model):
-        if mode == "native":
-            raise ValueError("compile='native' does not apply to this model: its weights are "
-                             "quantised (zoo.compression) and the native step reads float "
-                             "weights; use compile=True or 'inductor'")
-        return compiled_decode_step(model, layout, greedy)
+    float weights, or int8 / int4 quantised linears), an error where it does not apply;
+    "inductor": `compiled_decode_step`; True: native where it applies, inductor otherwise."""
     if mode in (True, "native"):
         support = native.native_support(model, layout, batch_size)
         if support:

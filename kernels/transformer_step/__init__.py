@@ -19,6 +19,9 @@ SOURCES = [
     Path(__file__).with_name("cpu_kernel.cpp"),
 ]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Quantised weights' groups the kernel takes on every build: it turns one vector's worth of codes
+# into floats at a time (16 int8 codes, 32 int4 codes with AVX-512), and int8 per output channel.
+INT8_GROUP_MULTIPLE, INT4_GROUP_MULTIPLE = 16, 32
 
 
 @functools.cache
@@ -46,6 +49,8 @@ def transformer_decode_step(
     eps: float,
     activation: str = "swiglu",
     greedy: bool = False,
+    scales: list[torch.Tensor | None] | None = None,
+    zeros: list[torch.Tensor | None] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Feed one token per row through the stack; the caches take its keys and values in place.
@@ -63,6 +68,12 @@ def transformer_decode_step(
         activation: "swiglu" or "gelu".
         greedy: return the argmax tokens (B,) (int64; ties to the lowest id) in place of the
             logits (B, V) in the weights' dtype.
+        scales, zeros: None (every weight float), or one entry per entry of layer_weights then
+            globals: for a linear whose weight entry holds a QuantizedLinear's codes (int8 (N, K),
+            or int4 as uint8 (N, K / 2), two codes a byte), its scale (N, K / group) and, int4
+            only, its zero (N, K / group), in the weights' dtype; None elsewhere. The kernel
+            takes int8 per output channel or in groups of a multiple of 16 inputs, and int4 in
+            groups of a multiple of 32.
         backend: "cpu" (the C++ kernel), "reference" (PyTorch) or "auto" (the kernel where it
             builds and the weights are float32, bfloat16 or float16 on the CPU).
     """
@@ -76,15 +87,23 @@ def transformer_decode_step(
     if activation not in ("swiglu", "gelu"):
         raise ValueError(f"transformer_decode_step: activation={activation!r} is not one of "
                          "('swiglu', 'gelu')")
+    n_entries = len(layer_weights) + len(globals_)
+    if (scales is None) != (zeros is None) or (
+            scales is not None and not len(scales) == len(zeros) == n_entries):
+        raise ValueError(
+            "transformer_decode_step: scales and zeros must both be None or hold one entry per "
+            f"layer weight and global ({n_entries})")
     backend = resolve_backend(backend, globals_[0], OP_BACKENDS)  # the embedding's dtype
     args = (ids, layer_weights, globals_, kv, list(lengths), list(positions), n_heads,
-            n_kv_heads, head_dim, float(eps), activation, greedy)
+            n_kv_heads, head_dim, float(eps), activation, greedy, list(scales or []),
+            list(zeros or []))
     if backend == "reference":
         return transformer_decode_step_reference(*args)
     return torch.ops.zoo_cpu.transformer_decode_step(*args)
 
 
 __all__ = [
-    "GLOBAL_FIELDS", "LAYER_FIELDS", "transformer_decode_step",
+    "GLOBAL_FIELDS", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "LAYER_FIELDS",
+    "transformer_decode_step",
     "transformer_decode_step_reference",
 ]

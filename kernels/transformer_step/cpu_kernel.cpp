@@ -15,7 +15,10 @@
 // logits = head(rms(x)). Attention appends the token's key and value to the layer's KV cache
 // (k_t (B, H_kv, D, capacity), v (B, H_kv, capacity, D), slot `length`) and attends over the
 // filled slots with attend.h's blocks. Weights, caches and logits share one dtype (float32,
-// bfloat16 or float16); activations and sums are float32 throughout.
+// bfloat16 or float16); activations and sums are float32 throughout. Any linear (q, k, v, o,
+// the FFN's, the head) may instead hold a QuantizedLinear's int8 or int4 codes with scales (and
+// zeros) of that dtype, turned into floats in registers as they are read (see Matrix below):
+// fewer bytes a token is the only way left to decode faster once the step runs near its bound.
 //
 // Compiled after ../decode_attention/attend.h (kernels/cpu_build.py joins the two texts).
 
@@ -81,6 +84,207 @@ inline void rows_times(const W* w, int64_t K, const float* x, int64_t B, int64_t
   }
 }
 
+// ---- Quantised weights (compression/quantized_linear.py's layouts), dequantised in registers.
+//
+// A QuantizedLinear's codes are read as they are stored and turned into floats in vector
+// registers, never written back as a float matrix: int8 codes (N, K) with a scale per group of
+// `group` inputs of a row (group = K: per output channel), W = code * scale; int4 codes two to
+// a byte (input 2j in the low nibble, 2j + 1 in the high one) with a scale and a zero per group,
+// W = code * scale + zero. A group's products are summed first and scaled once:
+//   row . x = sum_g scale_g * (codes_g . x_g) + sum_g zero_g * sum(x_g),
+// so the zero costs one product per group with the input's group sums, computed once per input.
+// A run of Vec::size() bytes of int4 codes holds 2 * Vec::size() inputs, even ones in the low
+// nibbles and odd ones in the high: the input is reordered once per product (each chunk of
+// 2 * Vec::size() floats as its even entries then its odd ones) so that the nibbles need no
+// shuffle back into input order.
+
+enum class Storage { kFloat, kInt8, kInt4 };
+
+template <typename W>
+struct Matrix {
+  Storage storage = Storage::kFloat;
+  const void* data = nullptr;  // W (N, K), int8 codes (N, K) or uint8 int4 codes (N, K / 2)
+  const W* scale = nullptr;    // (N, K / group)
+  const W* zero = nullptr;     // (N, K / group), int4 only
+  int64_t group = 0;           // inputs per scale
+};
+
+// Vec::size() int8 codes (`count` of them, the rest zero) as floats
+inline Vec int8_as_float(const int8_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  float lanes[Vec::size()];
+  for (int64_t i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<float>(p[i]);
+  return Vec::loadu(lanes);
+#endif
+}
+
+inline Vec int8_as_float(const int8_t* p, int64_t count) {
+  float lanes[Vec::size()] = {};
+  for (int64_t i = 0; i < count; ++i) lanes[i] = static_cast<float>(p[i]);
+  return Vec::loadu(lanes);
+}
+
+// Vec::size() bytes of int4 codes as floats: the low nibbles, then the high ones
+inline void int4_as_float(const uint8_t* p, Vec& low, Vec& high) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
+  high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  low = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)));
+  high = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+#else
+  float lo[Vec::size()], hi[Vec::size()];
+  for (int64_t i = 0; i < Vec::size(); ++i) {
+    lo[i] = static_cast<float>(p[i] & 0x0F);
+    hi[i] = static_cast<float>(p[i] >> 4);
+  }
+  low = Vec::loadu(lo);
+  high = Vec::loadu(hi);
+#endif
+}
+
+// Inputs (NB of them, `x_stride` apart) dotted with row `r` of int8 codes: out[b] = row . x_b.
+// Two accumulators per input (alternate vectors), so no add waits on the one before it.
+template <int NB, typename W>
+inline void int8_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float* x,
+                          int64_t x_stride, float* out) {
+  constexpr int64_t V = Vec::size();
+  const int8_t* codes = static_cast<const int8_t*>(m.data) + r * K;
+  const int64_t groups = K / m.group;
+  const W* scale = m.scale + r * groups;
+  Vec total[NB];
+  for (int b = 0; b < NB; ++b) total[b] = Vec(0.0f);
+  for (int64_t g = 0; g < groups; ++g) {
+    Vec acc0[NB], acc1[NB];
+    for (int b = 0; b < NB; ++b) acc0[b] = acc1[b] = Vec(0.0f);
+    int64_t i = g * m.group;
+    const int64_t end = i + m.group;
+    for (; i + 2 * V <= end; i += 2 * V) {
+      const Vec c0 = int8_as_float(codes + i), c1 = int8_as_float(codes + i + V);
+      for (int b = 0; b < NB; ++b) {
+        acc0[b] = at::vec::fmadd(c0, Vec::loadu(x + b * x_stride + i), acc0[b]);
+        acc1[b] = at::vec::fmadd(c1, Vec::loadu(x + b * x_stride + i + V), acc1[b]);
+      }
+    }
+    for (; i < end; i += V) {  // per channel: the row's last (partial) vectors
+      const int64_t count = std::min<int64_t>(V, end - i);
+      const Vec c = count == V ? int8_as_float(codes + i) : int8_as_float(codes + i, count);
+      for (int b = 0; b < NB; ++b)
+        acc0[b] = at::vec::fmadd(c, Vec::loadu(x + b * x_stride + i, count), acc0[b]);
+    }
+    const Vec s(static_cast<float>(scale[g]));
+    for (int b = 0; b < NB; ++b) total[b] = at::vec::fmadd(acc0[b] + acc1[b], s, total[b]);
+  }
+  for (int b = 0; b < NB; ++b) out[b] = sum_lanes(total[b]);
+}
+
+// The same for int4 codes, on reordered inputs (see above) and their group sums (`sums`,
+// K / group per input, `sum_stride` apart)
+template <int NB, typename W>
+inline void int4_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float* x,
+                          int64_t x_stride, const float* sums, int64_t sum_stride, float* out) {
+  constexpr int64_t V = Vec::size();
+  const uint8_t* codes = static_cast<const uint8_t*>(m.data) + r * (K / 2);
+  const int64_t groups = K / m.group;
+  const W* scale = m.scale + r * groups;
+  Vec total[NB];
+  for (int b = 0; b < NB; ++b) total[b] = Vec(0.0f);
+  for (int64_t g = 0; g < groups; ++g) {
+    Vec acc_low[NB], acc_high[NB];
+    for (int b = 0; b < NB; ++b) acc_low[b] = acc_high[b] = Vec(0.0f);
+    for (int64_t i = g * m.group; i < (g + 1) * m.group; i += 2 * V) {
+      Vec low, high;
+      int4_as_float(codes + i / 2, low, high);
+      for (int b = 0; b < NB; ++b) {
+        acc_low[b] = at::vec::fmadd(low, Vec::loadu(x + b * x_stride + i), acc_low[b]);
+        acc_high[b] = at::vec::fmadd(high, Vec::loadu(x + b * x_stride + i + V), acc_high[b]);
+      }
+    }
+    const Vec s(static_cast<float>(scale[g]));
+    for (int b = 0; b < NB; ++b) total[b] = at::vec::fmadd(acc_low[b] + acc_high[b], s, total[b]);
+  }
+  const W* zero = m.zero + r * groups;
+  for (int b = 0; b < NB; ++b) out[b] = sum_lanes(total[b]) + dot(zero, groups, sums + b * sum_stride);
+}
+
+// The int4 products' inputs: x (B, K) reordered chunk by chunk (even entries, then odd) into
+// `reordered` (B, K), and its sums per group of `group` into `sums` (B, K / group)
+inline void reorder_for_int4(const float* x, int64_t B, int64_t K, int64_t group,
+                             float* reordered, float* sums) {
+  constexpr int64_t V = Vec::size();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = x + b * K;
+    float* out = reordered + b * K;
+    for (int64_t c = 0; c < K; c += 2 * V) {
+      for (int64_t i = 0; i < V; ++i) {
+        out[c + i] = row[c + 2 * i];
+        out[c + V + i] = row[c + 2 * i + 1];
+      }
+    }
+    for (int64_t g = 0; g < K / group; ++g) {
+      float sum = 0.0f;
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) sum += row[i];
+      sums[b * (K / group) + g] = sum;
+    }
+  }
+}
+
+// nb <= 4 inputs (x (nb, K), their group sums (nb, K / group) for int4) dotted with row r of
+// quantised m: the row's codes are turned into floats once for all of them
+template <typename W>
+inline void quantized_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float* x,
+                               const float* sums, int64_t nb, float* out) {
+  const int64_t groups = K / m.group;
+  if (m.storage == Storage::kInt8) {
+    switch (nb) {
+      case 4: return int8_row_dots<4>(m, r, K, x, K, out);
+      case 3: return int8_row_dots<3>(m, r, K, x, K, out);
+      case 2: return int8_row_dots<2>(m, r, K, x, K, out);
+      default: return int8_row_dots<1>(m, r, K, x, K, out);
+    }
+  }
+  switch (nb) {
+    case 4: return int4_row_dots<4>(m, r, K, x, K, sums, groups, out);
+    case 3: return int4_row_dots<3>(m, r, K, x, K, sums, groups, out);
+    case 2: return int4_row_dots<2>(m, r, K, x, K, sums, groups, out);
+    default: return int4_row_dots<1>(m, r, K, x, K, sums, groups, out);
+  }
+}
+
+// rows_times for a matrix in any storage. `scratch` (this thread's own; B * K * 2 floats where m
+// is int4, else unused) takes the reordered inputs and their group sums.
+template <typename W, typename Emit>
+inline void rows_times(const Matrix<W>& m, int64_t K, const float* x, int64_t B, int64_t begin,
+                       int64_t end, float* scratch, Emit&& emit) {
+  if (m.storage == Storage::kFloat) {
+    rows_times(static_cast<const W*>(m.data), K, x, B, begin, end, emit);
+    return;
+  }
+  if (begin >= end) return;
+  const float* input = x;
+  const float* sums = nullptr;
+  const int64_t groups = K / m.group;
+  if (m.storage == Storage::kInt4) {
+    reorder_for_int4(x, B, K, m.group, scratch, scratch + B * K);
+    input = scratch;
+    sums = scratch + B * K;
+  }
+  float dots[4];
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t b = 0; b < B; b += 4) {
+      const int64_t nb = std::min<int64_t>(4, B - b);
+      quantized_row_dots(m, r, K, input + b * K, sums ? sums + b * groups : nullptr, nb, dots);
+      for (int64_t i = 0; i < nb; ++i) emit(b + i, r, dots[i]);
+    }
+  }
+}
+
 template <typename W>
 inline float bias_at(const W* bias, int64_t i) {
   return bias ? static_cast<float>(bias[i]) : 0.0f;
@@ -118,7 +322,8 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
                 const std::vector<std::optional<at::Tensor>>& globals,
                 const std::vector<at::Tensor>& kv, const std::vector<int64_t>& lengths,
                 const std::vector<int64_t>& positions, const Shape& s, float eps, bool swiglu,
-                bool greedy) {
+                bool greedy, const std::vector<std::optional<at::Tensor>>& scales,
+                const std::vector<std::optional<at::Tensor>>& zeros) {
   const int64_t B = s.B, d = s.d, V = s.V, H = s.H, H_kv = s.H_kv, D = s.D, G = s.groups;
   const int64_t q_size = H * D, kv_size = H_kv * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -144,6 +349,36 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
     }
   }
 
+  // every linear's storage, by its index in layers then globals (scales empty: all float)
+  const int64_t n_entries = static_cast<int64_t>(layers.size() + globals.size());
+  std::vector<Matrix<W>> matrices(n_entries);
+  bool any_int4 = false;
+  for (int64_t index = 0; index < n_entries; ++index) {
+    const bool is_global = index >= static_cast<int64_t>(layers.size());
+    const int64_t field = is_global ? index - layers.size() : index % kLayerFields;
+    const bool linear = is_global ? field == kHead
+                                  : (field == kQ || field == kK || field == kV || field == kO ||
+                                     field == kGate || field == kUp || field == kDown);
+    const auto& weight = is_global ? globals[field] : layers[index];
+    if (!linear || !weight.has_value() || !weight->defined()) continue;
+    Matrix<W>& m = matrices[index];
+    if (scales.empty() || !scales[index].has_value() || !scales[index]->defined()) {
+      m.data = weight->data_ptr<W>();
+      continue;
+    }
+    const bool int4 = weight->scalar_type() == at::kByte;
+    const int64_t K = weight->size(1) * (int4 ? 2 : 1);
+    m.storage = int4 ? Storage::kInt4 : Storage::kInt8;
+    m.data = weight->data_ptr();
+    m.scale = scales[index]->data_ptr<W>();
+    m.zero = int4 ? zeros[index]->data_ptr<W>() : nullptr;
+    m.group = K / scales[index]->size(1);
+    any_int4 = any_int4 || int4;
+  }
+  auto layer_matrix = [&](int64_t l, int field) -> const Matrix<W>& {
+    return matrices[l * kLayerFields + field];
+  };
+
   int64_t hidden = 0, max_blocks = 1;
   for (int64_t l = 0; l < s.n_layers; ++l) {
     if (layers[l * kLayerFields + kGate].has_value() && layers[l * kLayerFields + kGate]->defined())
@@ -159,9 +394,11 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
   std::vector<float> normed(threads_wanted * B * d), attended(threads_wanted * B * q_size);
   std::vector<float> scores(threads_wanted * std::min<int64_t>(G, 4) * kBlock);
   std::vector<std::pair<float, int64_t>> best(threads_wanted * B);
+  const int64_t widest = std::max({d, q_size, hidden});
+  std::vector<float> int4_inputs(any_int4 ? threads_wanted * B * widest * 2 : 0);
 
   at::Tensor out = greedy ? at::empty({B}, ids.options())
-                          : at::empty({B, V}, globals[kHead]->options());
+                          : at::empty({B, V}, globals[kEmbed]->options());
   W* logits = greedy ? nullptr : out.data_ptr<W>();
 
 #pragma omp parallel num_threads(threads_wanted)
@@ -170,6 +407,7 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
     float* xn = normed.data() + tid * B * d;
     float* att = attended.data() + tid * B * q_size;
     float* my_scores = scores.data() + tid * std::min<int64_t>(G, 4) * kBlock;
+    float* work = any_int4 ? int4_inputs.data() + tid * B * widest * 2 : nullptr;
 
 #pragma omp single
     {
@@ -200,7 +438,8 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
         const W* bias = ptr<W>(f[field + 1]);
         float* y = targets[p];
         const auto [r0, r1] = share(n, tid, nt, 4);
-        rows_times(ptr<W>(f[field]), d, xn, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+        rows_times(layer_matrix(l, field), d, xn, B, r0, r1, work,
+                   [&](int64_t b, int64_t r, float dot) {
           y[b * n + r] = dot + bias_at(bias, r);
         });
       }
@@ -262,23 +501,25 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
       {
         const W* bias = ptr<W>(f[kOBias]);
         const auto [r0, r1] = share(d, tid, nt, 4);
-        rows_times(ptr<W>(f[kO]), q_size, att, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+        rows_times(layer_matrix(l, kO), q_size, att, B, r0, r1, work,
+                   [&](int64_t b, int64_t r, float dot) {
           x[b * d + r] += dot + bias_at(bias, r);
         });
       }
 #pragma omp barrier
-      const W* w_gate = ptr<W>(f[kGate]);
-      if (w_gate == nullptr) continue;  // a layer without an FFN
+      if (layer_matrix(l, kGate).data == nullptr) continue;  // a layer without an FFN
       const int64_t n = f[kGate]->size(0);
       rms_norm(x.data(), ptr<W>(f[kFfnNorm]), B, d, eps, xn);
       const auto [r0, r1] = share(n, tid, nt, 4);
       const W* gate_bias = ptr<W>(f[kGateBias]);
-      rows_times(w_gate, d, xn, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+      rows_times(layer_matrix(l, kGate), d, xn, B, r0, r1, work,
+                 [&](int64_t b, int64_t r, float dot) {
         gate[b * n + r] = dot + bias_at(gate_bias, r);
       });
       if (swiglu) {
         const W* up_bias = ptr<W>(f[kUpBias]);
-        rows_times(ptr<W>(f[kUp]), d, xn, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+        rows_times(layer_matrix(l, kUp), d, xn, B, r0, r1, work,
+                   [&](int64_t b, int64_t r, float dot) {
           up[b * n + r] = dot + bias_at(up_bias, r);
         });
       }
@@ -300,7 +541,7 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
       {
         const W* bias = ptr<W>(f[kDownBias]);
         const auto [o0, o1] = share(d, tid, nt, 4);
-        rows_times(ptr<W>(f[kDown]), n, gate.data(), B, o0, o1,
+        rows_times(layer_matrix(l, kDown), n, gate.data(), B, o0, o1, work,
                    [&](int64_t b, int64_t r, float dot) { x[b * d + r] += dot + bias_at(bias, r); });
       }
 #pragma omp barrier
@@ -311,7 +552,8 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
     const auto [r0, r1] = share(V, tid, nt, 4);
     auto* mine = best.data() + tid * B;
     for (int64_t b = 0; b < B; ++b) mine[b] = {-std::numeric_limits<float>::infinity(), -1};
-    rows_times(ptr<W>(globals[kHead]), d, xn, B, r0, r1, [&](int64_t b, int64_t r, float dot) {
+    rows_times(matrices[layers.size() + kHead], d, xn, B, r0, r1, work,
+               [&](int64_t b, int64_t r, float dot) {
       const W logit = static_cast<W>(dot);
       if (!greedy) {
         logits[b * V + r] = logit;
@@ -340,7 +582,9 @@ at::Tensor transformer_decode_step(
     const at::Tensor& ids, const std::vector<std::optional<at::Tensor>>& layers,
     const std::vector<std::optional<at::Tensor>>& globals, const std::vector<at::Tensor>& kv,
     c10::IntArrayRef lengths, c10::IntArrayRef positions, int64_t n_heads, int64_t n_kv_heads,
-    int64_t head_dim, double eps, c10::string_view activation, bool greedy) {
+    int64_t head_dim, double eps, c10::string_view activation, bool greedy,
+    const std::vector<std::optional<at::Tensor>>& scales,
+    const std::vector<std::optional<at::Tensor>>& zeros) {
   const char* op = "transformer_decode_step: ";
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(),
               op, "ids must be a contiguous (B,) int64 tensor");
@@ -376,13 +620,61 @@ at::Tensor transformer_decode_step(
                 op, what, " of layer ", layer, " must be a contiguous CPU tensor of ", dtype,
                 " shaped ", shape, ", got ", t->sizes(), " ", t->scalar_type());
   };
+  // a linear's weight: a float matrix (N, K), or quantised codes where `scales` has an entry
+  TORCH_CHECK(scales.size() == zeros.size() &&
+                  (scales.empty() || scales.size() == layers.size() + globals.size()),
+              op, "scales and zeros must both be empty or hold one entry per layer weight and "
+              "global (", layers.size() + globals.size(), "), got ", scales.size(), " and ",
+              zeros.size());
+  auto is_set = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  auto check_linear = [&](int64_t index, int64_t n, int64_t k, const char* what, int64_t layer) {
+    const bool is_global = index >= static_cast<int64_t>(layers.size());
+    const auto& t = is_global ? globals[index - layers.size()] : layers[index];
+    if (scales.empty() || !is_set(scales[index])) {
+      TORCH_CHECK(scales.empty() || !is_set(zeros[index]), op, what, " of layer ", layer,
+                  " has zeros but no scales");
+      check_weight(t, {n, k}, what, layer);
+      return;
+    }
+    TORCH_CHECK(is_set(t), op, what, " of layer ", layer, " is missing");
+    const at::Tensor& codes = *t;
+    const at::Tensor& scale = *scales[index];
+    const bool int4 = codes.scalar_type() == at::kByte;
+    TORCH_CHECK(int4 || codes.scalar_type() == at::kChar, op, what, " of layer ", layer,
+                " has scales, so its codes must be int8 (int8) or uint8 (int4, two a byte); got ",
+                codes.scalar_type());
+    const std::array<int64_t, 2> shape{n, int4 ? k / 2 : k};
+    TORCH_CHECK(codes.is_contiguous() && codes.device().is_cpu() && (!int4 || k % 2 == 0) &&
+                    codes.sizes() == c10::IntArrayRef(shape),
+                op, what, " of layer ", layer, ": codes must be a contiguous CPU tensor shaped ",
+                c10::IntArrayRef(shape), ", got ", codes.sizes());
+    const int64_t groups = scale.dim() == 2 ? scale.size(1) : 0;
+    TORCH_CHECK(scale.scalar_type() == dtype && scale.is_contiguous() && groups > 0 &&
+                    scale.size(0) == n && k % groups == 0,
+                op, what, " of layer ", layer, ": scale must be a contiguous ", dtype,
+                " tensor (", n, ", groups) with groups dividing ", k, ", got ", scale.sizes(),
+                " ", scale.scalar_type());
+    const int64_t group = k / groups;
+    const int64_t quantum = (int4 ? 2 : 1) * Vec::size();  // codes turned to floats at a time
+    TORCH_CHECK(group % quantum == 0 || (!int4 && group == k), op, what, " of layer ", layer,
+                ": groups of ", group, " inputs; this build takes ", int4 ? "int4" : "int8",
+                " groups of a multiple of ", quantum, int4 ? "" : " (or per output channel)");
+    if (int4) {
+      TORCH_CHECK(is_set(zeros[index]) && zeros[index]->scalar_type() == dtype &&
+                      zeros[index]->is_contiguous() && zeros[index]->sizes() == scale.sizes(),
+                  op, what, " of layer ", layer, ": int4 needs a contiguous ", dtype,
+                  " zero shaped as its scale ", scale.sizes());
+    } else {
+      TORCH_CHECK(!is_set(zeros[index]), op, what, " of layer ", layer, ": int8 takes no zero");
+    }
+  };
   auto check_bias = [&](const std::optional<at::Tensor>& t, int64_t n, const char* what,
                         int64_t layer) {
     if (t.has_value() && t->defined()) check_weight(t, {n}, what, layer);
   };
   const int64_t d = s.d, q_size = n_heads * head_dim, kv_size = n_kv_heads * head_dim;
   check_weight(globals[kEmbed], {embed.size(0), d}, "embed", -1);
-  check_weight(globals[kHead], {s.V, d}, "head", -1);
+  check_linear(static_cast<int64_t>(layers.size()) + kHead, s.V, d, "head", -1);
   check_weight(globals[kFinalNorm], {d}, "final norm", -1);
   check_bias(globals[kEmbedNorm], d, "embed norm", -1);
   if (globals[kInvFreq].has_value() && globals[kInvFreq]->defined()) {
@@ -398,10 +690,11 @@ at::Tensor transformer_decode_step(
   for (int64_t l = 0; l < n_layers; ++l) {
     const auto* f = layers.data() + l * kLayerFields;
     check_weight(f[kMixerNorm], {d}, "mixer norm", l);
-    check_weight(f[kQ], {q_size, d}, "q_proj", l);
-    check_weight(f[kK], {kv_size, d}, "k_proj", l);
-    check_weight(f[kV], {kv_size, d}, "v_proj", l);
-    check_weight(f[kO], {d, q_size}, "o_proj", l);
+    const int64_t base = l * kLayerFields;
+    check_linear(base + kQ, q_size, d, "q_proj", l);
+    check_linear(base + kK, kv_size, d, "k_proj", l);
+    check_linear(base + kV, kv_size, d, "v_proj", l);
+    check_linear(base + kO, d, q_size, "o_proj", l);
     check_bias(f[kQBias], q_size, "q bias", l);
     check_bias(f[kKBias], kv_size, "k bias", l);
     check_bias(f[kVBias], kv_size, "v bias", l);
@@ -409,12 +702,12 @@ at::Tensor transformer_decode_step(
     if (f[kGate].has_value() && f[kGate]->defined()) {
       const int64_t n = f[kGate]->size(0);
       check_weight(f[kFfnNorm], {d}, "ffn norm", l);
-      check_weight(f[kGate], {n, d}, swiglu ? "gate_proj" : "fc_in", l);
-      check_weight(f[kDown], {d, n}, swiglu ? "down_proj" : "fc_out", l);
+      check_linear(base + kGate, n, d, swiglu ? "gate_proj" : "fc_in", l);
+      check_linear(base + kDown, d, n, swiglu ? "down_proj" : "fc_out", l);
       check_bias(f[kGateBias], n, "gate bias", l);
       check_bias(f[kDownBias], d, "down bias", l);
       if (swiglu) {
-        check_weight(f[kUp], {n, d}, "up_proj", l);
+        check_linear(base + kUp, n, d, "up_proj", l);
         check_bias(f[kUpBias], n, "up bias", l);
       }
     }
@@ -438,12 +731,13 @@ at::Tensor transformer_decode_step(
   const std::vector<int64_t> positions_v(positions.begin(), positions.end());
   const float eps_f = static_cast<float>(eps);
   if (dtype == at::kFloat)
-    return step<float>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu, greedy);
+    return step<float>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu, greedy,
+                       scales, zeros);
   if (dtype == at::kBFloat16)
     return step<at::BFloat16>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu,
-                              greedy);
+                              greedy, scales, zeros);
   return step<at::Half>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu,
-                        greedy);
+                        greedy, scales, zeros);
 }
 
 }  // namespace
@@ -452,7 +746,8 @@ TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def(
       "transformer_decode_step(Tensor ids, Tensor?[] layer_weights, Tensor?[] globals, "
       "Tensor(a!)[] kv, int[] lengths, int[] positions, int n_heads, int n_kv_heads, "
-      "int head_dim, float eps, str activation, bool greedy) -> Tensor");
+      "int head_dim, float eps, str activation, bool greedy, Tensor?[] scales, Tensor?[] zeros) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
