@@ -31,7 +31,7 @@ from einops import rearrange
 
 from zoo.kernels import compute_dtype
 
-from .base import Mixer, MixerState
+from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
 from .norms import RMSNorm
 from .registry import register_mixer
@@ -46,10 +46,13 @@ class MLAState(MixerState):
     and the shared key part k_r, `length` slots filled. Appending writes past `length` in place
     and returns a new state sharing the buffer (as `AttentionState` does), so decoding does not
     copy the cache each token; an older state object stays valid until a second branch appends
-    from it."""
+    from it. A cache that has seen padding also keeps `real` (B, capacity) bool, True at the
+    slots of real tokens (MLA has no positions, so which slots to attend is all it needs);
+    None for a cache that never saw padding."""
 
     latent: torch.Tensor
     length: int = 0
+    real: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -62,20 +65,35 @@ class MLAState(MixerState):
         """(B, length, C + R): a view of the cached tokens."""
         return self.latent[:, : self.length]
 
-    def write(self, latent: torch.Tensor) -> MLAState:
-        """latent (B, T, C + R) into the T slots after `length`, which must be free."""
+    def write(self, latent: torch.Tensor, real: torch.Tensor | None = None) -> MLAState:
+        """latent (B, T, C + R) into the T slots after `length`, which must be free; a padded
+        cache takes the tokens' padding mask (B, T) too."""
         start, end = self.length, self.length + latent.shape[1]
         if end > self.capacity:
             raise ValueError(f"mla cache: {end} tokens do not fit {self.capacity} slots")
         self.latent[:, start:end] = latent
-        return MLAState(self.latent, end)
+        if self.real is not None:
+            self.real[:, start:end] = real
+        return MLAState(self.latent, end, self.real)
 
     def with_capacity(self, capacity: int) -> MLAState:
         """The same cache in a new buffer of `capacity` slots (>= length)."""
         B, _, width = self.latent.shape
         latent = self.latent.new_empty(B, capacity, width)
         latent[:, : self.length] = self.filled()
-        return MLAState(latent, self.length)
+        real = None
+        if self.real is not None:
+            real = self.real.new_zeros(B, capacity)
+            real[:, : self.length] = self.real[:, : self.length]
+        return MLAState(latent, self.length, real)
+
+    def with_real_slots(self) -> MLAState:
+        """This cache (sharing its buffer) with `real`, as a padded cache keeps it."""
+        if self.real is not None:
+            return self
+        slots = torch.arange(self.capacity, device=self.latent.device)
+        real = (slots < self.length).expand(self.latent.shape[0], -1).contiguous()
+        return MLAState(self.latent, self.length, real)
 
     def reserve(self, tokens: int) -> MLAState:
         """Room for `tokens` more without growing, so a compiled decode step never sees the
@@ -186,25 +204,33 @@ class MultiHeadLatentAttention(Mixer):
         k_rope = k_rope[:, None].expand(-1, self.n_heads, -1, -1)
         return torch.cat([k_nope, k_rope], dim=-1), v
 
-    def _append(self, state: MLAState, latent: torch.Tensor) -> MLAState:
+    def _append(self, state: MLAState, latent: torch.Tensor,
+                real: torch.Tensor | None = None) -> MLAState:
         """Write latent (B, T, C + R) after the cached tokens, growing the buffer by doubling."""
         if state.length + latent.shape[1] > state.capacity:
             state = state.with_capacity(
                 max(state.length + latent.shape[1], 2 * state.capacity, 16))
-        return state.write(latent)
+        return state.write(latent, real)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
+        real = None
+        if padding_mask is not None or state.real is not None:
+            # the padding contract (layers/base.py): padded slots are never attended
+            state = state.with_real_slots()
+            real = (padding_mask.bool() if padding_mask is not None
+                    else torch.ones(B, T, dtype=torch.bool, device=x.device))
         q = self.query(x)
         latent = self.latent(x)
         # the cache never joins the autograd graph; gradients stop at the carried state
-        new_state = self._append(state, latent.detach())
+        new_state = self._append(state, latent.detach(), real)
         past = new_state.length - T
         if T == 1 and past > 0 and not q.requires_grad:
-            return self.o_proj(self._absorbed_step(q, new_state)), new_state
+            out = self.o_proj(self._absorbed_step(q, new_state, real))
+            return fill_padding(out, real), new_state
         if past == 0:
             latents = latent
         elif latent.requires_grad:
@@ -213,18 +239,25 @@ class MultiHeadLatentAttention(Mixer):
             latents = new_state.filled()
         keys, values = self.expand(latents)
         mask = None
-        if past > 0 and T > 1:
+        if (past > 0 and T > 1) or real is not None:
             query_index = past + torch.arange(T, device=x.device)[:, None]
             mask = torch.arange(past + T, device=x.device)[None, :] <= query_index
+        if real is not None:
+            # a padded query attends to everything, so its softmax stays finite (never read)
+            mask = (mask & new_state.real[:, None, : past + T]) | ~real[:, :, None]
+            mask = mask[:, None]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask,
-            is_causal=T > 1 and past == 0, scale=self.scale)
-        return self.o_proj(rearrange(out, "b h t d -> b t (h d)")), new_state
+            is_causal=T > 1 and past == 0 and mask is None, scale=self.scale)
+        out = self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+        return fill_padding(out, real), new_state
 
-    def _absorbed_step(self, q: torch.Tensor, state: MLAState) -> torch.Tensor:
+    def _absorbed_step(self, q: torch.Tensor, state: MLAState,
+                       real: torch.Tensor | None = None) -> torch.Tensor:
         """One query per row, q (B, 1, H, N + R), against the cached latents -> (B, 1, H * V),
         with kv_b_proj absorbed into the query and the output (the module docstring). Computed
-        in float32 under half-precision weights: the absorbed products sum over C, not N."""
+        in float32 under half-precision weights: the absorbed products sum over C, not N. A
+        padded cache's padded slots are left out (real (B, 1): the query's own padding)."""
         dtype = compute_dtype(q.dtype)
         weight = self.kv_b_proj.weight.to(dtype).view(
             self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
@@ -234,6 +267,9 @@ class MultiHeadLatentAttention(Mixer):
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_key)
         cached = state.filled().to(dtype)  # (B, L, C + R)
         scores = torch.cat([q_latent, q_rope], dim=-1) @ cached.transpose(1, 2)  # (B, H, L)
+        if real is not None:
+            allowed = state.real[:, None, : state.length] | ~real[:, :, None]
+            scores = scores.masked_fill(~allowed, -torch.inf)
         weights = (scores * self.scale).softmax(dim=-1)
         out_latent = weights @ cached[..., : self.kv_lora_rank]  # (B, H, C)
         out = torch.einsum("bhc,hvc->bhv", out_latent, w_value)

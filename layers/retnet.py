@@ -34,7 +34,8 @@ from torch import nn
 from zoo.kernels import compute_dtype
 from zoo.kernels.linear_attention import linear_attention
 
-from .base import Mixer, MixerState
+from .attention import rotary_at, row_positions
+from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
 from .registry import register_mixer
 from .rotary import Rotary
@@ -86,10 +87,12 @@ def parallel_retention(
 @dataclasses.dataclass
 class RetNetState(MixerState):
     """S per head, (B, H, K, V) in float32 (float64 for float64 activations), and the absolute
-    position of the next token (for the rotation)."""
+    position of the next token (for the rotation). After padding with a rotation,
+    next_positions (B,) long: each row's next position (its real tokens counted)."""
 
     memory: torch.Tensor
     position: int = 0
+    next_positions: torch.Tensor | None = None
 
 
 @register_mixer("retnet")
@@ -155,18 +158,32 @@ class MultiScaleRetention(Mixer):
         element = compute_dtype(dtype).itemsize  # the op's float32 / float64 state
         return element * self.n_heads * self.key_dim * self.value_dim
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         B, T, _ = x.shape
         position = 0 if state is None else state.position
+        next_positions = None if state is None else state.next_positions
         q = rearrange(self.q_proj(x), "b t (h k) -> b t h k", k=self.key_dim)
         k = rearrange(self.k_proj(x), "b t (h k) -> b t h k", k=self.key_dim)
         v = rearrange(self.v_proj(x), "b t (h v) -> b t h v", v=self.value_dim)
-        if self.rotary is not None:
+        if self.rotary is not None and (padding_mask is not None or next_positions is not None):
+            # each row rotates at its own real tokens' positions, as it would alone
+            real = padding_mask.bool() if padding_mask is not None else torch.ones(
+                B, T, dtype=torch.bool, device=x.device)
+            start = next_positions if next_positions is not None else position
+            positions, next_positions = row_positions(real, start)
+            cos, sin = rotary_at(self.rotary, positions, q.dtype)
+            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        elif self.rotary is not None:
             cos, sin = self.rotary.cos_sin(position, T, q.dtype)
             q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        decay = self.log_gamma.to(q.dtype)
+        if padding_mask is not None:
+            # a padded token neither decays the state (log-decay 0) nor adds to it
+            decay = fill_padding(decay.expand(B, T, -1), padding_mask)
+            k = fill_padding(k, padding_mask)
         o, memory = linear_attention(
-            q, k, v, decay=self.log_gamma.to(q.dtype), scale=self.key_dim ** -0.5,
+            q, k, v, decay=decay, scale=self.key_dim ** -0.5,
             initial_state=None if state is None else state.memory,
             output_final_state=True, chunk_size=self.chunk_size,
         )
@@ -174,4 +191,5 @@ class MultiScaleRetention(Mixer):
         o = self.group_norm(rearrange(o, "b t h v -> (b t) (h v)"))
         o = rearrange(o, "(b t) c -> b t c", b=B) * F.silu(self.g_proj(x))
         # gradients stop at the carried state (the contract allows it; decoding needs no graph)
-        return self.o_proj(o), RetNetState(memory.detach(), position + T)
+        y = fill_padding(self.o_proj(o), padding_mask)
+        return y, RetNetState(memory.detach(), position + T, next_positions)
