@@ -18,7 +18,7 @@ import dataclasses
 import torch
 from einops import rearrange
 
-from .base import Mixer, MixerState
+from .base import Mixer, MixerState, fill_padding
 from .bounded_memory_attention import (
     bounded_memory_attention_chunked,
     bounded_memory_attention_step,
@@ -108,7 +108,7 @@ class BoundedMemoryAttention(Mixer):
         # held in float32 whatever `dtype` the activations have (see init_state)
         return 4 * self.n_heads * self.k_slots * (2 * self.head_dim + 1)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         if state is None:
             state = self.init_state(x.shape[0], x.device)
@@ -117,6 +117,8 @@ class BoundedMemoryAttention(Mixer):
         k = rearrange(self.k_proj(x), split, h=self.n_heads).float()
         v = rearrange(self.v_proj(x), split, h=self.n_heads).float()
         control = rearrange(self.s_proj(x), split, h=self.n_heads).float().softmax(-1)
+        # a padded token writes nothing into the slots: every sum stays as it was
+        control = fill_padding(control, padding_mask)
         carried = (state.keys, state.values, state.control)
         scale = self.head_dim ** -0.5
         if x.shape[1] == 1:
@@ -126,4 +128,4 @@ class BoundedMemoryAttention(Mixer):
                 q, k, v, control, scale, carried, self.chunk_size
             )
         y = self.o_proj(rearrange(o.to(x.dtype), "b t h d -> b t (h d)"))
-        return y, BoundedMemoryState(*(s.detach() for s in sums))
+        return fill_padding(y, padding_mask), BoundedMemoryState(*(s.detach() for s in sums))
