@@ -12,6 +12,7 @@ the model (zoo.model) imports it to rebuild quantised layers when loading.
 """
 
 from .calibration import InputHessians, inverse_hessian_factor
+from .gguf_blocks import GGUF_FORMATS, GGUFBlocks, quantize_model_gguf, read_blocks
 from .gptq import gptq_quantize
 from .prune import PRUNING_METHODS, PruningResult, Sparsity, keep_mask, parse_sparsity, prune_model
 from .quantize import (
@@ -38,11 +39,13 @@ from .storage import decode_read_bytes, logical_parameters, weight_bytes
 from .targets import CompressionError, linear_targets
 
 __all__ = [
-    "INT4_GROUP_SIZES", "PRUNING_METHODS", "QUANTIZATION_METHODS", "WEIGHT_FORMATS",
+    "GGUF_FORMATS", "GGUFBlocks", "INT4_GROUP_SIZES", "PRUNING_METHODS", "QUANTIZATION_METHODS",
+    "WEIGHT_FORMATS",
     "CompressionError", "InputHessians", "PruningResult", "QuantizedLinear", "Sparsity",
     "apply_quantized_layout", "check_quantization_args", "check_quantization_section",
     "decode_read_bytes", "gptq_quantize", "inverse_hessian_factor", "is_quantized", "keep_mask",
     "linear_targets", "logical_parameters", "pack_int4", "parse_sparsity", "prepare_kernels",
-    "prune_model", "quantize_int4", "quantize_int8", "quantize_model", "quantized_layers",
+    "prune_model", "quantize_int4", "quantize_int8", "quantize_model", "quantize_model_gguf",
+    "quantized_layers", "read_blocks",
     "sparsegpt_prune", "unpack_int4", "weight_bytes",
 ]

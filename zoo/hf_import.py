@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from zoo.config import ZooConfig
@@ -521,6 +522,15 @@ def load_hf_model(src, dtype: torch.dtype):
     return model, tokenizer
 
 
+def gguf_source(src) -> Path | None:
+    """The GGUF file a source names (a .gguf path or a short name of one), else None."""
+    if isinstance(src, str) and src in SHORT_NAMES:
+        return SHORT_NAMES[src]()
+    if isinstance(src, (str, Path)) and Path(src).suffix == ".gguf":
+        return Path(src)
+    return None
+
+
 def load_hf_config(src):
     """The transformers config of a source, without loading its weights."""
     from transformers import AutoConfig, PreTrainedModel
@@ -569,16 +579,26 @@ def convert_config(hf_config) -> tuple[ZooConfig, list[tuple[str, str]]]:
 
 
 @torch.no_grad()
-def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
+def from_hf(src, *, dtype: torch.dtype = torch.float32, quantized: bool = False
+            ) -> ZooForCausalLM:
     """A zoo model equal to a transformers causal LM.
 
     Args:
         src: a loaded transformers model, a local transformers directory, a GGUF file that
             transformers' own loader reads, or a short name ("smollm2-135m").
         dtype: the dtype of the returned model.
+        quantized: a GGUF source only: keep its Q8_0 / Q4_0 / Q4_1 linear layers quantised
+            (`keep_gguf_blocks`), with logits equal to the dequantised model's up to summation
+            order; without it every tensor is dequantised to `dtype`.
     Returns:
         ZooForCausalLM with the same logits; `.tokenizer` holds the source's tokenizer or None.
     """
+    gguf_path = gguf_source(src)
+    if quantized and gguf_path is None:
+        raise UnsupportedCheckpointError(
+            f"quantized=True keeps a GGUF file's quantised blocks, and {src!r} is not a GGUF "
+            f"file; pass a .gguf path or one of {sorted(SHORT_NAMES)}, or quantise the float "
+            "model with zoo.compression.quantize_model")
     hf_model, tokenizer = load_hf_model(src, dtype)
     config, names = convert_config(hf_model.config)
     # Built on the meta device, then the source's tensors are assigned in place: no random
@@ -621,8 +641,105 @@ def from_hf(src, *, dtype: torch.dtype = torch.float32) -> ZooForCausalLM:
     missing = [name for name, t in model.state_dict().items() if t.is_meta]
     if missing:
         raise UnsupportedCheckpointError(f"the source has no tensor for zoo's {missing[:5]}")
+    if quantized:
+        keep_gguf_blocks(model, hf_model, gguf_path, names)
     align_parameters(model)  # the GGUF reader's NumPy arrays start on 16-byte boundaries
     model.eval()
     model.tokenizer = tokenizer
     return model
 
+
+
+# --- GGUF blocks kept quantised ---------------------------------------------------------------
+
+def _gguf_row_sources(hf_model, names: list[tuple[str, str]], reader) -> dict[str, tuple]:
+    """{GGUF tensor name: (zoo tensor name, source rows)} for every tensor of the file that
+    lands in the zoo model, where source rows (out,) says which of the file's rows each zoo
+    row is. transformers' GGUF reader may reorder a tensor's rows (Llama's q and k: llama.cpp's
+    converter interleaves the rotary halves) and a zoo layout may split one into several: both
+    are found by passing the row indices through the same processing as the weights."""
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(
+        config=hf_model.config.to_dict())
+    hf_names = get_gguf_hf_weights_map(hf_model, processor)
+    unpack = TENSOR_UNPACKS.get(hf_model.config.model_type)
+    sources = {}
+    for tensor in reader.tensors:
+        if len(tensor.shape) != 2:
+            continue
+        rows = int(tensor.shape[1])  # GGUF shapes list the fastest dimension first
+        index = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+        result = processor.process(weights=index, name=tensor.name, tensor_key_mapping=hf_names,
+                                   parsed_parameters={"tensors": {}, "config": {}})
+        if result.name not in hf_names:
+            continue
+        hf_name = hf_names[result.name]
+        processed = torch.from_numpy(np.ascontiguousarray(result.weights))
+        pieces = (unpack(hf_model.config, hf_name, processed) if unpack is not None
+                  else {hf_name: processed})
+        for piece_name, piece in pieces.items():
+            target = _rename(piece_name, names)
+            if target is None:
+                continue
+            if piece.dim() != 2 or piece.shape[1] != 1:
+                raise UnsupportedCheckpointError(
+                    f"quantized=True: GGUF tensor {tensor.name!r} is reshaped on import, not "
+                    "only reordered by rows, so its blocks cannot be kept; import it with "
+                    "quantized=False")
+            sources[tensor.name] = (target, piece[:, 0].long())
+    return sources
+
+
+def keep_gguf_blocks(model: ZooForCausalLM, hf_model, path: Path,
+                     names: list[tuple[str, str]]) -> dict:
+    """Replace, in place, every linear layer of a model imported from the GGUF file `path`
+    whose weight the file stores as Q8_0, Q4_0 or Q4_1 by the QuantizedLinear holding those
+    blocks (zoo.compression.gguf_blocks: groups of 32, float32 scales and zeros); tensors
+    stored as F32 / F16 or in other block types (K-quants) stay float. A head tied to a
+    quantised embedding table becomes an untied quantised head, the table staying float.
+    Sets and returns `model.config.quantization` (method "gguf").
+
+    Every kept layer is checked against the float import: its dequantised weight must equal
+    the imported weight exactly, else an UnsupportedCheckpointError names the tensor.
+    """
+    from gguf import GGUFReader
+
+    from zoo.compression.gguf_blocks import BLOCK_SIZE, gguf_section, tensor_blocks, untie_head
+    from zoo.compression.targets import linear_targets, replace_module
+
+    reader = GGUFReader(str(path))
+    sources = _gguf_row_sources(hf_model, names, reader)
+    by_target = {target: (tensor, rows) for tensor, (target, rows) in
+                 ((t, sources[t.name]) for t in reader.tensors if t.name in sources)}
+    if model.config.tie_word_embeddings and "model.embed_tokens.weight" in by_target:
+        by_target["lm_head.weight"] = by_target["model.embed_tokens.weight"]
+    layer_formats = {}
+    for module_name, linear in linear_targets(model):
+        tensor, rows = by_target.get(f"{module_name}.weight", (None, None))
+        blocks = None if tensor is None else tensor_blocks(tensor)
+        if blocks is None:
+            continue
+        blocks = blocks.take_rows(rows)
+        layer = blocks.to_linear(linear.bias, linear.weight.dtype)
+        if not torch.equal(layer.dequantize(linear.weight.dtype), linear.weight):
+            raise UnsupportedCheckpointError(
+                f"quantized=True: GGUF tensor {tensor.name!r} ({blocks.format}) dequantised "
+                f"differs from the imported {module_name}.weight; import it with "
+                "quantized=False")
+        if module_name == "lm_head" and model.config.tie_word_embeddings:
+            untie_head(model)
+        replace_module(model, module_name, layer)
+        layer_formats[module_name] = (blocks.weights, BLOCK_SIZE)
+    if not layer_formats:
+        raise UnsupportedCheckpointError(
+            f"quantized=True: {path.name} stores no linear layer as Q8_0, Q4_0 or Q4_1 "
+            "(nothing to keep quantised); import it with quantized=False")
+    model.config.quantization = gguf_section(layer_formats)
+    return model.config.quantization
