@@ -251,6 +251,7 @@ def test_a_stop_string_ends_the_text_before_it_and_frees_the_slot(server, client
     assert stop.strip(), f"pick another prompt: no usable stop string in {full!r}"
     want = full[: full.index(stop)]
     for stream in (False, True):
+        steps_before = wait_until_idle(server)["steps"]
         answer = client.completions.create(model=NAME, prompt=prompt, max_tokens=40,
                                            temperature=0, stop=[stop], stream=stream)
         if stream:
@@ -260,8 +261,12 @@ def test_a_stop_string_ends_the_text_before_it_and_frees_the_slot(server, client
         else:
             assert answer.choices[0].text == want
             assert answer.choices[0].finish_reason == "stop"
-    stats = wait_until_idle(server)["engine"]
-    assert stats["free_slots"] == MAX_BATCH and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        health = wait_until_idle(server)
+        stats = health["engine"]
+        assert stats["free_slots"] == MAX_BATCH
+        assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        # cancelled at the stop string: its 40 tokens would have taken 40 steps
+        assert health["steps"] - steps_before < 40
 
 
 def test_sampling_with_a_seed_repeats(client):
@@ -351,3 +356,62 @@ def test_a_client_dropping_its_stream_cancels_the_request_and_frees_its_slot(ser
     assert stats["free_slots"] == MAX_BATCH and stats["kv_blocks_free"] == stats["kv_blocks_total"]
     # it ended early: far fewer steps than the tokens it had asked for
     assert health["steps"] - steps_before < max_tokens // 2
+
+
+def test_a_client_leaving_before_a_plain_answer_cancels_the_request(server):
+    max_tokens = MAX_CONTEXT - 8
+    steps_before = wait_until_idle(server)["steps"]
+    body = {"model": NAME, "prompt": "Tell me a long story", "max_tokens": max_tokens,
+            "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    health = wait_until_idle(server)
+    assert health["engine"]["free_slots"] == MAX_BATCH
+    assert health["steps"] - steps_before < max_tokens // 2
+
+
+def test_an_engine_step_that_fails_fails_its_requests_and_the_thread_goes_on(make_model):
+    """What keeps the server alive through a bug in a step: the requests in it get the error,
+    later ones are served."""
+    import asyncio
+
+    from zoo.app.serve import EngineThread, Submission
+    from zoo.infer.engine import Engine, Request
+
+    engine = Engine(make_model("attention-tiny"), max_batch=2)
+    real_step, calls = engine.step, []
+
+    def step_failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real_step()
+
+    engine.step = step_failing_once
+    thread = EngineThread(engine)
+
+    async def submit(prompt):
+        loop = asyncio.get_running_loop()
+        submission = Submission(Request(prompt=prompt, max_new_tokens=3), loop, asyncio.Queue(),
+                                loop.create_future())
+        thread.add(submission)
+        await submission.accepted
+        events = []
+        while not events or not isinstance(events[-1], Exception) and \
+                events[-1].finish_reason is None:
+            events.append(await asyncio.wait_for(submission.events.get(), 30))
+        return events
+
+    async def main():
+        failed = await submit([1, 2, 3])
+        served = await submit([4, 5])
+        return failed, served
+
+    thread.start()
+    try:
+        failed, served = asyncio.run(main())
+    finally:
+        thread.stop()
+    assert len(failed) == 1 and "injected" in str(failed[0])
+    assert [e.finish_reason for e in served] == [None, None, "length"]
+    assert thread.failures == 1 and engine.stats()["free_slots"] == 2
