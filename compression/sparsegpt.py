@@ -3,10 +3,10 @@ Pruned in One-Shot"): one-shot pruning of a linear layer by optimal brain surger
 H = 2 XᵀX / n of its calibration inputs, the machinery GPTQ (compression/gptq.py) shares.
 
 Columns are visited left to right in blocks of 128. Pruning column j costs w²/[H_F⁻¹]_jj in the
-layer's output error, where F are the columns not yet fixed; [H_F⁻¹]_jj = U_jj², U the upper
-Cholesky factor of H⁻¹ (`inverse_hessian_factor`). Each pruned weight's error is fed to the
-columns after it through row j of U (the OBS update), so the weights kept change to make up for
-the ones removed. The mask, like the reference code's:
+layer's output error, F the columns from j on (those before are fixed by then);
+[H_F⁻¹]_jj = U_jj², U the upper Cholesky factor of H⁻¹ (`inverse_hessian_factor`). Each pruned
+weight's error is fed to the columns after it through row j of U (the OBS update), so the
+weights kept change to make up for the ones removed. The mask, like the reference code's:
 - N:M: at the first column of every group of M, the M - N lowest w²/U_jj² of each row's group,
   on the weights as updated so far;
 - a fraction s: at each block's start, the lowest w²/U_jj² of each row within the block, as many
