@@ -26,7 +26,8 @@ from zoo.kernels.window_linear_attention import (
     window_linear_attention_weights,
 )
 
-from .base import Mixer, MixerState
+from .attention import rotary_at, row_positions
+from .base import Mixer, MixerState, fill_padding
 from .feature_maps import build_feature_map
 from .linear import Linear
 from .registry import register_mixer
@@ -43,6 +44,8 @@ class WindowLinearAttentionMixerState(MixerState):
     S: (B, H_kv, F, D), z: (B, H_kv, F): sums of phi_k v^T and phi_k over the tokens older than
     the window, float32 (float64 for float64 activations).
     position: tokens seen so far (the next token's rotary position).
+    next_positions: (B,) long after padding, each row's real tokens seen (its next position;
+    its window's empty slots are the first W - min(next_positions, W)), else None.
     """
 
     k: torch.Tensor
@@ -51,6 +54,7 @@ class WindowLinearAttentionMixerState(MixerState):
     S: torch.Tensor
     z: torch.Tensor
     position: int = 0
+    next_positions: torch.Tensor | None = None
 
 
 @register_mixer("window_linear_attention")
@@ -149,9 +153,9 @@ class WindowLinearAttention(Mixer):
         H, D, F = self.n_kv_heads, self.head_dim, self.feature_map.feature_dim
         return self.window * H * (2 * D + F) * element + H * F * (D + 1) * memory_element
 
-    def _project(self, x: torch.Tensor, position: int):
-        """x (B, T, d_model) at `position` -> q, k (rotated), v, phi_q, phi_k (B, T, H·, ·)
-        and r (H,)."""
+    def _project(self, x: torch.Tensor, position: int, positions: torch.Tensor | None = None):
+        """x (B, T, d_model) at `position` (or at per-row `positions` (B, T), a padded batch's)
+        -> q, k (rotated), v, phi_q, phi_k (B, T, H·, ·) and r (H,)."""
         T = x.shape[1]
         split = "b t (h d) -> b t h d"
         q = rearrange(self.q_proj(x), split, d=self.head_dim)
@@ -159,7 +163,8 @@ class WindowLinearAttention(Mixer):
         v = rearrange(self.v_proj(x), split, d=self.head_dim)
         q_rot, k_rot = q, k
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(position, T, q.dtype)
+            cos, sin = (self.rotary.cos_sin(position, T, q.dtype) if positions is None
+                        else rotary_at(self.rotary, positions, q.dtype))
             q_rot, k_rot = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         mapped_q, mapped_k = (q_rot, k_rot) if self.feature_maps_after_rotary else (q, k)
         phi_q = self.feature_map(mapped_q, "query")
@@ -176,8 +181,10 @@ class WindowLinearAttention(Mixer):
             q, self._repeat(k, 2), phi_q, self._repeat(phi_k, 2), self.window,
             linear_scale=linear_scale, scale=self.head_dim ** -0.5)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
+        if padding_mask is not None or (state is not None and state.next_positions is not None):
+            return self._forward_padded(x, state, padding_mask)
         T = x.shape[1]
         position = 0 if state is None else state.position
         q_rot, k_rot, v, phi_q, phi_k, linear_scale = self._project(x, position)
@@ -196,14 +203,39 @@ class WindowLinearAttention(Mixer):
         y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
         return y, self._mixer_state(final, position + T)
 
+    def _forward_padded(self, x: torch.Tensor, state: WindowLinearAttentionMixerState | None,
+                        padding_mask: torch.Tensor | None):
+        """The padding contract (layers/base.py), token by token: each row's window holds its
+        last W real tokens and its rotation counts only them, so every row gets what it gets
+        alone. (A loop over time: the op's chunked form windows by slots, not per row.)"""
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device, x.dtype)
+        if state.next_positions is None:
+            state = dataclasses.replace(state, next_positions=torch.full(
+                (B,), state.position, dtype=torch.long, device=x.device))
+        real = (padding_mask.bool() if padding_mask is not None
+                else torch.ones(B, T, dtype=torch.bool, device=x.device))
+        positions, _ = row_positions(real, state.next_positions)
+        q, k, v, phi_q, phi_k, linear_scale = self._project(x, 0, positions)
+        outputs = []
+        for t in range(T):
+            now = slice(t, t + 1)
+            y, state = self._decode_step(q[:, now], k[:, now], v[:, now], phi_q[:, now],
+                                         phi_k[:, now], linear_scale, state, real[:, t])
+            outputs.append(y)
+        return torch.cat(outputs, dim=1), state
+
     def _decode_step(self, q, k, v, phi_q, phi_k, linear_scale,
-                     state: WindowLinearAttentionMixerState):
+                     state: WindowLinearAttentionMixerState, real: torch.Tensor | None = None):
         """One token against the state as it is stored, one copy per KV head: the query heads
         of a group read their KV head's window and memory in place (no per-query-head copies
         of the state, as the op's general path makes), and the shifted window is at once this
         step's context and the next state. The op's recurrent step, term for term.
 
-        q (B, 1, H, D), k, v (B, 1, H_kv, D), phi_q (B, 1, H, F), phi_k (B, 1, H_kv, F)."""
+        q (B, 1, H, D), k, v (B, 1, H_kv, D), phi_q (B, 1, H, F), phi_k (B, 1, H_kv, F). A state
+        that has seen padding counts each row's tokens apart (next_positions), and real (B,)
+        False leaves a row's state as it was (its output zero)."""
         B, W, G = q.shape[0], self.window, self.groups
         Hk, D = self.n_kv_heads, self.head_dim
         dtype = compute_dtype(q.dtype)
@@ -213,15 +245,27 @@ class WindowLinearAttention(Mixer):
         values = torch.cat([state.v[:, 1:], v.to(window_dtype)], dim=1)
         features = torch.cat([state.phi_k[:, 1:], phi_k.to(window_dtype)], dim=1)
         S, z = state.S, state.z
-        if state.position >= W:  # a token left: slot 0 of the old window
+        rows = state.next_positions
+        if rows is not None:  # each row's own count: where a token left, and empty slots
+            leaving_f, leaving_v = state.phi_k[:, 0].to(dtype), state.v[:, 0].to(dtype)
+            left = (rows >= W)[:, None, None]
+            S = torch.where(left[..., None], S + torch.einsum(
+                "bkf,bkd->bkfd", leaving_f, leaving_v), S)
+            z = torch.where(left, z + leaving_f, z)
+        elif state.position >= W:  # a token left: slot 0 of the old window
             leaving_f, leaving_v = state.phi_k[:, 0].to(dtype), state.v[:, 0].to(dtype)
             S = S + torch.einsum("bkf,bkd->bkfd", leaving_f, leaving_v)
             z = z + leaving_f
         q_g = q.to(dtype).view(B, Hk, G, D)  # query head h reads KV head h // G
         scores = torch.einsum("bkgd,bwkd->bkgw", q_g, keys.to(dtype)) * D ** -0.5
-        filled = min(state.position + 1, W)
-        if filled < W:  # the first W - filled slots hold no token yet
-            scores[..., : W - filled] = -torch.inf
+        if rows is not None:
+            empty = W - (rows + 1).clamp(max=W)  # (B,) slots holding no token of the row yet
+            slots = torch.arange(W, device=scores.device)
+            scores = scores.masked_fill((slots < empty[:, None])[:, None, None, :], -torch.inf)
+        else:
+            filled = min(state.position + 1, W)
+            if filled < W:  # the first W - filled slots hold no token yet
+                scores[..., : W - filled] = -torch.inf
         p = torch.exp(scores - scores.amax(-1, keepdim=True).detach())
         A = torch.einsum("bkgw,bwkd->bkgd", p, values.to(dtype))
         phi_q_g = phi_q.to(dtype).view(B, Hk, G, -1)
@@ -231,8 +275,19 @@ class WindowLinearAttention(Mixer):
         o = (numerator / denominator[..., None]).to(q.dtype).reshape(B, 1, Hk * G * D)
         new_state = WindowLinearAttentionMixerState(
             k=keys.detach(), v=values.detach(), phi_k=features.detach(), S=S.detach(),
-            z=z.detach(), position=state.position + 1)
-        return self.o_proj(o), new_state
+            z=z.detach(), position=state.position + 1,
+            next_positions=None if rows is None else rows + 1)
+        if real is None:
+            return self.o_proj(o), new_state
+        # a padded token: the row's state stays exactly as it was
+        kept = {name: torch.where(real.view(-1, *[1] * (old.dim() - 1)), new, old)
+                for name, new, old in (
+                    (f.name, getattr(new_state, f.name), getattr(state, f.name))
+                    for f in dataclasses.fields(state))
+                if isinstance(new, torch.Tensor)}
+        kept["next_positions"] = rows + real.long()
+        new_state = dataclasses.replace(new_state, **kept)
+        return fill_padding(self.o_proj(o), real[:, None]), new_state
 
     def _repeat(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """KV heads out to query heads: query head h reads KV head h // groups."""
