@@ -1,7 +1,8 @@
 """`zoo serve`: the real server in a subprocess, spoken to with the `openai` client and plain HTTP.
 
-One server for the module: a tiny attention model (its KV cache in the engine's paged blocks)
-with SmolLM2's tokenizer (byte-level BPE, a chat template), saved to a folder as a user would.
+One server for the module: a tiny hybrid (three Gated DeltaNet layers, whose states live in the
+engine's slots, and one attention layer, whose KV cache lives in its paged blocks) with SmolLM2's
+tokenizer (byte-level BPE, a chat template), saved to a folder as a user would.
 Greedy answers are compared with zoo.infer.generate on the same prompt, alone.
 """
 
@@ -44,7 +45,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
-    config = zoo.load_config("attention-tiny", vocab_size=len(tokenizer),
+    config = zoo.load_config("gated-deltanet-hybrid-tiny", vocab_size=len(tokenizer),
                              eos_token_id=tokenizer.eos_token_id)
     folder = tmp_path_factory.mktemp("served")
     zoo.ZooForCausalLM(config).eval().save_pretrained(folder)
