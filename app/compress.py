@@ -4,11 +4,14 @@
     zoo compress smollm2-135m runs/smollm2-int4 --weights int4 --group-size 32
     zoo compress runs/my-model runs/my-model-24 --prune wanda --sparsity 2:4 --weights int8
     zoo compress attention-tiny runs/tiny-int8 --weights int8 --eval-tokens 8192
+    zoo compress smollm2-135m runs/smollm2-gptq --weights int4 --method gptq --calibration 8192
+    zoo compress smollm2-135m runs/smollm2-sgpt --prune sparsegpt --sparsity 2:4
 
 SRC is anything `zoo generate` takes. Pruning runs first (on the float weights), quantising
-second. Wanda's calibration tokens come from the training split of the default corpus (the
-Python standard library's source, zoo.train.data), tokenised with the model's tokenizer; with
---eval-tokens the held-out split of the same corpus gives the perplexity before and after.
+second (GPTQ keeps the pruned zeros). The calibration tokens of wanda, sparsegpt and gptq come
+from the training split of the default corpus (the Python standard library's source,
+zoo.train.data), tokenised with the model's tokenizer; with --eval-tokens the held-out split of
+the same corpus gives the perplexity before and after.
 OUT is written in a temporary folder beside it and renamed, so it is whole or absent.
 """
 
@@ -29,6 +32,7 @@ from zoo.app.cli import human_bytes
 from zoo.compression import (
     INT4_GROUP_SIZES,
     PRUNING_METHODS,
+    QUANTIZATION_METHODS,
     WEIGHT_FORMATS,
     CompressionError,
     check_quantization_args,
@@ -47,9 +51,14 @@ VAL_FRACTION = 0.05  # zoo.train's default held-out share
 SEQ_LEN = 512  # tokens per calibration / evaluation window (shorter where the model limits it)
 DEFAULT_CALIBRATION_TOKENS = 8192
 DEFAULT_INT4_GROUP_SIZE = 32
-# the command-line flag of each argument a CompressionError names
+# the command-line flag of each argument a CompressionError names (quantize_model's method is
+# --method, prune_model's is --prune)
 FLAGS = {"weights": "--weights", "group_size": "--group-size", "sparsity": "--sparsity",
          "method": "--prune", "calibration": "--calibration", "skip": "--skip"}
+QUANTIZE_FLAGS = {**FLAGS, "method": "--method"}
+# the methods that run block by block on calibration tokens
+CALIBRATED_PRUNING = ("wanda", "sparsegpt")
+CALIBRATED_QUANTIZATION = ("gptq",)
 
 
 def add_compress_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,19 +67,24 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="the model folder to write")
     p.add_argument("--weights", help=f"weight-only quantisation: {' or '.join(WEIGHT_FORMATS)} "
                    "(int8: symmetric per output channel; int4: groups along the input with "
-                   "scale and zero, round to nearest)")
+                   "scale and zero)")
+    p.add_argument("--method", default=None, metavar="METHOD",
+                   help=f"with --weights, how codes are chosen: {' or '.join(QUANTIZATION_METHODS)}"
+                   " (rtn: round to nearest, the default; gptq: column by column with the error "
+                   "fed to the columns not yet quantised, calibrated on the default corpus)")
     p.add_argument("--group-size", type=int, help="int4 inputs per scale: "
                    f"{', '.join(map(str, INT4_GROUP_SIZES))} (default "
                    f"{DEFAULT_INT4_GROUP_SIZE})")
     p.add_argument("--prune", metavar="METHOD",
                    help=f"pruning score: {' or '.join(PRUNING_METHODS)} (wanda: |W| times the "
-                   "input channel's norm on calibration text)")
+                   "input channel's norm on calibration text; sparsegpt: the inverse Hessian's "
+                   "saliency, the kept weights updated to make up for the pruned ones)")
     p.add_argument("--sparsity", default=None,
                    help="with --prune: a fraction in (0, 1) pruned per output row, or N:M (2:4, "
                    "4:8) kept per M inputs (default 0.5)")
     p.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION_TOKENS,
-                   metavar="N_TOKENS", help="calibration tokens for wanda (default "
-                   f"{DEFAULT_CALIBRATION_TOKENS})")
+                   metavar="N_TOKENS", help="calibration tokens for wanda, sparsegpt and gptq "
+                   f"(default {DEFAULT_CALIBRATION_TOKENS})")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="leave the linear layers whose names match this glob float and dense "
                    "(repeatable), e.g. '*.dt_proj'")
@@ -82,16 +96,23 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace OUT when it is a model folder already")
 
 
-def cli_error(error: CompressionError) -> ValueError:
+def cli_error(error: CompressionError, flags: dict[str, str] = FLAGS) -> ValueError:
     """The library's error, naming the command-line flag in place of the argument."""
-    return ValueError(f"{FLAGS.get(error.option, error.option)} {error.value}: {error.detail}")
+    return ValueError(f"{flags.get(error.option, error.option)} {error.value}: {error.detail}")
 
 
 def check_compress_request(args: argparse.Namespace) -> None:
     """Every option, each named when it is wrong, before anything is loaded; fills in the
     defaults that depend on others (the int4 group size, the sparsity)."""
+    if args.method is not None:
+        if args.weights is None:
+            raise ValueError(f"--method {args.method}: applies to --weights")
+        if args.method not in QUANTIZATION_METHODS:
+            raise ValueError(f"--method {args.method}: allowed: "
+                             f"{', '.join(QUANTIZATION_METHODS)}")
     if args.weights is None and args.prune is None:
-        raise ValueError("give --weights (int8, int4) and / or --prune (magnitude, wanda)")
+        raise ValueError(f"give --weights ({', '.join(WEIGHT_FORMATS)}) and / or --prune "
+                         f"({', '.join(PRUNING_METHODS)})")
     if args.weights is not None:
         if args.weights == "int4" and args.group_size is None:
             args.group_size = DEFAULT_INT4_GROUP_SIZE
@@ -133,28 +154,36 @@ def run_compress_command(args: argparse.Namespace) -> int:
     limit = model.sequence_limit()
     if limit is not None:
         seq_len = min(seq_len, limit[0])
-    corpus = None
-    if args.prune == "wanda" or args.eval_tokens:
+    method = args.method or "rtn"
+    calibrated = args.prune in CALIBRATED_PRUNING or method in CALIBRATED_QUANTIZATION
+    corpus = calibration = None
+    if calibrated or args.eval_tokens:
         corpus = corpus_tokens(args.src, tokenizer)
+    if calibrated:
+        calibration = calibration_windows(corpus[0], args.calibration, seq_len)
     before = held_out_perplexity(model, corpus, args.eval_tokens, seq_len)
     source_bytes = weight_bytes(model, getattr(torch, args.dtype))
-    try:
-        if args.prune is not None:
-            calibration = None
-            if args.prune == "wanda":
-                calibration = calibration_windows(corpus[0], args.calibration, seq_len)
+    if args.prune is not None:
+        try:
             result = prune_model(model, args.prune, args.sparsity, calibration, args.skip)
-            print(f"pruned {len(result.sparsity)} linear layers ({args.prune}, {args.sparsity}): "
-                  f"{result.overall:.1%} of their weights are zero")
-            for name, why in result.left_dense.items():
-                print(f"  left dense: {name} ({why})")
-        if args.weights is not None:
-            section = quantize_model(model, args.weights, args.group_size, args.skip)
-            print(f"quantised {len(section['modules'])} linear layers to {args.weights}"
-                  + (f" in groups of {args.group_size}" if args.group_size else
-                     " per output channel"))
-    except CompressionError as error:
-        raise cli_error(error) from None
+        except CompressionError as error:
+            raise cli_error(error) from None
+        print(f"pruned {len(result.sparsity)} linear layers ({args.prune}, {args.sparsity}): "
+              f"{result.overall:.1%} of their weights are zero")
+        for name, why in result.left_dense.items():
+            print(f"  left dense: {name} ({why})")
+    if args.weights is not None:
+        try:
+            section = quantize_model(model, args.weights, args.group_size, args.skip,
+                                     method=method, calibration=calibration)
+        except CompressionError as error:
+            raise cli_error(error, QUANTIZE_FLAGS) from None
+        print(f"quantised {len(section['modules'])} linear layers to {args.weights}"
+              + (f" in groups of {args.group_size}" if args.group_size else
+                 " per output channel") + f" ({method})")
+        for name in section.get("rounded_to_nearest", []):
+            print(f"  rounded to nearest: {name} (its forward never ran on the calibration "
+                  "tokens)")
     model = model.to(getattr(torch, args.dtype))
     after = held_out_perplexity(model, corpus, args.eval_tokens, seq_len)
     write_model_folder(model, tokenizer, Path(args.out))

@@ -11,13 +11,17 @@ from zoo.app.cli import main
 from zoo.compression import QuantizedLinear
 
 BAD = [
-    ([], r"give --weights \(int8, int4\) and / or --prune \(magnitude, wanda\)"),
+    ([], r"give --weights \(int8, int4\) and / or --prune \(magnitude, wanda, sparsegpt\)"),
     (["--weights", "int3"], r"--weights int3: allowed: int8, int4"),
     (["--weights", "int4", "--group-size", "48"], r"--group-size 48: int4 takes 32, 64, 128"),
     (["--weights", "int8", "--group-size", "32"],
      r"--group-size 32: int8 is per output channel; group_size applies to int4"),
     (["--prune", "magnitude", "--group-size", "32"], r"--group-size 32: applies to --weights int4"),
-    (["--prune", "sparsegpt"], r"--prune sparsegpt: allowed: magnitude, wanda"),
+    (["--prune", "obs"], r"--prune obs: allowed: magnitude, wanda, sparsegpt"),
+    (["--method", "gptq"], r"--method gptq: applies to --weights"),
+    (["--prune", "wanda", "--method", "gptq"], r"--method gptq: applies to --weights"),
+    (["--weights", "int4", "--method", "awq"], r"--method awq: allowed: rtn, gptq"),
+    (["--prune", "sparsegpt", "--calibration", "0"], r"--calibration 0: must be a positive"),
     (["--prune", "magnitude", "--sparsity", "1.5"], r"--sparsity 1\.5: a fraction must lie in"),
     (["--prune", "magnitude", "--sparsity", "0"], r"--sparsity 0: a fraction must lie in"),
     (["--prune", "magnitude", "--sparsity", "4:4"], r"--sparsity 4:4: N:M keeps N of every M "
@@ -104,3 +108,27 @@ def test_compress_then_generate_info_and_from_pretrained(tmp_path, capsys, monke
 def test_info_of_a_float_model_says_four_bytes_per_weight(capsys):
     assert main(["info", "attention-tiny"]) == 0
     assert "4.000 bytes per weight (float32)" in capsys.readouterr().out
+
+
+def test_sparsegpt_then_gptq_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """SparseGPT 2:4 then GPTQ int8 on mamba-tiny, both calibrated on the default corpus: the
+    pattern survives quantisation, and the layers neither could calibrate (dt_proj, whose
+    weight Mamba reads directly) are named."""
+    import zoo.train.data
+
+    monkeypatch.setattr(zoo.train.data, "default_cache_dir", lambda: tmp_path / "tokens")
+    out = tmp_path / "mamba-sparsegpt-gptq"
+    assert main(["compress", "mamba-tiny", str(out), "--prune", "sparsegpt", "--sparsity", "2:4",
+                 "--weights", "int8", "--method", "gptq", "--calibration", "512"]) == 0
+    printed = capsys.readouterr().out
+    assert "pruned 6 linear layers (sparsegpt, 2:4): 50.0% of their weights are zero" in printed
+    assert "quantised 9 linear layers to int8 per output channel (gptq)" in printed
+    for index in range(2):
+        assert f"left dense: model.layers.{index}.mixer.dt_proj" in printed
+        assert f"rounded to nearest: model.layers.{index}.mixer.dt_proj" in printed
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.quantization["method"] == "gptq"
+    in_proj = model.model.layers[0].mixer.in_proj.dequantize()
+    assert ((in_proj.view(in_proj.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    assert main(["info", str(out)]) == 0
+    assert "int8 per output channel (gptq)" in capsys.readouterr().out
