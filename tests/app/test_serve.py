@@ -416,3 +416,46 @@ def test_an_engine_step_that_fails_fails_its_requests_and_the_thread_goes_on(mak
     assert len(failed) == 1 and "injected" in str(failed[0])
     assert [e.finish_reason for e in served] == [None, None, "length"]
     assert thread.failures == 1 and engine.stats()["free_slots"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process (Starlette's TestClient runs the app and its engine thread): the byte-level path
+
+
+@pytest.fixture
+def byte_level_app():
+    from fastapi.testclient import TestClient
+
+    from zoo.app.cli import build_parser
+    from zoo.app.serve import build_served, create_app
+
+    torch.manual_seed(0)
+    served = build_served(build_parser().parse_args(
+        ["serve", "rwkv7-tiny", "--max-batch", "2", "--name", "bytes"]))
+    with TestClient(create_app(served)) as http:
+        yield http, served.engine.engine.model
+
+
+def test_a_byte_level_model_answers_completions_and_refuses_chat_by_name(byte_level_app):
+    http, model = byte_level_app
+    prompt = "héllo"
+    result = generate(model, [ByteTokenizer().encode(prompt)], max_new_tokens=10)
+    tokens = result.tokens[0][:-1] if result.finish_reasons[0] == "stop" else result.tokens[0]
+    answer = http.post("/v1/completions", json={"model": "bytes", "prompt": prompt,
+                                                "max_tokens": 10, "temperature": 0}).json()
+    assert answer["choices"][0]["text"] == ByteTokenizer().decode(tokens)
+    refused = http.post("/v1/chat/completions", json={
+        "model": "bytes", "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "messages"
+    assert "chat template" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("flag, value", [("--max-batch", "0"), ("--port", "70000"),
+                                         ("--max-context", "-1"), ("--kv-blocks", "0")])
+def test_serve_refuses_bad_options_by_name_before_loading(flag, value, capsys):
+    from zoo.app.cli import main
+
+    assert main(["serve", "no-such-model", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}={value}" in err and "no-such-model" not in err
