@@ -30,8 +30,9 @@ from torch import nn
 from zoo.kernels import causal_conv1d, compute_dtype
 from zoo.kernels.delta_rule import delta_rule
 
-from .base import Mixer, MixerState
+from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
+from .mamba import masked_causal_conv1d
 from .registry import register_mixer
 
 # fla's and transformers' l2norm epsilon, added to the squared norm
@@ -169,7 +170,7 @@ class DeltaRuleMixer(Mixer):
             size += (self.conv_size - 1) * self.conv_channels * dtype.itemsize
         return size
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         # from the projections to the output norm in float32: the delta rule's error term
         # v - S^T k amplifies bf16 roundings of q, k and v (bf16 error 1.9 -> 1.4 U measured)
@@ -178,11 +179,18 @@ class DeltaRuleMixer(Mixer):
         conv_state = None
         if self.conv1d is not None:
             bias = self.conv1d.bias.to(dtype) if self.conv1d.bias is not None else None
-            qkv, conv_state = causal_conv1d(
-                qkv.to(dtype), self.conv1d.weight[:, 0].to(dtype), bias, activation="silu",
-                initial_state=state.conv_state.to(dtype) if state is not None else None,
-                output_final_state=True,
-            )
+            conv = dict(initial_state=state.conv_state.to(dtype) if state is not None else None,
+                        activation="silu")
+            if padding_mask is None:
+                qkv, conv_state = causal_conv1d(
+                    qkv.to(dtype), self.conv1d.weight[:, 0].to(dtype), bias,
+                    output_final_state=True, **conv,
+                )
+            else:
+                qkv, conv_state = masked_causal_conv1d(
+                    qkv.to(dtype), self.conv1d.weight[:, 0].to(dtype), bias,
+                    padding_mask=padding_mask, **conv,
+                )
             conv_state = conv_state.detach().to(x.dtype)  # the projections' values: exact
         else:
             qkv = F.silu(qkv.to(dtype))
@@ -199,15 +207,20 @@ class DeltaRuleMixer(Mixer):
             # beta in [0, 2]: the transition I - beta k k^T may reflect, which lets the state
             # track parities (Grazzi et al. 2024)
             beta = 2 * beta
+        # a padded step writes nothing (beta = 0) and keeps the state undecayed (log-decay 0)
+        decay = self.log_decay(x)
+        if padding_mask is not None:
+            beta = fill_padding(beta, padding_mask)
+            decay = fill_padding(decay, padding_mask) if decay is not None else None
         o, recurrent = delta_rule(
-            q, k, v, beta, decay=self.log_decay(x),
+            q, k, v, beta, decay=decay,
             initial_state=state.recurrent_state if state is not None else None,
             output_final_state=True, chunk_size=self.chunk_size,
         )
         o = rearrange(self.o_norm(o, self.output_gate(x)), "b t h v -> b t (h v)")
         # gradients stop at the carried state (the contract allows it; decoding needs no graph)
         new_state = self.state_class(conv_state, recurrent.detach())
-        return self.o_proj(o.to(x.dtype)), new_state
+        return fill_padding(self.o_proj(o.to(x.dtype)), padding_mask), new_state
 
 
 @dataclasses.dataclass

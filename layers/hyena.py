@@ -25,8 +25,9 @@ from torch import nn
 
 from zoo.kernels import causal_conv1d, compute_dtype, fft_conv
 
-from .base import Mixer, MixerState, at_least_float32
+from .base import Mixer, MixerState, at_least_float32, fill_padding
 from .linear import Linear
+from .mamba import along_time, real_tokens_first
 from .registry import register_mixer
 
 
@@ -253,7 +254,7 @@ class Hyena(Mixer):
         grown[:, :, :length] = buf[:, :, :length]
         return grown
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         B, T, d = x.shape
         if state is None:
@@ -266,6 +267,8 @@ class Hyena(Mixer):
                 f"tokens) is past max_len={self.max_len}, the longest lag its filters are "
                 "generated for; build the model with a larger max_len"
             )
+        if padding_mask is not None:
+            return self._forward_padded(x, state, padding_mask)
         z, conv_state = causal_conv1d(
             self.in_proj(x), self.short_conv_weight, self.short_conv_bias,
             initial_state=state.conv.to(x.dtype), output_final_state=True,
@@ -284,3 +287,42 @@ class Hyena(Mixer):
             v = gates[n] * fft_conv(v, h[:, n].t(), self.filter_bias[n], initial_state=past)
         y = self.out_proj(v)
         return y, HyenaState(conv_state, buf, P + T)
+
+    def _forward_padded(
+        self, x: torch.Tensor, state: HyenaState, padding_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, HyenaState]:
+        """forward over each row's real tokens only (padding_mask (B, T) True at them).
+
+        Each row's real tokens are packed first, where they stand alone, so the short and the
+        long convolutions compute them exactly. The history all rows share grows by T: a row's
+        m padded positions go in front of its history as zeros, which add exactly nothing to
+        any later convolution, and its real inputs at its end, at the lags they have alone. So
+        padding counts against max_len, and a padded call writes a new history buffer (the
+        rows' histories move) where an unpadded one appends in place.
+        """
+        B, T, d = x.shape
+        P = state.length
+        order, lengths = real_tokens_first(padding_mask)
+        real = torch.arange(T, device=x.device) < lengths[:, None]  # in packed order
+        projected = self.in_proj(along_time(x, order))
+        conv_state = state.conv.to(x.dtype)
+        z, _ = causal_conv1d(projected, self.short_conv_weight, self.short_conv_bias,
+                             initial_state=conv_state)
+        conv_window = (lengths[:, None]
+                       + torch.arange(conv_state.shape[1], device=x.device))
+        conv_state = along_time(torch.cat([conv_state, projected], dim=1), conv_window)
+        *gates, v = z.split(d, dim=-1)
+        h = self.long_filters(P + T)
+        # row b's history: its T - lengths[b] zeros, its old history, its real inputs
+        moved = lengths[:, None] + torch.arange(P + T, device=x.device)
+        buf = state.inputs.new_empty(B, self.order, P + T, d)
+        for n in range(self.order):
+            v = fill_padding(v, real)
+            past = state.inputs[:, n, :P] if P else None
+            history = [v.new_zeros(B, T, d), v.detach()]
+            if past is not None:
+                history.insert(1, past)
+            buf[:, n] = along_time(torch.cat(history, dim=1), moved)
+            v = gates[n] * fft_conv(v, h[:, n].t(), self.filter_bias[n], initial_state=past)
+        y = along_time(self.out_proj(v), torch.argsort(order, dim=1))
+        return fill_padding(y, padding_mask), HyenaState(conv_state.detach(), buf, P + T)

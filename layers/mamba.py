@@ -19,7 +19,7 @@ from torch import nn
 
 from zoo.kernels import causal_conv1d, compute_dtype, selective_scan
 
-from .base import Mixer, MixerState
+from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
 from .registry import register_mixer
 
@@ -36,6 +36,49 @@ def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, floor: float)
     ).clamp(min=floor)
     with torch.no_grad():
         bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
+
+
+def along_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) at the time positions index (B, T') of each row: (B, T', ...)."""
+    index = index.reshape(*index.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, index.expand(-1, -1, *x.shape[2:]))
+
+
+def real_tokens_first(padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, lengths) for a padded batch, padding_mask (B, T) True at real tokens: order
+    (B, T) holds each row's real positions in time order, then its padded ones; lengths (B,)
+    counts the real tokens. Packed by `order`, every row's real tokens stand where they would
+    stand alone, so anything causal computes them exactly, whatever the padding after them."""
+    order = torch.argsort((~padding_mask).to(torch.uint8), dim=1, stable=True)
+    return order, padding_mask.sum(1)
+
+
+def masked_causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    activation: str | None,
+    initial_state: torch.Tensor | None,
+    padding_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_conv1d` over each row's real tokens only: a padded position neither enters the
+    window nor shifts it. x (B, T, D), weight (D, W), padding_mask (B, T) True at real tokens.
+
+    Returns y (B, T, D), zero at the padded positions, and the last W - 1 real inputs of each
+    row after the initial state (B, W - 1, D): the window a row alone would carry on with.
+    """
+    B, T, D = x.shape
+    if initial_state is None:
+        initial_state = x.new_zeros(B, weight.shape[1] - 1, D)
+    order, lengths = real_tokens_first(padding_mask)
+    packed = along_time(x, order)
+    y, _ = causal_conv1d(packed, weight, bias, activation=activation,
+                         initial_state=initial_state, output_final_state=False)
+    y = fill_padding(along_time(y, torch.argsort(order, dim=1)), padding_mask)
+    history = torch.cat([initial_state.to(x.dtype), packed], dim=1)
+    window = lengths[:, None] + torch.arange(weight.shape[1] - 1, device=x.device)
+    return y, along_time(history, window)
 
 
 @dataclasses.dataclass
@@ -121,24 +164,38 @@ class Mamba(Mixer):
         ssm = self.d_inner * self.d_state * torch.empty((), dtype=state_dtype(dtype)).element_size()
         return conv + ssm
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs, conv_state = causal_conv1d(
-            xs, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
-            initial_state=state.conv_state if state is not None else None,
-            output_final_state=True,
-        )
+        conv_state = state.conv_state if state is not None else None
+        if padding_mask is None:
+            xs, conv_state = causal_conv1d(
+                xs, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
+                initial_state=conv_state, output_final_state=True,
+            )
+        else:
+            xs, conv_state = masked_causal_conv1d(
+                xs, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
+                initial_state=conv_state, padding_mask=padding_mask,
+            )
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias rides into the scan, where it is fused with the softplus
-        dt = F.linear(dt, self.dt_proj.weight)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
+        delta_bias, delta_softplus = self.dt_proj.bias.float(), True
+        if padding_mask is not None:
+            # dt = 0 at a padded step: exp(dt A) = 1 and dt B u = 0 leave the state as it was;
+            # the scan's own softplus, taken here (in its dtype) so that the zero can follow it
+            acc = state_dtype(xs.dtype)
+            dt = F.softplus(dt.to(acc) + delta_bias.to(acc)[:, None])
+            dt = torch.where(padding_mask[:, None], dt, 0.0)
+            delta_bias, delta_softplus = None, False
         y, ssm_state = selective_scan(
-            xs.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()),
+            xs.transpose(1, 2), dt, -torch.exp(self.A_log.float()),
             B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z.transpose(1, 2),
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            delta_bias=delta_bias, delta_softplus=delta_softplus,
             initial_state=state.ssm_state if state is not None else None,
             output_final_state=True,
         )
         # the carried state leaves the autograd graph, as attention's KV cache does
         new_state = MambaState(conv_state.detach(), ssm_state.detach())
-        return self.out_proj(y.transpose(1, 2)), new_state
+        return fill_padding(self.out_proj(y.transpose(1, 2)), padding_mask), new_state

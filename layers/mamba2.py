@@ -21,9 +21,9 @@ from torch import nn
 
 from zoo.kernels import causal_conv1d, linear_attention
 
-from .base import Mixer, MixerState
+from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
-from .mamba import init_dt_bias, state_dtype
+from .mamba import init_dt_bias, masked_causal_conv1d, state_dtype
 from .registry import register_mixer
 
 
@@ -135,19 +135,27 @@ class Mamba2(Mixer):
         ssm_element = torch.empty((), dtype=state_dtype(dtype)).element_size()
         return conv + self.n_heads * self.d_state * self.head_dim * ssm_element
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC, conv_state = causal_conv1d(
-            xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
-            initial_state=state.conv_state if state is not None else None,
-            output_final_state=True,
-        )
+        conv_state = state.conv_state if state is not None else None
+        if padding_mask is None:
+            xBC, conv_state = causal_conv1d(
+                xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
+                initial_state=conv_state, output_final_state=True,
+            )
+        else:
+            xBC, conv_state = masked_causal_conv1d(
+                xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
+                initial_state=conv_state, padding_mask=padding_mask,
+            )
         xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state,
                               self.n_groups * self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, H)
         if self.dt_limit is not None:
             dt = dt.clamp(*self.dt_limit)
+        # dt = 0 at a padded step: decay exp(dt A) = 1 and value x dt = 0, the state untouched
+        dt = fill_padding(dt, padding_mask)
         xs = rearrange(xs, "b t (h p) -> b t h p", p=self.head_dim)
         # each group's B and C serve n_heads / n_groups consecutive heads
         per_group = self.n_heads // self.n_groups
@@ -162,7 +170,7 @@ class Mamba2(Mixer):
         y = y + xs * self.D.to(xs.dtype)[:, None]
         y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z)
         new_state = Mamba2State(conv_state.detach(), ssm_state.detach())
-        return self.out_proj(y), new_state
+        return fill_padding(self.out_proj(y), padding_mask), new_state
 
 
 __all__ = ["GatedRMSNorm", "Mamba2", "Mamba2State"]

@@ -17,8 +17,9 @@ from torch import nn
 from zoo.kernels import wkv4
 from zoo.kernels.wkv4 import empty_wkv4_state, state_dtype
 
-from .base import FFN, Mixer, MixerState
+from .base import FFN, Mixer, MixerState, fill_padding
 from .linear import Linear
+from .mamba import along_time, real_tokens_first
 from .registry import register_ffn, register_mixer
 
 
@@ -26,6 +27,32 @@ def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """x shifted one step back in time: (B, T, C) -> (B, T, C), row 0 is `last` (B, C) or 0."""
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last[:, None].to(x.dtype)
     return torch.cat([first, x[:, :-1]], dim=1)
+
+
+def masked_token_shift(
+    x: torch.Tensor, last: torch.Tensor | None, padding_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_shift` over each row's real tokens only (padding_mask (B, T) True at them): every
+    position gets the latest real token before it, or `last` (B, C) (zeros when None) where
+    there is none. Returns (shifted (B, T, C), the row's last real token or `last`, (B, C),
+    detached): a padded position neither moves the shift nor is seen by it."""
+    B, T, C = x.shape
+    first = x.new_zeros(B, C) if last is None else last.to(x.dtype)
+    history = torch.cat([first[:, None], x], dim=1)  # history[:, 0] is the token before x
+    positions = torch.arange(1, T + 1, device=x.device).expand(B, T)
+    latest = torch.where(padding_mask, positions, 0).cummax(dim=1).values  # up to t, in history
+    before = torch.cat([latest.new_zeros(B, 1), latest[:, :-1]], dim=1)
+    return along_time(history, before), along_time(history, latest[:, -1:])[:, 0].detach()
+
+
+def shift_tokens(
+    x: torch.Tensor, last: torch.Tensor | None, padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x shifted one real token back, the token the state carries on with): `token_shift` and
+    `last_token` without padding, `masked_token_shift` with it."""
+    if padding_mask is None:
+        return token_shift(x, last), last_token(x)
+    return masked_token_shift(x, last, padding_mask)
 
 
 def last_token(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +77,11 @@ def check_ffn_state(ffn: FFN, x: torch.Tensor, state: MixerState | None) -> None
         raise ValueError(
             f"{name}: state batch size {state.batch_size} != input batch size {x.shape[0]}"
         )
+
+
+# The key of a padded step in `Rwkv4TimeMix._masked_wkv4` (all after the row's real tokens):
+# finite, so no backend meets inf - inf, and e^(PAD_KEY - max) is 0 against any real key.
+PAD_KEY = -1e30
 
 
 def _channel_ramp(d_model: int) -> torch.Tensor:
@@ -136,21 +168,69 @@ class Rwkv4TimeMix(Mixer):
         wkv_element = torch.empty((), dtype=state_dtype(dtype)).element_size()
         return self.d_model * element + 3 * self.attention_hidden_size * wkv_element
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
-        shifted = token_shift(x, state.shift)
+        shifted, shift = shift_tokens(x, state.shift, padding_mask)
         xk = x * self.time_mix_key + shifted * (1 - self.time_mix_key)
         xv = x * self.time_mix_value + shifted * (1 - self.time_mix_value)
         xr = x * self.time_mix_receptance + shifted * (1 - self.time_mix_receptance)
         k, v = self.key(xk), self.value(xv)
         r = torch.sigmoid(self.receptance(xr))
-        y, wkv = wkv4(self.time_decay, self.time_first, k, v, initial_state=state.wkv,
-                      output_final_state=True, backend=self.backend)
+        if padding_mask is None:
+            y, wkv = wkv4(self.time_decay, self.time_first, k, v, initial_state=state.wkv,
+                          output_final_state=True, backend=self.backend)
+        else:
+            y, wkv = self._masked_wkv4(k, v, state.wkv, padding_mask)
         # the carried state leaves the autograd graph, as attention's KV cache does
-        new_state = Rwkv4State(last_token(x), wkv.detach())
-        return self.output(r * y), new_state
+        new_state = Rwkv4State(shift, wkv.detach())
+        return fill_padding(self.output(r * y), padding_mask), new_state
+
+    def _masked_wkv4(
+        self, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor,
+        padding_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv4 over each row's real tokens only. Its decay is one per channel, the same at
+        every step, so a padded step cannot be given decay 1 inside the op; instead each row's
+        real tokens run first (exact: the recurrence is causal), its padding after them (a key
+        of PAD_KEY and a zero value), and the state after the real tokens comes from
+        `wkv4_state_after`, not from the op, whose state would have decayed over the padding."""
+        acc = state_dtype(k.dtype)
+        order, lengths = real_tokens_first(padding_mask)
+        real = torch.arange(k.shape[1], device=k.device) < lengths[:, None]  # in packed order
+        packed_k = torch.where(real[..., None], along_time(k, order).to(acc), PAD_KEY)
+        packed_v = fill_padding(along_time(v, order).to(acc), real)
+        y, _ = wkv4(self.time_decay, self.time_first, packed_k, packed_v,
+                    initial_state=initial_state, backend=self.backend)
+        y = fill_padding(along_time(y, torch.argsort(order, dim=1)), padding_mask).to(v.dtype)
+        state = wkv4_state_after(self.time_decay.detach(), packed_k.detach(), packed_v.detach(),
+                                 initial_state, lengths)
+        return y, state
+
+
+def wkv4_state_after(
+    w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
+    """The wkv4 state after the first lengths[b] tokens of each row of k, v (B, T, C), from
+    initial_state (B, 3, C), in its dtype: all of a row's tokens carried at once, as the
+    chunked form carries one chunk (token i weighs e^(k_i + (n - 1 - i) decay), the old state
+    e^(max + n decay)), in float64 so that the exponents of long rows keep their digits. A row
+    with lengths 0 gets its initial state back exactly."""
+    wide = torch.float64
+    num, den, mx = initial_state.to(wide).unbind(1)
+    decay = -torch.exp(w.to(wide))
+    steps_to_end = lengths[:, None] - 1 - torch.arange(k.shape[1], device=k.device)  # (B, T)
+    token_log = torch.where((steps_to_end >= 0)[..., None],
+                            k.to(wide) + steps_to_end[..., None].to(wide) * decay, -math.inf)
+    state_log = mx + lengths[:, None].to(wide) * decay
+    new_max = torch.maximum(token_log.amax(1), state_log)
+    weights = torch.exp(token_log - new_max[:, None])
+    carried = torch.exp(state_log - new_max)
+    num = carried * num + (weights * v.to(wide)).sum(1)
+    den = carried * den + weights.sum(1)
+    return torch.stack([num, den, new_max], dim=1).to(initial_state.dtype)
 
 
 @dataclasses.dataclass
@@ -192,12 +272,14 @@ class RwkvChannelMix(FFN):
     def state_size(self, seq_len, dtype=torch.float32):
         return self.d_model * torch.empty((), dtype=dtype).element_size()
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         check_ffn_state(self, x, state)
-        xk, xr = self.interpolate(x, token_shift(x, state.shift if state is not None else None))
+        shifted, shift = shift_tokens(x, state.shift if state is not None else None,
+                                      padding_mask)
+        xk, xr = self.interpolate(x, shifted)
         k = torch.relu(self.key(xk)).square()
         out = torch.sigmoid(self.receptance(xr)) * self.value(k)
-        return out, ChannelMixState(last_token(x))
+        return fill_padding(out, padding_mask), ChannelMixState(shift)
 
 
 @register_ffn("rwkv4_cmix")

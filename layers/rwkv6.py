@@ -26,10 +26,10 @@ from torch import nn
 from zoo.kernels import linear_attention
 from zoo.kernels.wkv4 import state_dtype
 
-from .base import Mixer, MixerState
+from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
 from .registry import register_ffn, register_mixer
-from .rwkv4 import RwkvChannelMix, _channel_ramp, last_token, token_shift
+from .rwkv4 import RwkvChannelMix, _channel_ramp, shift_tokens
 
 
 @dataclasses.dataclass
@@ -136,11 +136,12 @@ class Rwkv6TimeMix(Mixer):
         wkv_element = torch.empty((), dtype=state_dtype(dtype)).element_size()
         return self.d_model * element + self.n_heads * self.head_size**2 * wkv_element
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         self.check_input(x, state)
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
-        delta = token_shift(x, state.shift) - x
+        shifted, shift = shift_tokens(x, state.shift, padding_mask)
+        delta = shifted - x
         # ddlerp: the five interpolation weights, each static + a low-rank function of the token
         lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1)
         lora = rearrange(lora, "b t (f r) -> f (b t) r", f=5)
@@ -156,6 +157,8 @@ class Rwkv6TimeMix(Mixer):
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
         # log of w_t = exp(-exp(w)), in float32 at least: bf16 would round decays near 1 to 1
         log_decay = -torch.exp(w.to(torch.promote_types(w.dtype, torch.float32)))
+        # a padded step keeps the state as it was: decay 1 (log 0) and no key written
+        log_decay, k = fill_padding(log_decay, padding_mask), fill_padding(k, padding_mask)
         o, wkv = linear_attention(
             r, k, v, decay=rearrange(log_decay, "b t (h d) -> b t h d", **heads),
             bonus=self.time_faaaa, scale=1.0, initial_state=state.wkv, output_final_state=True,
@@ -163,8 +166,8 @@ class Rwkv6TimeMix(Mixer):
         )
         o = self.ln_x(rearrange(o, "b t h d -> (b t) (h d)")).view_as(x)
         # the carried state leaves the autograd graph, as attention's KV cache does
-        new_state = Rwkv6State(last_token(x), wkv.detach())
-        return self.output(o * g), new_state
+        new_state = Rwkv6State(shift, wkv.detach())
+        return fill_padding(self.output(o * g), padding_mask), new_state
 
 
 @register_ffn("rwkv6_cmix")

@@ -45,10 +45,10 @@ from torch import nn
 from zoo.kernels import compute_dtype
 from zoo.kernels.delta_rule import generalized_delta_rule
 
-from .base import FFN, Mixer, MixerState
+from .base import FFN, Mixer, MixerState, fill_padding
 from .linear import Linear
 from .registry import register_ffn, register_mixer
-from .rwkv4 import ChannelMixState, _channel_ramp, check_ffn_state, last_token, token_shift
+from .rwkv4 import ChannelMixState, _channel_ramp, check_ffn_state, shift_tokens
 
 # The forward context's key for layer 0's values (B, T, d_model), in the compute dtype.
 FIRST_VALUE = "rwkv7.first_value"
@@ -223,17 +223,20 @@ class Rwkv7TimeMix(Mixer):
         self,
         x: torch.Tensor,
         state: Rwkv7State | None = None,
+        padding_mask: torch.Tensor | None = None,
         *,
         context: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Rwkv7State]:
-        """x (B, T, d_model) and the state before it -> (y, the state after x). `context` is the
-        model's per-forward dict (module docstring): layer 0 writes FIRST_VALUE there, later
-        layers read it."""
+        """x (B, T, d_model) and the state before it -> (y, the state after x's last real
+        token). `context` is the model's per-forward dict (module docstring): layer 0 writes
+        FIRST_VALUE there, later layers read it; padding_mask (B, T) True at real tokens, or
+        None (layers/base.py), the same for every layer of one call."""
         self.check_input(x, state)
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
         dtype = compute_dtype(x.dtype)
-        delta = token_shift(x, state.shift) - x
+        shifted, shift = shift_tokens(x, state.shift, padding_mask)
+        delta = shifted - x
         xr, xw, xk, xv, xa, xg = (x + delta * mix for mix in (
             self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
         r = self.receptance(xr).to(dtype)
@@ -250,8 +253,12 @@ class Rwkv7TimeMix(Mixer):
         k = k * (1 + (iclr - 1) * self.k_a.to(dtype))
         r, k, v, iclr, log_decay = (rearrange(t, "b t (h d) -> b t h d", **heads)
                                     for t in (r, k, v, iclr, log_decay))
+        # a padded step is the identity on the state: decay 1 (log 0), nothing removed (the
+        # low-rank term's b = 0) and no key written
+        written, removed = fill_padding(k, padding_mask), fill_padding(removal * iclr, padding_mask)
         o, wkv = generalized_delta_rule(
-            r, k, v, -removal, removal * iclr, decay=log_decay, scale=1.0,
+            r, written, v, -removal, removed, decay=fill_padding(log_decay, padding_mask),
+            scale=1.0,
             initial_state=state.wkv, output_final_state=True, chunk_size=self.chunk_size,
             backend=self.backend,
         )
@@ -261,8 +268,8 @@ class Rwkv7TimeMix(Mixer):
         bonus = (r * k * self.r_k.to(dtype)).sum(-1, keepdim=True) * v
         o = o.view(x.shape) + rearrange(bonus, "b t h d -> b t (h d)")
         # the carried state leaves the autograd graph, as attention's KV cache does
-        new_state = Rwkv7State(last_token(x), wkv.detach())
-        return self.output((o * gate).to(x.dtype)), new_state
+        new_state = Rwkv7State(shift, wkv.detach())
+        return fill_padding(self.output((o * gate).to(x.dtype)), padding_mask), new_state
 
     def _value_residual(self, v: torch.Tensor, xv: torch.Tensor,
                         context: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -317,11 +324,12 @@ class Rwkv7ChannelMix(FFN):
     def state_size(self, seq_len, dtype=torch.float32):
         return self.d_model * dtype.itemsize
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, padding_mask=None):
         check_ffn_state(self, x, state)
-        shifted = token_shift(x, state.shift if state is not None else None)
+        shifted, shift = shift_tokens(x, state.shift if state is not None else None,
+                                      padding_mask)
         k = torch.relu(self.key(x + (shifted - x) * self.x_k)).square()
-        return self.value(k), ChannelMixState(last_token(x))
+        return fill_padding(self.value(k), padding_mask), ChannelMixState(shift)
 
 
 __all__ = ["FIRST_VALUE", "Rwkv7ChannelMix", "Rwkv7State", "Rwkv7TimeMix", "lora_rank"]
