@@ -15,6 +15,7 @@ from .calibration import InputHessians, inverse_hessian_factor
 from .gguf_blocks import GGUF_FORMATS, GGUFBlocks, quantize_model_gguf, read_blocks
 from .gptq import gptq_quantize
 from .prune import PRUNING_METHODS, PruningResult, Sparsity, keep_mask, parse_sparsity, prune_model
+from .qat import FakeQuantLinear, fake_quantize, fake_quantize_model
 from .quantize import (
     QUANTIZATION_METHODS,
     apply_quantized_layout,
@@ -47,5 +48,6 @@ __all__ = [
     "linear_targets", "logical_parameters", "pack_int4", "parse_sparsity", "prepare_kernels",
     "prune_model", "quantize_int4", "quantize_int8", "quantize_model", "quantize_model_gguf",
     "quantized_layers", "read_blocks",
+    "FakeQuantLinear", "fake_quantize", "fake_quantize_model",
     "sparsegpt_prune", "unpack_int4", "weight_bytes",
 ]

@@ -8,6 +8,8 @@
     optim: {lr: 3.0e-3, warmup_steps: 20, grad_clip: 1.0, grad_accum: 1}
     train: {steps: 200, batch_size: 16, seq_len: 256, precision: float32}
     checkpoint: {interval: 100, keep_last: 3}
+    quant: none                 # none | int8 | int4: quantisation-aware training (compression/qat)
+    quant_group_size: 32        # int4's inputs per scale: 32 | 64 | 128 (int8: per output channel)
 
 Every field is checked in `RunConfig.check()`; an error names the dotted field, the value and
 what is allowed (`train.batch_size=0 must be a positive integer`).
@@ -21,12 +23,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from zoo.compression import INT4_GROUP_SIZES
 from zoo.config import ConfigError, ZooConfig, load_config, parse_yaml, read_yaml, shipped_names
 
 STRATEGIES = ("none", "ddp", "fsdp")
 SOURCES = ("text", "mqar", "selective_copying", "induction_heads")
 PRECISIONS = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+# quantisation-aware training: the weights every targeted linear layer trains through
+QUANT_FORMATS = ("none", "int8", "int4")
 
 
 class RunConfigError(ValueError):
@@ -99,6 +104,17 @@ class RunConfig:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    # fake-quantised weights with a straight-through gradient (zoo.compression.qat), so that
+    # `zoo compress <out>/final ... --weights <quant>` loses little
+    quant: str = "none"
+    quant_group_size: int = 32  # int4 only: int8 is per output channel, as quantize_model's
+
+    @property
+    def quant_format(self) -> tuple[str, int | None] | None:
+        """(weights, group_size) quantize_model takes for this run's QAT, or None without."""
+        if self.quant == "none":
+            return None
+        return self.quant, self.quant_group_size if self.quant == "int4" else None
 
     def check(self, world_size: int = 1) -> RunConfig:
         """Validate every field (and the batch split over `world_size` ranks), the model config
@@ -156,6 +172,11 @@ class RunConfig:
         c = self.checkpoint
         _check_int(c, "interval", "checkpoint", minimum=0)
         _check_int(c, "keep_last", "checkpoint", minimum=1)
+        _check_choice(self, "quant", QUANT_FORMATS)
+        size = self.quant_group_size
+        if not isinstance(size, int) or isinstance(size, bool) or size not in INT4_GROUP_SIZES:
+            _fail("quant_group_size", self.quant_group_size,
+                  f"is not one of {', '.join(map(str, INT4_GROUP_SIZES))} (int4's groups)")
         split = o.grad_accum * world_size
         if t.batch_size % split:
             raise RunConfigError(

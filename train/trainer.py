@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zoo.compression import CompressionError
+from zoo.compression.qat import fake_quantize_model
 from zoo.config import ConfigError, load_config
 from zoo.model import ZooForCausalLM
 from zoo.train import distributed
@@ -105,6 +107,14 @@ class Trainer:
         # The same seed on every rank: every replica starts from the same weights.
         seed_everything(run.train.seed)
         self.model = ZooForCausalLM(self.model_config).to(self.device)
+        if run.quant_format is not None:
+            # before DDP / FSDP / compile wrap it: they see the fake-quantised forward
+            try:
+                fake_quantize_model(self.model, *run.quant_format)
+            except CompressionError as error:
+                raise RunConfigError(
+                    f"quant={run.quant!r}, quant_group_size={run.quant_group_size}: "
+                    f"{error.detail}") from None
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
         # Rank 0 tokenises the corpus (once, cached) while the others wait for it.
@@ -312,7 +322,14 @@ class Trainer:
         return (f"{run.name}: {self.model_label()}, {self.n_params:,} parameters, on {data}; "
                 f"{run.train.steps} steps x {run.train.batch_size} x {run.train.seq_len} tokens "
                 f"= {tokens:,} tokens, strategy {run.strategy} on {self.dist.world_size} x "
-                f"{self.device.type}, {run.train.precision}")
+                f"{self.device.type}, {run.train.precision}{self._describe_quant()}")
+
+    def _describe_quant(self) -> str:
+        if self.run.quant_format is None:
+            return ""
+        weights, group_size = self.run.quant_format
+        grouping = "per output channel" if group_size is None else f"groups of {group_size}"
+        return f", quantisation-aware: fake {weights} weights ({grouping})"
 
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps`; returns a summary (final losses, paths, `interrupted`)."""
@@ -357,6 +374,11 @@ class Trainer:
                 tqdm.write(f"trained {self.step} steps in {summary['seconds']:.0f} s; held-out "
                            f"split:\n{format_eval_table(self.out_dir)}\nloss curves: "
                            f"{summary['plot']}")
+                if self.run.quant_format is not None:
+                    weights, group_size = self.run.quant_format
+                    sizes = "" if group_size is None else f" --group-size {group_size}"
+                    tqdm.write(f"trained quantisation-aware: its {weights} model is `zoo "
+                               f"compress {final} OUT --weights {weights}{sizes}`")
         return summary
 
     def log_eval(self) -> dict[str, float]:
