@@ -270,12 +270,22 @@ def test_a_stop_string_ends_the_text_before_it_and_frees_the_slot(server, client
         assert health["steps"] - steps_before < 40
 
 
-def test_sampling_with_a_seed_repeats(client):
-    def ask() -> str:
-        return client.completions.create(model=NAME, prompt="Hello", max_tokens=12,
-                                         temperature=1.0, top_p=0.9, seed=7).choices[0].text
+def test_sampling_with_a_seed_is_generate_with_that_seed(client, model, tokenizer):
+    """temperature, top_p, top_k and seed reach the engine: a seeded sample is the tokens
+    zoo.infer.generate draws alone with the same settings and seed."""
+    settings = dict(temperature=0.8, top_p=0.9, seed=7)
+    result = generate(model, [tokenizer.encode("Hello")], max_new_tokens=12, top_k=50,
+                      stop_tokens=[tokenizer.eos_token_id], **settings)
+    tokens = result.tokens[0][:-1] if result.finish_reasons[0] == "stop" else result.tokens[0]
+    want = tokenizer.decode(tokens, skip_special_tokens=True)
 
-    assert ask() == ask()
+    def ask(**changed) -> str:
+        return client.completions.create(model=NAME, prompt="Hello", max_tokens=12,
+                                         extra_body={"top_k": 50},
+                                         **{**settings, **changed}).choices[0].text
+
+    assert ask() == want and ask() == want
+    assert ask(seed=8) != want
 
 
 BAD_REQUESTS = [
