@@ -30,9 +30,13 @@ class KVBlockPool:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         for layer, (heads, head_dim) in layer_shapes.items():
+            # left unwritten: a block is zeroed when first handed out (`allocate`), so the
+            # memory of blocks never used is never touched, and the operating system commits
+            # only what sequences actually use
             shape = (num_blocks, block_size, heads, head_dim)
-            self.keys[layer] = torch.zeros(shape, dtype=dtype, device=device)
-            self.values[layer] = torch.zeros(shape, dtype=dtype, device=device)
+            self.keys[layer] = torch.empty(shape, dtype=dtype, device=device)
+            self.values[layer] = torch.empty(shape, dtype=dtype, device=device)
+        self._never_used = torch.ones(num_blocks, dtype=torch.bool)
         # handed out from the end, so the lowest ids go first (easier to read in tests and logs)
         self._free = list(range(num_blocks - 1, -1, -1))
 
@@ -58,6 +62,15 @@ class KVBlockPool:
             raise ValueError(f"{count} KV blocks asked for, {len(self._free)} free")
         taken = self._free[len(self._free) - count:][::-1]
         del self._free[len(self._free) - count:]
+        fresh = [b for b in taken if self._never_used[b]]
+        if fresh:
+            # attention masks the slots past a sequence's tokens, but a mask cannot cancel a
+            # NaN that uninitialised memory may hold (NaN * 0 is NaN): fresh blocks start at 0;
+            # a reused block holds its last owner's finite keys
+            index = torch.tensor(fresh, device=next(iter(self.keys.values())).device)
+            for tensor in (*self.keys.values(), *self.values.values()):
+                tensor.index_fill_(0, index, 0)
+            self._never_used[fresh] = False
         return taken
 
     def release(self, blocks: list[int]) -> None:

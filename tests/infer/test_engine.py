@@ -250,3 +250,16 @@ def test_bad_requests_for_the_model_name_the_field(name, kwargs, field, make_mod
 def test_bad_engine_settings_name_the_field(kwargs, field, make_model):
     with pytest.raises(ValueError, match=field):
         Engine(make_model("attention-tiny"), **kwargs)
+
+
+def test_unwritten_block_memory_never_reaches_a_token(make_model):
+    """The block pool is allocated uninitialised; whatever it held (here NaN, what attention's
+    mask cannot cancel) is zeroed when a block is first handed out."""
+    model = make_model("attention-tiny")
+    engine = Engine(model, max_batch=2, block_size=8)
+    with torch.inference_mode():  # the engine made its pools there
+        for tensor in (*engine.kv.keys.values(), *engine.kv.values.values()):
+            tensor.fill_(float("nan"))
+    requests = [Request(prompt=p, max_new_tokens=5) for p in _prompts([3, 10], seed=10)]
+    tokens, _, by_id, _ = _drive(engine, {0: requests})
+    assert [tokens[rid] for rid in sorted(by_id)] == [_alone(model, r) for r in requests]
