@@ -162,7 +162,7 @@ class Engine:
     tokens per KV block. kv_blocks: blocks in the pool of every attention layer (default: room
     for max_batch sequences of 1024 tokens, or of the model's length limit when lower).
     prefill_chunk: prompt tokens prefilled per step at most. The engine puts the model in eval
-    mode.
+    mode. Not thread-safe: one thread calls add, cancel and step (zoo serve's engine thread).
     """
 
     def __init__(self, model: ZooForCausalLM, max_batch: int = 16, block_size: int = 16,
@@ -301,6 +301,9 @@ class Engine:
             "kv_bytes_in_use": bytes_per_token * sum(s.cached for s in self._active.values()),
             "kv_bytes_reserved": bytes_per_token * self.kv.block_size * self.kv.used_blocks,
             "state_bytes_per_sequence": self._state_bytes,
+            # the states a request keeps itself (Hyena's history, MLA's cache), which grow
+            "own_state_bytes_in_use": sum(state.nbytes() for s in self._active.values()
+                                          for state in s.own_states.values()),
         }
 
     # -- admission and release -----------------------------------------------------------------

@@ -198,6 +198,27 @@ def test_state_bytes_per_sequence_constant_for_a_bounded_model(make_model):
     assert engine.stats()["kv_blocks_total"] == 0 and engine.stats()["kv_bytes_per_token"] == 0
 
 
+@pytest.mark.parametrize("name, grows", [
+    ("mamba-tiny", None), ("attention-tiny", "kv_bytes_in_use"),
+    ("hyena-tiny", "own_state_bytes_in_use"),
+])
+def test_memory_per_sequence_grows_only_where_the_state_does(name, grows, make_model):
+    engine = Engine(make_model(name), max_batch=2)
+    engine.add(Request(prompt=[1, 2, 3], max_new_tokens=20))
+    seen = []
+    while engine.has_work():
+        engine.step()
+        stats = engine.stats()
+        if stats["active"]:
+            seen.append((stats["kv_bytes_in_use"], stats["own_state_bytes_in_use"]))
+    for index, field in enumerate(("kv_bytes_in_use", "own_state_bytes_in_use")):
+        values = [entry[index] for entry in seen]
+        if field == grows:
+            assert values == sorted(values) and values[-1] > values[0] > 0, field
+        else:
+            assert set(values) == {0}, field
+
+
 @pytest.mark.parametrize("options", [
     {"window": 5},
     {"qk_norm": True, "output_gate": True, "partial_rotary_factor": 0.5},
