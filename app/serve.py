@@ -321,7 +321,9 @@ class EngineThread:
     def _add(self, submission: Submission) -> None:
         try:
             request_id = self.engine.add(submission.request)
-        except (ValueError, TypeError) as error:
+        except Exception as error:  # a refusal (ValueError) or a bug: the request's, not ours
+            if not isinstance(error, ValueError):
+                traceback.print_exc()
             submission.settle(error)
             return
         submission.request_id = request_id
@@ -330,7 +332,11 @@ class EngineThread:
 
     def _cancel(self, submission: Submission) -> None:
         if self.running.pop(submission.request_id, None) is not None:
-            self.engine.cancel(submission.request_id)
+            try:
+                self.engine.cancel(submission.request_id)
+            except Exception:  # the request is gone from our side either way
+                traceback.print_exc()
+                self.failures += 1
 
     def _step(self) -> None:
         try:
@@ -539,7 +545,7 @@ class RunningRequest:
         self.served.engine.add(self.submission)
         try:
             await self.submission.accepted
-        except (ValueError, TypeError) as error:
+        except ValueError as error:
             self.closed = True
             raise engine_refusal(error, self.prompt_field) from None
         self.watcher = asyncio.create_task(_watch_disconnect(self.request, self.submission))

@@ -199,6 +199,9 @@ def test_completion_greedy_equals_generate_alone(server, client, model, tokenize
     assert answer.usage.prompt_tokens == len(tokenizer.encode(prompt))
     if reason == "length":
         assert answer.usage.completion_tokens == 24
+    by_ids = client.completions.create(model=NAME, prompt=tokenizer.encode(prompt), max_tokens=24,
+                                       temperature=0)
+    assert by_ids.choices[0].text == want
 
     chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=24,
                                             temperature=0, stream=True,
