@@ -325,6 +325,10 @@ class Engine:
             self._waiting.popleft()
             slot, blocks = self._free_slots.pop(), self.kv.allocate(need)
             if blocks:
+                # past its own blocks a row's table repeats its first: a decode step reads (and
+                # masks) table entries up to the longest row's, which then never name another
+                # request's block or one never handed out (uninitialised memory)
+                self._block_tables[slot] = blocks[0]
                 self._block_tables[slot, : len(blocks)] = torch.tensor(blocks)
             sampling = request.sampling()
             generator = torch.Generator(device=self.device)
