@@ -294,29 +294,44 @@ class EngineThread:
     def cancel(self, submission: Submission) -> None:
         self.commands.put(("cancel", submission))
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         while True:
-            block = not self.engine.has_work()
             try:
-                commands = [self.commands.get(block=block)]
-            except queue.Empty:
-                commands = []
-            while True:  # everything queued so far, applied before the next step
-                try:
-                    commands.append(self.commands.get_nowait())
-                except queue.Empty:
-                    break
-            for kind, submission in commands:
-                if kind == "stop":
-                    self._fail_all(RuntimeError("the server is shutting down"))
+                if not self._iterate():
                     return
-                if kind == "add":
-                    self._add(submission)
-                else:
-                    self._cancel(submission)
-            if self.engine.has_work():
-                self._step()
-            self.stats = dict(self.engine.stats())
+            except Exception:  # a bug outside a step (stats, has_work): logged, and go on
+                traceback.print_exc()
+                self.failures += 1
+                time.sleep(0.1)  # a bug that repeats does not spin a core
+
+    def _iterate(self) -> bool:
+        """Apply the queued commands, then step once if there is work; False on "stop"."""
+        block = not self.engine.has_work()
+        try:
+            commands = [self.commands.get(block=block)]
+        except queue.Empty:
+            commands = []
+        while True:  # everything queued so far, applied before the next step
+            try:
+                commands.append(self.commands.get_nowait())
+            except queue.Empty:
+                break
+        for kind, submission in commands:
+            if kind == "stop":
+                self._fail_all(RuntimeError("the server is shutting down"))
+                return False
+            if kind == "add":
+                self._add(submission)
+            else:
+                self._cancel(submission)
+        if self.engine.has_work():
+            self._step()
+        self.stats = dict(self.engine.stats())
+        return True
 
     def _add(self, submission: Submission) -> None:
         try:
@@ -706,8 +721,10 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name, "engine": served.engine.stats,
-                "steps": served.engine.steps, "engine_failures": served.engine.failures}
+        engine = served.engine
+        body = {"status": "ok" if engine.alive else "engine stopped", "model": served.name,
+                "engine": engine.stats, "steps": engine.steps, "engine_failures": engine.failures}
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     def model_card() -> dict:
         return {"id": served.name, "object": "model", "created": served.created,
