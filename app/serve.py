@@ -400,7 +400,6 @@ class Prepared:
     """A validated request: the prompt's ids and how to generate and cut its text."""
 
     prompt: list[int]
-    max_tokens: int
     stops: list[str]
     engine_request: Any
 
@@ -502,7 +501,7 @@ def prepare(served: Served, body: _Body, prompt: list[int], max_tokens_field: st
                                 seed=body.seed, stop_token_ids=served.stop_token_ids)
     except ValueError as error:
         raise engine_refusal(error, prompt_field) from None
-    return Prepared(prompt, max_tokens, stops, request)
+    return Prepared(prompt, stops, request)
 
 
 # the engine's field names and the API's, in the order a refusal is blamed on them: a prompt
