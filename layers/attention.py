@@ -402,26 +402,16 @@ class Attention(Mixer):
         its position; entries past it are read and masked out, so any valid id may fill them.
         """
         B, H, D, block_size = x.shape[0], self.n_kv_heads, self.head_dim, key_blocks.shape[1]
-        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=D)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=D)
+        q, k = self._queries_keys(x, positions=positions[:, None])
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary is not None:
-            # Rotary.cos_sin's arithmetic, one position per row instead of one per time step
-            freqs = positions[:, None].float() * self.rotary.inv_freq.float()
-            emb = torch.cat([freqs, freqs], dim=-1)
-            cos, sin = emb.cos().to(q.dtype)[:, None, None], emb.sin().to(q.dtype)[:, None, None]
-            rotary_dim = self.rotary.head_dim
-            q = torch.cat([Rotary.apply(q[..., :rotary_dim], cos, sin), q[..., rotary_dim:]], -1)
-            k = torch.cat([Rotary.apply(k[..., :rotary_dim], cos, sin), k[..., rotary_dim:]], -1)
         slots = (block_tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size
                  + positions % block_size)
         key_blocks.view(-1, H, D).index_copy_(0, slots, k[:, 0])
         value_blocks.view(-1, H, D).index_copy_(0, slots, v[:, 0])
-        length = block_tables.shape[1] * block_size
-        keys = key_blocks[block_tables].reshape(B, length, H, D).transpose(1, 2)
-        values = value_blocks[block_tables].reshape(B, length, H, D).transpose(1, 2)
+        # index_select, not key_blocks[block_tables]: the same gather, several times faster
+        blocks, length = block_tables.reshape(-1), block_tables.shape[1] * block_size
+        keys = key_blocks.index_select(0, blocks).view(B, length, H, D).transpose(1, 2)
+        values = value_blocks.index_select(0, blocks).view(B, length, H, D).transpose(1, 2)
         key_index = torch.arange(length, device=x.device)[None, :]
         allowed = key_index <= positions[:, None]
         if self.window is not None:
