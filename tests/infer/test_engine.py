@@ -60,11 +60,11 @@ def _drive(engine: Engine, joins: dict[int, list[Request]], cancels: dict[int, l
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_tokens_equal_generate_alone_under_joins_and_leaves(name, make_model):
-    """Seven requests of different lengths, budgets and settings join at steps 0, 2, 3 and 9 a
+    """Eight requests of different lengths, budgets and settings join at steps 0, 2, 3 and 9 a
     batch of three slots, so some wait, and leave at different steps; each gets what it gets
     alone, greedy and seeded sampling alike."""
     model = make_model(name)
-    prompts = _prompts([5, 1, 23, 8, 3, 12, 6], seed=1)
+    prompts = _prompts([5, 1, 23, 8, 3, 12, 6, 4], seed=1)
     requests = [
         Request(prompt=prompts[0], max_new_tokens=9),
         Request(prompt=prompts[1], max_new_tokens=4, seed=3, **SAMPLED),
@@ -73,6 +73,7 @@ def test_tokens_equal_generate_alone_under_joins_and_leaves(name, make_model):
         Request(prompt=prompts[4], max_new_tokens=13, repetition_penalty=1.5),
         Request(prompt=prompts[5], max_new_tokens=2, seed=5, **SAMPLED),
         Request(prompt=prompts[6], max_new_tokens=7),
+        Request(prompt=prompts[7], max_new_tokens=1),  # done at its prefill's token
     ]
     engine = Engine(model, max_batch=3, block_size=4, prefill_chunk=10)
     joins = {0: requests[:2], 2: requests[2:4], 3: requests[4:6], 9: requests[6:]}
