@@ -93,7 +93,7 @@ def _is_type_tag(part: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Request bodies (OpenAI's fields; extensions: top_k, repetition_penalty)
+# Request bodies (OpenAI's fields; extensions: top_k, repetition_penalty, ignore_eos)
 
 
 class _Body(BaseModel):
@@ -110,6 +110,7 @@ class _Body(BaseModel):
     n: int = Field(1, strict=True)
     stream: bool = Field(False, strict=True)
     stream_options: dict[str, bool] | None = None
+    ignore_eos: bool = Field(False, strict=True)  # vLLM's: generate max_tokens whatever comes
     # accepted only at their neutral values: the server does not implement them
     presence_penalty: float = Field(0.0, strict=True)
     frequency_penalty: float = Field(0.0, strict=True)
@@ -498,7 +499,8 @@ def prepare(served: Served, body: _Body, prompt: list[int], max_tokens_field: st
         request = EngineRequest(prompt=prompt, max_new_tokens=max_tokens,
                                 temperature=body.temperature, top_k=body.top_k,
                                 top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                                seed=body.seed, stop_token_ids=served.stop_token_ids)
+                                seed=body.seed,
+                                stop_token_ids=() if body.ignore_eos else served.stop_token_ids)
     except ValueError as error:
         raise engine_refusal(error, prompt_field) from None
     return Prepared(prompt, stops, request)

@@ -435,28 +435,42 @@ def test_an_engine_step_that_fails_fails_its_requests_and_the_thread_goes_on(mak
 # In-process (Starlette's TestClient runs the app and its engine thread): the byte-level path
 
 
+BYTE_PROMPT = "héllo"
+
+
 @pytest.fixture
-def byte_level_app():
+def byte_level_app(tmp_path, make_model):
+    """A byte-level RWKV-7 saved with an eos_token_id its greedy answer to BYTE_PROMPT reaches
+    at its third token or later, served in process; (client, the greedy 12 tokens without a
+    stop, the index of the eos among them)."""
     from fastapi.testclient import TestClient
 
     from zoo.app.cli import build_parser
     from zoo.app.serve import build_served, create_app
 
-    torch.manual_seed(0)
+    model = make_model("rwkv7-tiny")
+    greedy = generate(model, [ByteTokenizer().encode(BYTE_PROMPT)], max_new_tokens=12,
+                      stop_tokens=[]).tokens[0]
+    eos_at = next(i for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i])
+    model.config.eos_token_id = greedy[eos_at]
+    model.save_pretrained(tmp_path)
     served = build_served(build_parser().parse_args(
-        ["serve", "rwkv7-tiny", "--max-batch", "2", "--name", "bytes"]))
+        ["serve", str(tmp_path), "--max-batch", "2", "--name", "bytes"]))
     with TestClient(create_app(served)) as http:
-        yield http, served.engine.engine.model
+        yield http, greedy, eos_at
 
 
 def test_a_byte_level_model_answers_completions_and_refuses_chat_by_name(byte_level_app):
-    http, model = byte_level_app
-    prompt = "héllo"
-    result = generate(model, [ByteTokenizer().encode(prompt)], max_new_tokens=10)
-    tokens = result.tokens[0][:-1] if result.finish_reasons[0] == "stop" else result.tokens[0]
-    answer = http.post("/v1/completions", json={"model": "bytes", "prompt": prompt,
-                                                "max_tokens": 10, "temperature": 0}).json()
-    assert answer["choices"][0]["text"] == ByteTokenizer().decode(tokens)
+    http, greedy, eos_at = byte_level_app
+    body = {"model": "bytes", "prompt": BYTE_PROMPT, "max_tokens": 12, "temperature": 0}
+    stopped = http.post("/v1/completions", json=body).json()
+    # the stop token ends the answer and is counted, but its text is not sent
+    assert stopped["choices"][0]["text"] == ByteTokenizer().decode(greedy[:eos_at])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] == eos_at + 1
+    ignoring = http.post("/v1/completions", json={**body, "ignore_eos": True}).json()
+    assert ignoring["choices"][0]["text"] == ByteTokenizer().decode(greedy)
+    assert ignoring["choices"][0]["finish_reason"] == "length"
     refused = http.post("/v1/chat/completions", json={
         "model": "bytes", "messages": [{"role": "user", "content": "hi"}]})
     assert refused.status_code == 400
