@@ -14,7 +14,9 @@ on two tokens:
   rows back;
 - softmax attention's KV cache lives in blocks of `block_size` tokens (zoo.infer.paged, vLLM's
   PagedAttention layout): a request holds a block table, decoding reads keys and values from the
-  blocks (`Attention.forward_paged`), and a finished request's blocks go back at once;
+  blocks (`Attention.forward_paged`), and a finished request's blocks go back at once. A
+  request takes, when admitted, the blocks its prompt and max_new_tokens can fill, so a running
+  request never runs short and nothing is ever preempted; one that stops early frees the rest;
 - a state carrying a length or a position as one integer for its batch (Hyena's history, MLA's
   latent cache, RetNet's and linear attention's rotary position) cannot hold rows at different
   positions, so each request keeps its own, and that one layer runs row by row; every other
