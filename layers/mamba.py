@@ -72,7 +72,10 @@ def masked_causal_conv1d(
     if initial_state is None:
         initial_state = x.new_zeros(B, weight.shape[1] - 1, D)
     order, lengths = real_tokens_first(padding_mask)
-    packed = along_time(x, order)
+    # the padding, packed after the real tokens, reaches no real output and no window; zeroed,
+    # whatever it holds cannot overflow an activation there either
+    real = torch.arange(T, device=x.device) < lengths[:, None]
+    packed = fill_padding(along_time(x, order), real)
     y, _ = causal_conv1d(packed, weight, bias, activation=activation,
                          initial_state=initial_state, output_final_state=False)
     y = fill_padding(along_time(y, torch.argsort(order, dim=1)), padding_mask)

@@ -6,6 +6,8 @@ where the mixer takes it, so that anything but a rounding shows."""
 
 import copy
 import dataclasses
+import functools
+import importlib
 
 import pytest
 import torch
@@ -55,7 +57,7 @@ def _padded(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Te
     """rows (1, L_i, D) -> x (B, T, D) and padding_mask (B, T), padded on `side`; the padding
     holds large random values, so a mixer that lets them in is caught."""
     length = max(row.shape[1] for row in rows)
-    x = 100 * torch.randn(len(rows), length, D_MODEL, dtype=rows[0].dtype)
+    x = 10 * torch.randn(len(rows), length, D_MODEL, dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), length, dtype=torch.bool)
     for i, row in enumerate(rows):
         span = slice(length - row.shape[1], length) if side == "left" else slice(0, row.shape[1])
@@ -243,15 +245,50 @@ def test_right_padded_training_gradients_equal_rows_alone(name):
                      TOLERANCES.get(name, FLOAT64_TOLERANCE))
 
 
-@pytest.mark.parametrize("name", ["rwkv4", "rwkv6", "rwkv7"])
+def _check_triton(mixer):
+    """The property in float32, kept small for the interpreter: two rows, each run whole after
+    a carried state (so the padding meets a state that is not empty), left and right."""
+    _, state = mixer(torch.randn(2, 3, D_MODEL))
+    check_padded_rows_equal_rows_alone(mixer, torch.float32, 1e-5, forms=("whole",),
+                                       lengths=(5, 2), decode_steps=0, after_state=state)
+
+
+# the interpreter takes 5-8 s over the chunked Triton kernels of these (on a shared CPU)
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", ["rwkv4", pytest.param("rwkv6", marks=SLOW), "rwkv7"])
 @torch.no_grad()
 def test_triton_backend_padded_rows_equal_rows_alone(name):
     """The mixers with a `backend` option, through their Triton kernels (the interpreter on a
     CPU), in float32."""
     extra = {"chunk_size": 16} if name == "rwkv6" else {}  # its Triton chunks: 16 at least
-    mixer = _mixer(name, torch.float32, backend="triton", **extra)
-    check_padded_rows_equal_rows_alone(mixer, torch.float32, 1e-5, forms=("chunks",),
-                                       lengths=(5, 2), decode_steps=0)
+    _check_triton(_mixer(name, torch.float32, backend="triton", **extra))
+
+
+# the ops a mixer without a `backend` option calls, by the module that calls them
+TRITON_OPS = {
+    "mamba": {"mamba": ["causal_conv1d", "selective_scan"]},
+    "mamba2": {"mamba": ["causal_conv1d"], "mamba2": ["linear_attention"]},
+    "gated_deltanet": {"mamba": ["causal_conv1d"], "deltanet": ["delta_rule"]},
+    "hyena": {"hyena": ["causal_conv1d", "fft_conv"]},
+}
+SLOW_OPS = {"mamba2", "gated_deltanet"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=SLOW) if name in SLOW_OPS else name
+                                  for name in sorted(TRITON_OPS)])
+@torch.no_grad()
+def test_triton_ops_padded_rows_equal_rows_alone(name, monkeypatch):
+    """The mixers whose ops pick Triton by device alone (CUDA), with those ops forced to their
+    Triton kernels (the interpreter on a CPU), in float32."""
+    for module, ops in TRITON_OPS[name].items():
+        module = importlib.import_module(f"zoo.layers.{module}")
+        for op in ops:
+            monkeypatch.setattr(module, op, functools.partial(getattr(module, op),
+                                                              backend="triton"))
+    extra = {"chunk_size": 16} if name == "mamba2" else {}  # its Triton chunks: 16 at least
+    _check_triton(_mixer(name, torch.float32, **extra))
 
 
 def test_a_decay_at_padded_steps_is_caught(monkeypatch):
