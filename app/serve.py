@@ -82,6 +82,10 @@ def validation_error(errors: Sequence[dict]) -> ApiError:
         return ApiError(400, f"the request body must be a JSON object ({first.get('msg')})")
     # a union's alternatives add their type names ('str', 'list[int]') to the location
     path = ".".join([str(loc[0])] + [str(part) for part in loc[1:] if not _is_type_tag(part)])
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"{path}: not a field zoo serve takes (OpenAI's, and the extensions "
+                        "top_k, repetition_penalty, ignore_eos)", str(loc[0]),
+                        "unsupported_parameter")
     got = first.get("input")
     shown = "" if first.get("type") == "missing" else f" (got {json.dumps(got)[:80]})"
     return ApiError(400, f"{path}: {first.get('msg')}{shown}", str(loc[0]))
@@ -97,7 +101,9 @@ def _is_type_tag(part: Any) -> bool:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # a field the server does not know is refused by name, not ignored: a client asking for
+    # something (ignore_eos, say) learns it was not done
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(None, strict=True)
@@ -115,6 +121,11 @@ class _Body(BaseModel):
     presence_penalty: float = Field(0.0, strict=True)
     frequency_penalty: float = Field(0.0, strict=True)
     logit_bias: dict[str, float] | None = None
+    # OpenAI's fields that change nothing in the answer: accepted and ignored
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
 
 class CompletionBody(_Body):
@@ -136,14 +147,19 @@ class ChatBody(_Body):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, strict=True)
     logprobs: bool = Field(False, strict=True)
+    top_logprobs: int | None = Field(None, strict=True)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # without tools, nothing to choose
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
 
 def check_unsupported(body: _Body) -> None:
     """Fields the server does not implement are refused by name unless neutral, never ignored."""
     neutral = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None,
-               "echo": False, "logprobs": (None, False), "best_of": (None, 1), "suffix": None,
-               "tools": None}
+               "echo": False, "logprobs": (None, False), "top_logprobs": (None, 0),
+               "best_of": (None, 1), "suffix": None, "tools": None,
+               "response_format": (None, {"type": "text"})}
     for field, allowed in neutral.items():
         if field not in type(body).model_fields:
             continue

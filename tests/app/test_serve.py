@@ -309,6 +309,10 @@ BAD_REQUESTS = [
     ("completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
     ("completions", {"model": NAME}, 400, "prompt"),
     ("completions", {"prompt": "hi"}, 400, "model"),
+    ("completions", {"model": NAME, "prompt": "hi", "ignore_eos_please": True}, 400,
+     "ignore_eos_please"),
+    ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                          "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages"),
     ("chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
     ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
@@ -346,7 +350,7 @@ def test_malformed_json_and_unknown_paths_get_json_errors_and_the_server_lives_o
                                        max_tokens=-1)
     assert refused.value.body["param"] == "max_tokens"
     answer = client.completions.create(model=NAME, prompt="still here?", max_tokens=3,
-                                       temperature=0)
+                                       temperature=0, user="someone")  # a field ignored
     assert answer.usage.completion_tokens == 3
 
 
