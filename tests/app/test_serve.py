@@ -17,6 +17,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import openai
 import pytest
 import torch
 
@@ -24,9 +26,6 @@ import zoo
 from zoo.app.serve import IncrementalDetokenizer, StopStrings
 from zoo.infer import generate
 from zoo.tokenizer import ByteTokenizer
-
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
 
 MAX_BATCH, MAX_CONTEXT, NAME = 3, 512, "tiny"
 
@@ -112,14 +111,14 @@ def chat_ids(tokenizer, messages) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def engine_stats(url: str) -> dict:
+def health_of(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=10).json()
 
 
 def wait_until_idle(url: str, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        health = engine_stats(url)
+        health = health_of(url)
         stats = health["engine"]
         if stats["active"] == 0 and stats["waiting"] == 0:
             return health
@@ -185,7 +184,7 @@ def test_stop_strings_earliest_wins_and_without_stops_everything_passes():
 def test_models_and_health(server):
     models = httpx.get(f"{server}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == [NAME]
-    stats = engine_stats(server)["engine"]
+    stats = health_of(server)["engine"]
     assert stats["max_batch"] == MAX_BATCH and stats["free_slots"] == MAX_BATCH
 
 
@@ -365,7 +364,7 @@ def test_a_client_dropping_its_stream_cancels_the_request_and_frees_its_slot(ser
         received = [line for line, _ in zip(
             (line for line in lines if line.startswith("data: ")), range(3))]
         assert len(received) == 3 and json.loads(received[0][6:])["choices"]
-        busy = engine_stats(server)["engine"]
+        busy = health_of(server)["engine"]
         assert busy["active"] == 1 and busy["free_slots"] == MAX_BATCH - 1
         assert busy["kv_blocks_free"] < busy["kv_blocks_total"]
     # leaving the block closed the connection mid-stream
