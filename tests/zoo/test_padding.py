@@ -202,3 +202,41 @@ def test_moe_padding_takes_no_slot_capacity_or_loss():
     torch.testing.assert_close(moe.aux_loss, want_loss)
     for key, value in want_stats.items():
         torch.testing.assert_close(moe.last_stats[key], value, msg=key)
+
+
+@pytest.mark.parametrize("name", TINY)
+@torch.no_grad()
+def test_right_padded_forward_equals_each_row_alone(name):
+    # a training batch: logits at the real positions, and the cache continues as the row's
+    torch.manual_seed(0)
+    model = zoo.ZooForCausalLM(zoo.load_config(name)).double().eval()
+    prompts = _prompts(model.config.vocab_size, seed=2)
+    width = max(map(len, prompts))
+    ids = torch.tensor([p + [PAD] * (width - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    out = model(ids, attention_mask=mask, use_cache=True)
+    following = torch.tensor([[3], [4], [5]])
+    after = model(following, cache=out.cache).logits
+    for i, prompt in enumerate(prompts):
+        alone = model(torch.tensor([prompt]), use_cache=True)
+        torch.testing.assert_close(out.logits[i, : len(prompt)], alone.logits[0],
+                                   msg=lambda m, i=i: f"{name} row {i}: {m}")
+        want = model(following[i : i + 1], cache=alone.cache).logits
+        torch.testing.assert_close(after[i], want[0], msg=lambda m, i=i: f"{name} row {i}: {m}")
+
+
+@torch.no_grad()
+def test_an_unpadded_mask_leaves_the_fast_path_and_the_native_step_declines_a_padded_cache():
+    from zoo.infer.native import native_support
+
+    torch.manual_seed(0)
+    model = zoo.ZooForCausalLM(zoo.load_config("attention-tiny")).eval()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    plain = model(ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
+    assert plain.layers[0][0].key_positions is None  # no padding: the cache the native step reads
+    padded = model(ids, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), use_cache=True)
+    layout, _, _ = padded.cache.flatten()
+    support = native_support(model, layout, batch_size=2)
+    assert not support.ok and "padding" in support.reason, support.reason
+    plain_layout, _, _ = plain.flatten()
+    assert "padding" not in native_support(model, plain_layout, batch_size=2).reason
