@@ -11,16 +11,17 @@ on two tokens:
 - a state of fixed shape with no length or position in it (Mamba, RWKV, the delta rules, RWKV's
   channel mixing) lives in a pool of `max_batch` slots allocated once; a request takes a free
   slot, and a step gathers the running rows' slots, runs the mixer's own decode and writes the
-  rows back;
+  rows back. So does a fixed-shape state whose one position (for its rotation) the mixer also
+  takes per row, as the padding contract's `next_positions` (RetNet, linear attention, LoLCATs'
+  window + linear attention): the engine hands each row its own;
 - softmax attention's KV cache lives in blocks of `block_size` tokens (zoo.infer.paged, vLLM's
   PagedAttention layout): a request holds a block table, decoding reads keys and values from the
   blocks (`Attention.forward_paged`), and a finished request's blocks go back at once. A
   request takes, when admitted, the blocks its prompt and max_new_tokens can fill, so a running
   request never runs short and nothing is ever preempted; one that stops early frees the rest;
-- a state carrying a length or a position as one integer for its batch (Hyena's history, MLA's
-  latent cache, RetNet's and linear attention's rotary position) cannot hold rows at different
-  positions, so each request keeps its own, and that one layer runs row by row; every other
-  layer of the step stays batched.
+- a state carrying a length as one integer for its batch (Hyena's history, MLA's latent cache)
+  cannot hold rows at different lengths, so each request keeps its own, and that one layer runs
+  row by row; every other layer of the step stays batched.
 A step decodes every running request in one batched forward (the weights read once for all
 rows), then prefills waiting prompts, at most `prefill_chunk` prompt tokens per step, so a long
 prompt never stalls the running streams for long. Each request samples with its own settings and
@@ -116,19 +117,30 @@ class TokenEvent:
 
 # Where a layer's state lives (see the module docstring).
 _STATELESS, _SLOTS, _PAGED, _PER_REQUEST = "stateless", "slots", "paged", "per_request"
+_POSITIONED_SLOTS = "positioned_slots"  # slots, and the engine hands each row its position
 
 
 @dataclasses.dataclass
 class _SlotPool:
     """One layer's fixed-shape state for `max_batch` rows: a state from the probe (its non-tensor
-    fields) and one (max_batch, ...) tensor per tensor field."""
+    fields) and one (max_batch, ...) tensor per tensor field.
+
+    `positioned`: the state counts tokens in `position`, one integer for its batch, and takes
+    per-row counts in `next_positions` (B,) long, as after padding (RetNet, linear attention,
+    LoLCATs' window + linear attention). The engine knows each row's count and hands it over:
+    one row (a prefill chunk) as `position`, a decode batch as `next_positions`."""
 
     template: MixerState
     tensors: dict[str, torch.Tensor]
+    positioned: bool = False
 
-    def gather(self, slots: torch.Tensor) -> MixerState:
-        return dataclasses.replace(
-            self.template, **{name: t.index_select(0, slots) for name, t in self.tensors.items()})
+    def gather(self, slots: torch.Tensor, positions: torch.Tensor | int) -> MixerState:
+        changes = {name: t.index_select(0, slots) for name, t in self.tensors.items()}
+        if self.positioned:
+            per_row = isinstance(positions, torch.Tensor)
+            changes.update(position=0 if per_row else positions,
+                           next_positions=positions if per_row else None)
+        return dataclasses.replace(self.template, **changes)
 
     def scatter(self, slots: torch.Tensor, state: MixerState) -> None:
         for name, t in self.tensors.items():
@@ -211,12 +223,14 @@ class Engine:
                     raise ValueError(
                         f"layer {i}'s {which} ({type(module).__name__}) takes the forward context "
                         "and carries a length in its state: the engine cannot batch it")
-                if kind == _SLOTS:
+                if kind in (_SLOTS, _POSITIONED_SLOTS):
                     self._slot_pools[i, which] = _SlotPool(one, {
                         f.name: torch.zeros((self.max_batch, *value.shape[1:]),
                                             dtype=value.dtype, device=value.device)
                         for f in dataclasses.fields(one)
-                        if isinstance(value := getattr(one, f.name), torch.Tensor)})
+                        if isinstance(value := getattr(one, f.name), torch.Tensor)},
+                        positioned=kind == _POSITIONED_SLOTS)
+                    kind = _SLOTS
                 if kind == _PAGED:
                     kv_shapes[i] = (module.n_kv_heads, module.head_dim)
                     kv_dtype = one.v.dtype
@@ -440,30 +454,33 @@ class Engine:
         if core.embed_norm is not None:
             x = core.embed_norm(x)
         context: dict[str, torch.Tensor] = {}
+        # each row's tokens so far: per row in a decode step, one integer for a prefill's row
+        positions = paged[0] if paged is not None else rows[0].cached
         for i, block in enumerate(core.layers):
             mixer_kind, ffn_kind = self._kinds[i]
             h = block.mixer_norm(x)
             if mixer_kind == _PAGED:
                 h = self._attention(i, block.mixer, h, rows, paged)
             else:
-                h = self._stateful(i, "mixer", mixer_kind, block.mixer, h, rows, slots, context)
+                h = self._stateful(i, "mixer", mixer_kind, block.mixer, h, rows, slots,
+                                   positions, context)
             x = x + h
             if block.ffn is not None:
                 h = self._stateful(i, "ffn", ffn_kind, block.ffn, block.ffn_norm(x), rows, slots,
-                                   None)
+                                   positions, None)
                 x = x + h
         return self.model.lm_head(core.norm(x[:, -1:])[:, 0])
 
     def _stateful(self, layer: int, which: str, kind: str, module: torch.nn.Module,
                   h: torch.Tensor, rows: list[_Sequence], slots: torch.Tensor,
-                  context: dict | None) -> torch.Tensor:
+                  positions: torch.Tensor | int, context: dict | None) -> torch.Tensor:
         extra = {"context": context} if getattr(module, "takes_forward_context", False) else {}
         if kind == _STATELESS:
             return module(h, None, **extra)[0]
         if kind == _SLOTS:
             pool = self._slot_pools[layer, which]
             # a request's first chunk starts from None, as generate's prefill does
-            state = None if rows[0].cached == 0 else pool.gather(slots)
+            state = None if rows[0].cached == 0 else pool.gather(slots, positions)
             y, state = module(h, state, **extra)
             pool.scatter(slots, state)
             return y
@@ -507,8 +524,11 @@ def _store_for(module: torch.nn.Module | None, one: MixerState | None,
         return _PAGED
     if one is None or two is None or type(one) is not type(two):
         return _PER_REQUEST
-    for field in dataclasses.fields(one):
-        a, b = getattr(one, field.name), getattr(two, field.name)
+    names = {field.name for field in dataclasses.fields(one)}
+    # a position the state also takes per row (the padding contract's next_positions)
+    positioned = "next_positions" in names and one.next_positions is None
+    for name in names - ({"position", "next_positions"} if positioned else set()):
+        a, b = getattr(one, name), getattr(two, name)
         if isinstance(a, torch.Tensor):
             if not isinstance(b, torch.Tensor) or a.shape != b.shape:
                 return _PER_REQUEST  # grows with the sequence
@@ -516,7 +536,7 @@ def _store_for(module: torch.nn.Module | None, one: MixerState | None,
             return _PER_REQUEST  # a length or a position, one for the whole batch
         elif a != b:
             return _PER_REQUEST
-    return _SLOTS
+    return _POSITIONED_SLOTS if positioned else _SLOTS
 
 
 __all__ = ["Engine", "FINISH_REASONS", "Request", "TokenEvent"]

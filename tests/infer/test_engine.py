@@ -220,16 +220,28 @@ def test_memory_per_sequence_grows_only_where_the_state_does(name, grows, make_m
             assert set(values) == {0}, field
 
 
-@pytest.mark.parametrize("options", [
-    {"window": 5},
-    {"qk_norm": True, "output_gate": True, "partial_rotary_factor": 0.5},
-])
-def test_attention_variants_decode_from_blocks(options):
-    """A sliding window (masked per row in the blocks) and Qwen3-Next's gated attention."""
+@pytest.mark.parametrize("mixer", [
+    {"type": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 5},
+    {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "output_gate": True,
+     "partial_rotary_factor": 0.5},
+    {"type": "linear_attention", "n_heads": 4, "n_kv_heads": 2, "rope_theta": 10000.0},
+    {"type": "linear_attention", "n_heads": 4, "rope_theta": 10000.0,
+     "feature_maps_after_rotary": False},
+    {"type": "window_linear_attention", "n_heads": 4, "n_kv_heads": 2, "window": 4},
+], ids=["sliding-window", "gated", "linear-rotary", "linear-rotated-features", "lolcats"])
+def test_mixer_variants_with_positions_decode_batched(mixer):
+    """Rows at different positions in one decode step: attention from the blocks (a sliding
+    window masked per row; Qwen3-Next's gated attention), and the bounded mixers that rotate
+    at each row's own position from the slots (linear attention's two rotary forms, LoLCATs'
+    window + linear attention, whose window also fills per row)."""
     config = zoo.load_config("attention-tiny")
-    config.mixer = {**config.mixer, **options}
+    config.mixer = mixer
     torch.manual_seed(0)
     model = zoo.ZooForCausalLM(config).eval()
+    with torch.no_grad():  # sharper scores, and mixer outputs outweighing the residual, so
+        for block in model.model.layers:  # that a wrong position changes tokens
+            for name, scale in (("q_proj", 4.0), ("k_proj", 4.0), ("o_proj", 8.0)):
+                getattr(block.mixer, name).weight.mul_(scale)
     requests = [Request(prompt=p, max_new_tokens=9) for p in _prompts([11, 3, 6], seed=9)]
     tokens, _, by_id, _ = _drive(Engine(model, max_batch=2, block_size=4, prefill_chunk=5),
                                  {0: requests[:2], 4: requests[2:]})
