@@ -19,4 +19,5 @@ def load_entries() -> None:
         moe,
         mqar,
         rwkv,
+        serve,
     )
