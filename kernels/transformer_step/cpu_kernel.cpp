@@ -150,40 +150,81 @@ inline void int4_as_float(const uint8_t* p, Vec& low, Vec& high) {
 }
 
 // Inputs (NB of them, `x_stride` apart) dotted with row `r` of int8 codes: out[b] = row . x_b.
-// Two accumulators per input (alternate vectors), so no add waits on the one before it.
+// kUnroll accumulators per input (consecutive vectors) and two running totals (alternate
+// groups), so no add waits on the one before it: one chain through a row would bound a row
+// by the add's latency.
 template <int NB, typename W>
 inline void int8_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float* x,
                           int64_t x_stride, float* out) {
   constexpr int64_t V = Vec::size();
+  constexpr int kUnroll = NB == 1 ? 4 : 2;
   const int8_t* codes = static_cast<const int8_t*>(m.data) + r * K;
   const int64_t groups = K / m.group;
   const W* scale = m.scale + r * groups;
-  Vec total[NB];
-  for (int b = 0; b < NB; ++b) total[b] = Vec(0.0f);
+  Vec total[2][NB];
+  for (int b = 0; b < NB; ++b) total[0][b] = total[1][b] = Vec(0.0f);
   for (int64_t g = 0; g < groups; ++g) {
-    Vec acc0[NB], acc1[NB];
-    for (int b = 0; b < NB; ++b) acc0[b] = acc1[b] = Vec(0.0f);
+    Vec acc[kUnroll][NB];
+    for (int u = 0; u < kUnroll; ++u)
+      for (int b = 0; b < NB; ++b) acc[u][b] = Vec(0.0f);
     int64_t i = g * m.group;
     const int64_t end = i + m.group;
-    for (; i + 2 * V <= end; i += 2 * V) {
-      const Vec c0 = int8_as_float(codes + i), c1 = int8_as_float(codes + i + V);
-      for (int b = 0; b < NB; ++b) {
-        acc0[b] = at::vec::fmadd(c0, Vec::loadu(x + b * x_stride + i), acc0[b]);
-        acc1[b] = at::vec::fmadd(c1, Vec::loadu(x + b * x_stride + i + V), acc1[b]);
+    for (; i + kUnroll * V <= end; i += kUnroll * V) {
+      for (int u = 0; u < kUnroll; ++u) {
+        const Vec c = int8_as_float(codes + i + u * V);
+        for (int b = 0; b < NB; ++b)
+          acc[u][b] = at::vec::fmadd(c, Vec::loadu(x + b * x_stride + i + u * V), acc[u][b]);
       }
     }
-    for (; i < end; i += V) {  // per channel: the row's last (partial) vectors
+    for (; i < end; i += V) {  // the group's (per channel: the row's) last vectors
       const int64_t count = std::min<int64_t>(V, end - i);
       const Vec c = count == V ? int8_as_float(codes + i) : int8_as_float(codes + i, count);
       for (int b = 0; b < NB; ++b)
-        acc0[b] = at::vec::fmadd(c, Vec::loadu(x + b * x_stride + i, count), acc0[b]);
+        acc[0][b] = at::vec::fmadd(c, Vec::loadu(x + b * x_stride + i, count), acc[0][b]);
     }
     const Vec s(static_cast<float>(scale[g]));
-    for (int b = 0; b < NB; ++b) total[b] = at::vec::fmadd(acc0[b] + acc1[b], s, total[b]);
+    for (int b = 0; b < NB; ++b) {
+      Vec sum = acc[0][b];
+      for (int u = 1; u < kUnroll; ++u) sum = sum + acc[u][b];
+      total[g & 1][b] = at::vec::fmadd(sum, s, total[g & 1][b]);
+    }
   }
-  for (int b = 0; b < NB; ++b) out[b] = sum_lanes(total[b]);
+  for (int b = 0; b < NB; ++b) out[b] = sum_lanes(total[0][b] + total[1][b]);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// int4 with AVX-512: a group's 16 weights code * scale + zero sit in one register, and each code
+// picks its weight with a permute (vpermps reads the low 4 bits of each 32-bit lane, so the low
+// nibble needs no mask): the weights are those of dequantising first, and no scale, zero or
+// group sum is applied per group (`sums` unused).
+template <int NB, typename W>
+inline void int4_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float* x,
+                          int64_t x_stride, const float*, int64_t, float* out) {
+  constexpr int64_t V = Vec::size();
+  const uint8_t* codes = static_cast<const uint8_t*>(m.data) + r * (K / 2);
+  const int64_t groups = K / m.group;
+  const W* scale = m.scale + r * groups;
+  const W* zero = m.zero + r * groups;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 acc[2][NB];
+  for (int b = 0; b < NB; ++b) acc[0][b] = acc[1][b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(static_cast<float>(scale[g])),
+                                         _mm512_set1_ps(static_cast<float>(zero[g])));
+    for (int64_t i = g * m.group; i < (g + 1) * m.group; i += 2 * V) {
+      const __m512i bytes =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i / 2)));
+      const __m512 low = _mm512_permutexvar_ps(bytes, table);
+      const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+      for (int b = 0; b < NB; ++b) {
+        acc[0][b] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + b * x_stride + i), acc[0][b]);
+        acc[1][b] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + b * x_stride + i + V), acc[1][b]);
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b) out[b] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
+}
+#else
 // The same for int4 codes, on reordered inputs (see above) and their group sums (`sums`,
 // K / group per input, `sum_stride` apart)
 template <int NB, typename W>
@@ -193,8 +234,13 @@ inline void int4_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float*
   const uint8_t* codes = static_cast<const uint8_t*>(m.data) + r * (K / 2);
   const int64_t groups = K / m.group;
   const W* scale = m.scale + r * groups;
-  Vec total[NB];
-  for (int b = 0; b < NB; ++b) total[b] = Vec(0.0f);
+  const W* zero = m.zero + r * groups;
+  Vec total[2][NB];
+  float zero_part[2][NB];
+  for (int b = 0; b < NB; ++b) {
+    total[0][b] = total[1][b] = Vec(0.0f);
+    zero_part[0][b] = zero_part[1][b] = 0.0f;
+  }
   for (int64_t g = 0; g < groups; ++g) {
     Vec acc_low[NB], acc_high[NB];
     for (int b = 0; b < NB; ++b) acc_low[b] = acc_high[b] = Vec(0.0f);
@@ -207,11 +253,16 @@ inline void int4_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float*
       }
     }
     const Vec s(static_cast<float>(scale[g]));
-    for (int b = 0; b < NB; ++b) total[b] = at::vec::fmadd(acc_low[b] + acc_high[b], s, total[b]);
+    const float z = static_cast<float>(zero[g]);
+    for (int b = 0; b < NB; ++b) {
+      total[g & 1][b] = at::vec::fmadd(acc_low[b] + acc_high[b], s, total[g & 1][b]);
+      zero_part[g & 1][b] += z * sums[b * sum_stride + g];
+    }
   }
-  const W* zero = m.zero + r * groups;
-  for (int b = 0; b < NB; ++b) out[b] = sum_lanes(total[b]) + dot(zero, groups, sums + b * sum_stride);
+  for (int b = 0; b < NB; ++b)
+    out[b] = sum_lanes(total[0][b] + total[1][b]) + (zero_part[0][b] + zero_part[1][b]);
 }
+#endif
 
 // The int4 products' inputs: x (B, K) reordered chunk by chunk (even entries, then odd) into
 // `reordered` (B, K), and its sums per group of `group` into `sums` (B, K / group)

@@ -286,9 +286,9 @@ def test_kernel_refuses_quantised_arguments_it_cannot_read():
         transformer_decode_step(ids, layers, globals_, kv, scales=scales, zeros=bad_zeros,
                                 backend="cpu", **config)
     bad_scales = list(scales)
-    bad_scales[q] = scales[q].repeat(1, 2)  # groups of 16
+    bad_scales[q] = scales[q].repeat(1, 4)  # groups of 8: fewer codes than one vector holds
     bad_zeros = list(zeros)
-    bad_zeros[q] = zeros[q].repeat(1, 2)
-    with pytest.raises(RuntimeError, match="q_proj of layer 0: groups of 16 inputs"):
+    bad_zeros[q] = zeros[q].repeat(1, 4)
+    with pytest.raises(RuntimeError, match="q_proj of layer 0: groups of 8 inputs"):
         transformer_decode_step(ids, layers, globals_, kv, scales=bad_scales, zeros=bad_zeros,
                                 backend="cpu", **config)
