@@ -36,6 +36,10 @@ MIXERS = {
               "gate_lora": 8, "chunk_size": 4},
     "hyena": {"order": 2, "max_len": 64, "filter_width": 16, "filter_bands": 4},
     "deltanet": {"n_heads": 2, "chunk_size": 4},
+    # without the convolution, which zeroes q, k and v at padded steps, only beta = 0 stops
+    # their writes there
+    "deltanet_without_conv": {"type": "deltanet", "n_heads": 2, "use_short_conv": False,
+                              "allow_neg_eigval": True, "chunk_size": 4},
     "gated_deltanet": {"n_heads": 2, "n_value_heads": 4, "head_dim": 16, "chunk_size": 4},
     "kda": {"n_heads": 2, "decay_lora": 8, "gate_lora": 8, "chunk_size": 4},
 }
