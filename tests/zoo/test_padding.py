@@ -240,3 +240,18 @@ def test_an_unpadded_mask_leaves_the_fast_path_and_the_native_step_declines_a_pa
     assert not support.ok and "padding" in support.reason, support.reason
     plain_layout, _, _ = plain.flatten()
     assert "padding" not in native_support(model, plain_layout, batch_size=2).reason
+
+
+def test_gradient_checkpointing_passes_the_padding_on():
+    # the checkpointed block recomputes its forward: the padding must reach that call too
+    # (left padding: ignored, it would change what the real tokens see)
+    torch.manual_seed(0)
+    model = zoo.ZooForCausalLM(zoo.load_config("retnet-tiny")).train()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [PAD, PAD, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    labels = ids.masked_fill(mask == 0, -100)
+    want = model(ids, attention_mask=mask, labels=labels).loss
+    model.gradient_checkpointing_enable()
+    got = model(ids, attention_mask=mask, labels=labels).loss
+    got.backward()
+    torch.testing.assert_close(got, want)
