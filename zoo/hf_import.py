@@ -652,12 +652,14 @@ def from_hf(src, *, dtype: torch.dtype = torch.float32, quantized: bool = False
 
 # --- GGUF blocks kept quantised ---------------------------------------------------------------
 
-def _gguf_row_sources(hf_model, names: list[tuple[str, str]], reader) -> dict[str, tuple]:
-    """{GGUF tensor name: (zoo tensor name, source rows)} for every tensor of the file that
-    lands in the zoo model, where source rows (out,) says which of the file's rows each zoo
-    row is. transformers' GGUF reader may reorder a tensor's rows (Llama's q and k: llama.cpp's
-    converter interleaves the rotary halves) and a zoo layout may split one into several: both
-    are found by passing the row indices through the same processing as the weights."""
+def _gguf_row_sources(hf_model, names: list[tuple[str, str]], reader
+                      ) -> dict[str, tuple[object, torch.Tensor | None]]:
+    """{zoo tensor name: (the GGUFReader tensor stored as Q8_0 / Q4_0 / Q4_1 it comes from,
+    source rows)}, where source rows (out,) says which of the file's rows each zoo row is, or
+    is None when the import reshapes the tensor beyond reordering its rows. transformers' GGUF
+    reader may reorder rows (Llama's q and k: llama.cpp's converter interleaves the rotary
+    halves) and a zoo layout may split a tensor into several: both are found by passing the
+    row indices through the same processing as the weights."""
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
@@ -665,6 +667,9 @@ def _gguf_row_sources(hf_model, names: list[tuple[str, str]], reader) -> dict[st
         read_field,
     )
 
+    from zoo.compression.gguf_blocks import GGUF_FORMATS
+
+    block_types = {ggml for ggml, _ in GGUF_FORMATS.values()}
     architecture = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(
         config=hf_model.config.to_dict())
@@ -672,7 +677,7 @@ def _gguf_row_sources(hf_model, names: list[tuple[str, str]], reader) -> dict[st
     unpack = TENSOR_UNPACKS.get(hf_model.config.model_type)
     sources = {}
     for tensor in reader.tensors:
-        if len(tensor.shape) != 2:
+        if tensor.tensor_type.name not in block_types or len(tensor.shape) != 2:
             continue
         rows = int(tensor.shape[1])  # GGUF shapes list the fastest dimension first
         index = np.arange(rows, dtype=np.float64).reshape(rows, 1)
@@ -686,14 +691,9 @@ def _gguf_row_sources(hf_model, names: list[tuple[str, str]], reader) -> dict[st
                   else {hf_name: processed})
         for piece_name, piece in pieces.items():
             target = _rename(piece_name, names)
-            if target is None:
-                continue
-            if piece.dim() != 2 or piece.shape[1] != 1:
-                raise UnsupportedCheckpointError(
-                    f"quantized=True: GGUF tensor {tensor.name!r} is reshaped on import, not "
-                    "only reordered by rows, so its blocks cannot be kept; import it with "
-                    "quantized=False")
-            sources[tensor.name] = (target, piece[:, 0].long())
+            if target is not None:
+                row_order = piece.dim() == 2 and piece.shape[1] == 1
+                sources[target] = (tensor, piece[:, 0].long() if row_order else None)
     return sources
 
 
@@ -714,19 +714,20 @@ def keep_gguf_blocks(model: ZooForCausalLM, hf_model, path: Path,
     from zoo.compression.gguf_blocks import BLOCK_SIZE, gguf_section, tensor_blocks, untie_head
     from zoo.compression.targets import linear_targets, replace_module
 
-    reader = GGUFReader(str(path))
-    sources = _gguf_row_sources(hf_model, names, reader)
-    by_target = {target: (tensor, rows) for tensor, (target, rows) in
-                 ((t, sources[t.name]) for t in reader.tensors if t.name in sources)}
-    if model.config.tie_word_embeddings and "model.embed_tokens.weight" in by_target:
-        by_target["lm_head.weight"] = by_target["model.embed_tokens.weight"]
+    sources = _gguf_row_sources(hf_model, names, GGUFReader(str(path)))
+    if model.config.tie_word_embeddings and "model.embed_tokens.weight" in sources:
+        sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
     layer_formats = {}
     for module_name, linear in linear_targets(model):
-        tensor, rows = by_target.get(f"{module_name}.weight", (None, None))
-        blocks = None if tensor is None else tensor_blocks(tensor)
-        if blocks is None:
+        tensor, rows = sources.get(f"{module_name}.weight", (None, None))
+        if tensor is None:
             continue
-        blocks = blocks.take_rows(rows)
+        if rows is None:
+            raise UnsupportedCheckpointError(
+                f"quantized=True: GGUF tensor {tensor.name!r} is reshaped on import, not only "
+                "reordered by rows, so its blocks cannot be kept; import it with "
+                "quantized=False")
+        blocks = tensor_blocks(tensor).take_rows(rows)
         layer = blocks.to_linear(linear.bias, linear.weight.dtype)
         if not torch.equal(layer.dequantize(linear.weight.dtype), linear.weight):
             raise UnsupportedCheckpointError(

@@ -91,6 +91,52 @@ def write_tiny_llama(path, formats: dict[str, str], vocab: int = 96, d_model: in
     writer.close()
 
 
+def write_tiny_mamba(path, vocab: int = 96, d_model: int = 64, n_layers: int = 2,
+                     d_state: int = 16, d_conv: int = 4, dt_rank: int = 4) -> None:
+    """A tiny Mamba GGUF file: in_proj Q4_1, x_proj Q8_0, out_proj Q4_0, the table Q8_0; the
+    convolution, dt_proj (4 inputs: not whole blocks), A, D and the norms F32."""
+    rng = np.random.default_rng(0)
+    inner = 2 * d_model
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_context_length(256)
+    writer.add_embedding_length(d_model)
+    writer.add_block_count(n_layers)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(dt_rank)
+    writer.add_ssm_inner_size(inner)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["t", "1"] + [f"t{i}" for i in range(vocab - 2)])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_merges(["t 1"])
+
+    def add(name: str, kind: str, weight: np.ndarray) -> None:
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        writer.add_tensor(name, gguf.quants.quantize(np.asarray(weight, np.float32), qtype),
+                          raw_dtype=qtype)
+
+    add("token_embd.weight", "Q8_0", rng.normal(size=(vocab, d_model)))
+    for i in range(n_layers):
+        block = f"blk.{i}."
+        add(block + "attn_norm.weight", "F32", 1 + 0.1 * rng.normal(size=d_model))
+        add(block + "ssm_in.weight", "Q4_1", rng.normal(size=(2 * inner, d_model)) * 0.2)
+        add(block + "ssm_conv1d.weight", "F32", rng.normal(size=(inner, d_conv)) * 0.3)
+        add(block + "ssm_conv1d.bias", "F32", rng.normal(size=inner) * 0.1)
+        add(block + "ssm_x.weight", "Q8_0", rng.normal(size=(dt_rank + 2 * d_state, inner)) * 0.1)
+        add(block + "ssm_dt.weight", "F32", rng.normal(size=(inner, dt_rank)) * 0.3)
+        add(block + "ssm_dt.bias", "F32", rng.normal(size=inner) * 0.1 - 2)
+        add(block + "ssm_a", "F32", -np.exp(rng.normal(size=(inner, d_state)) * 0.5))
+        add(block + "ssm_d", "F32", np.ones(inner))
+        add(block + "ssm_out.weight", "Q4_0", rng.normal(size=(d_model, inner)) * 0.1)
+    add("output_norm.weight", "F32", np.ones(d_model))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 MIXED = {"token_embd": "Q8_0", "attn_q": "Q4_1", "attn_k": "Q4_0", "attn_v": "Q8_0",
          "attn_output": "Q4_1", "ffn_gate": "Q4_1", "ffn_up": "Q4_0", "ffn_down": "F16"}
 
@@ -194,6 +240,25 @@ def test_quantized_import_keeps_an_untied_heads_own_blocks(tmp_path):
     assert torch.equal(model.lm_head.dequantize(torch.float32), float_model.lm_head.weight)
     assert model.config.quantization["weights"] == "int8"  # the q_proj layers outnumber it
     assert isinstance(model.model.layers[0].mixer.k_proj, torch.nn.Linear)
+
+
+def test_quantized_import_of_a_mamba_file_keeps_its_blocks(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    write_tiny_mamba(path)
+    float_model = zoo.from_hf(str(path))
+    model = zoo.from_hf(str(path), quantized=True)
+    mixer = model.model.layers[1].mixer
+    assert [(layer.weights, layer.group_size) for layer in (
+        mixer.in_proj, mixer.x_proj, mixer.out_proj, model.lm_head)] == [
+        ("int4", 32), ("int8", 32), ("int4", 32), ("int8", 32)]
+    assert isinstance(mixer.dt_proj, torch.nn.Linear)  # F32 in the file
+    floats = dict(float_model.named_modules())
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            assert torch.equal(module.dequantize(torch.float32), floats[name].weight), name
+    ids = torch.tensor([[1, 5, 7, 9, 11, 2, 40]])
+    with torch.no_grad():
+        assert relative_error(float_model(ids).logits, model(ids).logits) <= 1e-5
 
 
 def test_quantized_import_in_bfloat16_dequantises_to_the_bfloat16_import(tiny_gguf):
