@@ -8,6 +8,8 @@ import torch
 import zoo
 from zoo.infer import generate
 from zoo.infer.engine import Engine, Request, TokenEvent
+from zoo.infer.paged import KVBlockPool
+from zoo.layers.attention import Attention
 
 # every shipped family: attention (paged KV), the bounded mixers (slots), the hybrids (both), MoE
 # FFNs, RWKV (channel-mix FFN states in slots, RWKV-7's forward context), and the layers whose
@@ -294,3 +296,40 @@ def test_unwritten_block_memory_never_reaches_a_token(make_model):
     requests = [Request(prompt=p, max_new_tokens=5) for p in _prompts([3, 10], seed=10)]
     tokens, _, by_id, _ = _drive(engine, {0: requests})
     assert [tokens[rid] for rid in sorted(by_id)] == [_alone(model, r) for r in requests]
+
+
+@pytest.mark.parametrize("options", [
+    {"n_heads": 4, "n_kv_heads": 2},
+    {"n_heads": 4, "n_kv_heads": 1, "window": 3},
+    {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "output_gate": True,
+     "partial_rotary_factor": 0.5},
+])
+@torch.no_grad()
+def test_forward_paged_equals_each_rows_own_decode(options):
+    """Attention.forward_paged over rows of 5, 9 and 2 cached tokens in scattered blocks: each
+    row's output, and the keys and values it writes, are those of the row's own decode step."""
+    torch.manual_seed(0)
+    mixer = Attention(32, **options).eval()
+    pool = KVBlockPool({0: (mixer.n_kv_heads, mixer.head_dim)}, 12, 4, torch.float32,
+                       torch.device("cpu"))
+    lengths, tables, expected = [5, 9, 2], [], []
+    new = torch.randn(3, 1, 32)
+    pool.allocate(1)  # block 0 held by no row: the rows' blocks are not in order
+    for row, length in enumerate(lengths):
+        blocks = pool.allocate(3)[::-1]
+        history = torch.randn(1, length, 32)
+        _, state = mixer(history)
+        k, v = state.keys_values()
+        pool.write(0, pool.slots(torch.tensor(blocks), 0, length), k[0].transpose(0, 1),
+                   v[0].transpose(0, 1))
+        y, state = mixer(new[row: row + 1], state)
+        expected.append((y, *state.keys_values()))
+        tables.append(blocks)
+    positions = torch.tensor(lengths)
+    y = mixer.forward_paged(new, positions, pool.keys[0], pool.values[0], torch.tensor(tables))
+    for row, (y_alone, k_alone, v_alone) in enumerate(expected):
+        torch.testing.assert_close(y[row: row + 1], y_alone, msg=f"row {row} output")
+        written = pool.slots(torch.tensor(tables[row]), lengths[row], 1)
+        k, v = pool.read(0, written)
+        torch.testing.assert_close(k, k_alone[0, :, -1:].transpose(0, 1), msg=f"row {row} key")
+        torch.testing.assert_close(v, v_alone[0, :, -1:].transpose(0, 1), msg=f"row {row} value")
