@@ -44,6 +44,16 @@ def along_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.expand(-1, -1, *x.shape[2:]))
 
 
+def check_padding_mask(x: torch.Tensor, padding_mask: torch.Tensor) -> None:
+    """A clear error for a padding_mask that is not (B, T) bool for x (B, T, ...): an integer
+    mask would pass torch's broadcasting and bitwise operators and mean something else."""
+    if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"padding_mask must be a (B, T) = {tuple(x.shape[:2])} bool tensor, True at real "
+            f"tokens; got {tuple(padding_mask.shape)} {padding_mask.dtype}"
+        )
+
+
 def real_tokens_first(padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, lengths) for a padded batch, padding_mask (B, T) True at real tokens: order
     (B, T) holds each row's real positions in time order, then its padded ones; lengths (B,)
@@ -68,6 +78,7 @@ def masked_causal_conv1d(
     Returns y (B, T, D), zero at the padded positions, and the last W - 1 real inputs of each
     row after the initial state (B, W - 1, D): the window a row alone would carry on with.
     """
+    check_padding_mask(x, padding_mask)
     B, T, D = x.shape
     if initial_state is None:
         initial_state = x.new_zeros(B, weight.shape[1] - 1, D)

@@ -305,6 +305,18 @@ def test_triton_ops_padded_rows_equal_rows_alone(name, monkeypatch):
     _check_triton(_mixer(name, torch.float32, **extra))
 
 
+@pytest.mark.parametrize("name", sorted(MIXERS) + list(FFNS))
+@torch.no_grad()
+def test_a_mask_that_is_not_bool_b_t_is_refused_by_name(name):
+    layer = (build_ffn({"type": name}, D_MODEL) if name in FFNS
+             else _mixer(name, torch.float32))
+    x = torch.randn(2, 5, D_MODEL)
+    integer_mask = torch.ones(2, 5, dtype=torch.long)  # attention_mask's own dtype
+    for mask in (integer_mask, torch.ones(2, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"padding_mask must be a \(B, T\) = \(2, 5\) bool"):
+            layer(x, padding_mask=mask)
+
+
 def test_a_decay_at_padded_steps_is_caught(monkeypatch):
     """The check is sensitive: KDA with its per-channel decay left unmasked at padded steps
     (beta and the convolution still masked) fails it."""
