@@ -255,3 +255,19 @@ def test_gradient_checkpointing_passes_the_padding_on():
     got = model(ids, attention_mask=mask, labels=labels).loss
     got.backward()
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["attention-tiny", "kimi-linear-tiny"])
+@torch.no_grad()
+def test_beam_search_over_a_padded_batch_equals_each_prompt_alone(name):
+    # beams reorder the padded caches (index_select of every state, per-row positions included)
+    torch.manual_seed(0)
+    model = zoo.ZooForCausalLM(zoo.load_config(name)).double().eval()
+    prompts = _prompts(model.config.vocab_size, seed=3)
+    ids, mask = _left_padded(prompts)
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=3,
+                    do_sample=False, pad_token_id=PAD)
+    batched = model.generate(ids, attention_mask=mask, **settings)
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), **settings)
+        assert batched[i, ids.shape[1]:].tolist() == alone[0, len(prompt):].tolist(), i
