@@ -129,11 +129,12 @@ def test_grouped_int8_and_int4_on_a_gelu_mlp_with_biases():
     _native_against_eager(model, _prompts([6, 2], seed=4), steps=8)
 
 
-def test_bfloat16_quantised_model_decodes_natively_close_to_eager():
-    """bf16: eager runs torch's weight-only kernels and rounds every activation to bf16; the
-    native step keeps activations in float32."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_quantised_model_decodes_natively_close_to_eager(dtype):
+    """Half precision: eager runs torch's weight-only kernels and rounds every activation to
+    the dtype; the native step keeps activations in float32."""
     for weights, group_size in (("int8", None), ("int4", 32)):
-        model = _quantized(weights, group_size).to(torch.bfloat16)
+        model = _quantized(weights, group_size).to(dtype)
         with torch.no_grad():
             start = prefill(model, _prompts([6, 3], seed=5))
             start.cache.reserve(2)
@@ -144,9 +145,28 @@ def test_bfloat16_quantised_model_decodes_natively_close_to_eager():
             logits, _, _ = native_decode_step(model, layout, False)(tokens[:, None], tensors,
                                                                      ints)
             expected = decode_step(model, tokens[:, None], eager_cache)
-        assert logits.dtype == torch.bfloat16
+        assert logits.dtype == dtype
         error = (logits.float() - expected.float()).abs().max()
         assert error <= 0.03 * expected.float().abs().max(), (weights, float(error))
+
+
+def test_the_native_step_reads_codes_and_never_dequantises(monkeypatch):
+    """A quantised head's `weight` is its whole dequantised matrix: neither the support check
+    nor the step may build it (the step reads codes; the check reads the embedding)."""
+    model = _quantized("int4", 32)
+    with torch.no_grad():
+        start = prefill(model, [[1, 2, 3]])
+    start.cache.reserve(1)
+    layout, tensors, ints = start.cache.flatten()
+
+    def no_dequantising(self, dtype=None):
+        raise AssertionError("a QuantizedLinear was dequantised")
+
+    monkeypatch.setattr(QuantizedLinear, "dequantize", no_dequantising)
+    assert native_support(model, layout, 1)
+    tokens, _, _ = native_decode_step(model, layout, greedy=True)(torch.tensor([[7]]), tensors,
+                                                                   ints)
+    assert tokens.shape == (1,)
 
 
 def test_generate_compile_true_takes_the_native_step_on_a_quantised_model(monkeypatch):
