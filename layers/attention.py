@@ -264,7 +264,7 @@ class Attention(Mixer):
         return allowed
 
     def forward(self, x, state=None, padding_mask=None):
-        self.check_input(x, state)
+        self.check_input(x, state, padding_mask)
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, x.device, x.dtype)

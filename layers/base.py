@@ -37,6 +37,18 @@ def fill_padding(
     return torch.where(real, x, torch.tensor(value, dtype=x.dtype, device=x.device))
 
 
+def check_padding_mask(x: torch.Tensor, padding_mask: torch.Tensor | None, where: str) -> None:
+    """A clear error for a padding_mask that is not (B, T) bool for x (B, T, ...): an integer
+    attention_mask passed on as it is would broadcast and negate as numbers, silently wrong."""
+    if padding_mask is None:
+        return
+    if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"{where}: padding_mask must be a (B, T) = {tuple(x.shape[:2])} bool tensor, True "
+            f"at real tokens; got {tuple(padding_mask.shape)} {padding_mask.dtype}"
+        )
+
+
 def at_least_float32(
     fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -131,13 +143,16 @@ class Mixer(nn.Module):
         """Bytes of state per sequence after `seq_len` tokens."""
         raise NotImplementedError
 
-    def check_input(self, x: torch.Tensor, state: MixerState | None) -> None:
-        """Clear errors for the two mistakes the contract cannot survive silently."""
+    def check_input(self, x: torch.Tensor, state: MixerState | None,
+                    padding_mask: torch.Tensor | None = None) -> None:
+        """Clear errors for the mistakes the contract cannot survive silently: x's shape, a
+        padding_mask that is not (B, T) bool, a state from another mixer or batch size."""
         name = type(self).__name__
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"{name}: x must be (B, T, d_model={self.d_model}), got {tuple(x.shape)}"
             )
+        check_padding_mask(x, padding_mask, f"{name} (layer {self.layer_idx})")
         if state is None:
             return
         if not isinstance(state, self.state_class):

@@ -109,7 +109,7 @@ class BoundedMemoryAttention(Mixer):
         return 4 * self.n_heads * self.k_slots * (2 * self.head_dim + 1)
 
     def forward(self, x, state=None, padding_mask=None):
-        self.check_input(x, state)
+        self.check_input(x, state, padding_mask)
         if state is None:
             state = self.init_state(x.shape[0], x.device)
         split = "b t (h d) -> b t h d"

@@ -176,7 +176,7 @@ class LinearAttention(Mixer):
         return element * shape[1] * shape[2] * shape[3]
 
     def forward(self, x, state=None, padding_mask=None):
-        self.check_input(x, state)
+        self.check_input(x, state, padding_mask)
         T = x.shape[1]
         position = 0 if state is None else state.position
         next_positions = None if state is None else state.next_positions

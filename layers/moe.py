@@ -25,7 +25,7 @@ from torch import nn
 
 from zoo.kernels import moe_experts
 
-from .base import FFN, at_least_float32, fill_padding
+from .base import FFN, at_least_float32, check_padding_mask, fill_padding
 from .ffn import MLP, SwiGLU, swiglu_hidden_size
 from .linear import Linear
 from .registry import register_ffn
@@ -336,9 +336,10 @@ class MoE(FFN):
         """x (B, T, D) -> (y, None). With padding_mask (B, T) (True at real tokens) a padded
         token takes no expert slot, no capacity and no part in the losses or the statistics, so
         the real tokens are routed and weighed as they would be alone; its output is zero."""
+        check_padding_mask(x, padding_mask, "moe")
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        real = None if padding_mask is None else padding_mask.reshape(-1).bool()
+        real = None if padding_mask is None else padding_mask.reshape(-1)
         logits, probs, expert_ids, weights = self.route(flat)
         if real is not None:
             expert_ids = torch.where(real[:, None], expert_ids, -1)

@@ -159,7 +159,7 @@ class MultiScaleRetention(Mixer):
         return element * self.n_heads * self.key_dim * self.value_dim
 
     def forward(self, x, state=None, padding_mask=None):
-        self.check_input(x, state)
+        self.check_input(x, state, padding_mask)
         B, T, _ = x.shape
         position = 0 if state is None else state.position
         next_positions = None if state is None else state.next_positions

@@ -182,7 +182,7 @@ class WindowLinearAttention(Mixer):
             linear_scale=linear_scale, scale=self.head_dim ** -0.5)
 
     def forward(self, x, state=None, padding_mask=None):
-        self.check_input(x, state)
+        self.check_input(x, state, padding_mask)
         if padding_mask is not None or (state is not None and state.next_positions is not None):
             return self._forward_padded(x, state, padding_mask)
         T = x.shape[1]

@@ -324,3 +324,14 @@ def test_padded_rows_equal_rows_alone_on_the_triton_backend(name, options, devic
     # token by token is the kernels' T = 1 case, met again in the continuation's two steps
     _assert_padded_rows_equal_rows_alone(name, mixer, torch.float32, device, ratio=1e-3,
                                          forms=("whole", "chunks"))
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+@torch.no_grad()
+def test_a_padding_mask_that_is_not_batch_by_time_bool_is_refused(name):
+    # an integer attention_mask passed on as it is would broadcast and negate as numbers
+    mixer = _mixer(name, {})
+    x = torch.randn(2, 5, D_MODEL)
+    for wrong in (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="padding_mask must be a \\(B, T\\)"):
+            mixer(x, padding_mask=wrong)

@@ -271,3 +271,9 @@ def test_beam_search_over_a_padded_batch_equals_each_prompt_alone(name):
     for i, prompt in enumerate(prompts):
         alone = model.generate(torch.tensor([prompt]), **settings)
         assert batched[i, ids.shape[1]:].tolist() == alone[0, len(prompt):].tolist(), i
+
+
+def test_moe_refuses_a_padding_mask_that_is_not_batch_by_time_bool():
+    moe = build_ffn({"type": "moe", "n_experts": 4, "top_k": 2}, 32)
+    with pytest.raises(ValueError, match="moe: padding_mask must be"):
+        moe(torch.randn(1, 3, 32), padding_mask=torch.ones(1, 3, dtype=torch.long))
