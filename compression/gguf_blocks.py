@@ -9,9 +9,13 @@ A GGUF row of `in` weights is `in / 32` blocks (ggml-quants.h):
 and a 4-bit block's byte j holds element j in its low nibble and element j + 16 in its high one.
 They map onto QuantizedLinear's groups of 32 as: Q8_0 -> int8 codes, scale d; Q4_1 -> int4
 codes, scale d, zero m; Q4_0 -> int4 codes, scale d, zero -8 d (the nibbles re-packed to
-QuantizedLinear's order). Scales and zeros are kept in float32: fp16 -> float32 is exact (fp16 ->
-bfloat16 is not), and float32 dequantisation then equals gguf's own `dequantize` exactly, since
-q * d is exact in float32 and each format adds at most one rounding, the same one gguf's does.
+QuantizedLinear's order). `GGUFBlocks.dequantize` equals gguf's own `dequantize` exactly: q * d
+is exact in float32 and each format adds at most one rounding, the same one gguf's does.
+
+As a layer's scales and zeros follow the model's dtype (QuantizedLinear's rule, which the native
+decode step relies on: one dtype for every float tensor), the fp16 d and m stay exact in a
+float32, float64 or float16 model; a bfloat16 model rounds them to bfloat16 (3 fewer mantissa
+bits, a relative change of at most 2^-8), as it rounds every other scale.
 
     blocks = read_blocks(reader_tensor.data, "q4_1")     # a GGUFReader tensor's raw rows
     layer = blocks.to_linear()                           # QuantizedLinear, int4 in groups of 32
@@ -88,16 +92,17 @@ class GGUFBlocks:
 
     def to_linear(self, bias: torch.Tensor | None = None,
                   dtype: torch.dtype = torch.float32) -> QuantizedLinear:
-        """A QuantizedLinear holding these codes (groups of 32; scale and zero float32, the
-        bias in `dtype`), whose dequantised weight equals `dequantize()` exactly."""
+        """A QuantizedLinear holding these codes in groups of 32, its scale, zero and bias in
+        `dtype`; its dequantised weight equals `dequantize()` exactly unless `dtype` is
+        bfloat16 (module doc)."""
         out_features, in_features = self.shape
         layer = QuantizedLinear(in_features, out_features, bias is not None,
                                 weights=self.weights, group_size=BLOCK_SIZE, dtype=dtype)
         codes = self.codes if self.weights == "int8" else pack_int4(self.codes)
         layer.qweight = nn.Parameter(codes.contiguous(), requires_grad=False)
-        layer.scale = nn.Parameter(self.scale.contiguous(), requires_grad=False)
+        layer.scale = nn.Parameter(self.scale.to(dtype).contiguous(), requires_grad=False)
         if self.zero is not None:
-            layer.zero = nn.Parameter(self.zero.contiguous(), requires_grad=False)
+            layer.zero = nn.Parameter(self.zero.to(dtype).contiguous(), requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(dtype).clone())
         return layer

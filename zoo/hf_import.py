@@ -701,13 +701,15 @@ def keep_gguf_blocks(model: ZooForCausalLM, hf_model, path: Path,
                      names: list[tuple[str, str]]) -> dict:
     """Replace, in place, every linear layer of a model imported from the GGUF file `path`
     whose weight the file stores as Q8_0, Q4_0 or Q4_1 by the QuantizedLinear holding those
-    blocks (zoo.compression.gguf_blocks: groups of 32, float32 scales and zeros); tensors
-    stored as F32 / F16 or in other block types (K-quants) stay float. A head tied to a
+    blocks (zoo.compression.gguf_blocks: groups of 32, scales and zeros in the model's dtype,
+    exact but in bfloat16); tensors stored as F32 / F16 or in other block types (K-quants)
+    stay float. A head tied to a
     quantised embedding table becomes an untied quantised head, the table staying float.
     Sets and returns `model.config.quantization` (method "gguf").
 
-    Every kept layer is checked against the float import: its dequantised weight must equal
-    the imported weight exactly, else an UnsupportedCheckpointError names the tensor.
+    Every kept layer is checked against the float import: its blocks dequantised (float32, as
+    gguf does) must equal the imported weight exactly, else an UnsupportedCheckpointError
+    names the tensor.
     """
     from gguf import GGUFReader
 
@@ -728,15 +730,14 @@ def keep_gguf_blocks(model: ZooForCausalLM, hf_model, path: Path,
                 "reordered by rows, so its blocks cannot be kept; import it with "
                 "quantized=False")
         blocks = tensor_blocks(tensor).take_rows(rows)
-        layer = blocks.to_linear(linear.bias, linear.weight.dtype)
-        if not torch.equal(layer.dequantize(linear.weight.dtype), linear.weight):
+        if not torch.equal(blocks.dequantize().to(linear.weight.dtype), linear.weight):
             raise UnsupportedCheckpointError(
                 f"quantized=True: GGUF tensor {tensor.name!r} ({blocks.format}) dequantised "
                 f"differs from the imported {module_name}.weight; import it with "
                 "quantized=False")
         if module_name == "lm_head" and model.config.tie_word_embeddings:
             untie_head(model)
-        replace_module(model, module_name, layer)
+        replace_module(model, module_name, blocks.to_linear(linear.bias, linear.weight.dtype))
         layer_formats[module_name] = (blocks.weights, BLOCK_SIZE)
     if not layer_formats:
         raise UnsupportedCheckpointError(

@@ -261,13 +261,28 @@ def test_quantized_import_of_a_mamba_file_keeps_its_blocks(tmp_path):
         assert relative_error(float_model(ids).logits, model(ids).logits) <= 1e-5
 
 
-def test_quantized_import_in_bfloat16_dequantises_to_the_bfloat16_import(tiny_gguf):
-    float_model = zoo.from_hf(str(tiny_gguf), dtype=torch.bfloat16)
-    model = zoo.from_hf(str(tiny_gguf), dtype=torch.bfloat16, quantized=True)
-    layer = model.model.layers[1].mixer.q_proj
-    assert layer.scale.dtype == torch.float32  # fp16 scales: exact in float32, not in bf16
-    assert torch.equal(layer.dequantize(torch.bfloat16),
-                       float_model.model.layers[1].mixer.q_proj.weight)
+def test_quantized_import_in_float16_is_exact_and_in_bfloat16_rounds_only_the_scales(
+        tiny_gguf):
+    exact = zoo.from_hf(str(tiny_gguf), quantized=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        float_model = zoo.from_hf(str(tiny_gguf), dtype=dtype)
+        model = zoo.from_hf(str(tiny_gguf), dtype=dtype, quantized=True)
+        # one dtype for every float tensor (what the native decode step takes)
+        assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {dtype}
+        layer, reference = model.model.layers[1].mixer.q_proj, exact.model.layers[1].mixer.q_proj
+        assert torch.equal(layer.qweight, reference.qweight)
+        assert torch.equal(layer.scale, reference.scale.to(dtype))
+        weight = float_model.model.layers[1].mixer.q_proj.weight
+        if dtype == torch.float16:  # GGUF's fp16 scales are float16 values
+            assert torch.equal(layer.scale.float(), reference.scale)
+            assert torch.equal(layer.dequantize(dtype), weight)
+        else:
+            assert not torch.equal(layer.scale.float(), reference.scale)
+            # d and m each rounded to bfloat16 (unit roundoff 2^-8; codes <= 15), and the
+            # reference weight rounded to bfloat16 once
+            moved = (reference.zero.abs() + 15 * reference.scale).repeat_interleave(32, 1)
+            bound = (moved + weight.float().abs()) * 2 ** -8
+            assert ((layer.dequantize(torch.float32) - weight.float()).abs() <= bound).all()
 
 
 def test_quantized_is_refused_for_a_source_that_is_not_gguf(tmp_path):
