@@ -30,9 +30,9 @@ from torch import nn
 from zoo.kernels import causal_conv1d, compute_dtype
 from zoo.kernels.delta_rule import delta_rule
 
-from .base import Mixer, MixerState, fill_padding
+from .base import Mixer, MixerState, check_padding_mask, fill_padding
 from .linear import Linear
-from .mamba import check_padding_mask, masked_causal_conv1d
+from .mamba import masked_causal_conv1d
 from .registry import register_mixer
 
 # fla's and transformers' l2norm epsilon, added to the squared norm
@@ -210,7 +210,8 @@ class DeltaRuleMixer(Mixer):
         # a padded step writes nothing (beta = 0) and keeps the state undecayed (log-decay 0)
         decay = self.log_decay(x)
         if padding_mask is not None:
-            check_padding_mask(x, padding_mask)  # the convolution checked it only if there is one
+            # the convolution checks it only where there is one
+            check_padding_mask(x, padding_mask, type(self).__name__)
             beta = fill_padding(beta, padding_mask)
             decay = fill_padding(decay, padding_mask) if decay is not None else None
         o, recurrent = delta_rule(

@@ -25,9 +25,9 @@ from torch import nn
 
 from zoo.kernels import causal_conv1d, compute_dtype, fft_conv
 
-from .base import Mixer, MixerState, at_least_float32, fill_padding
+from .base import Mixer, MixerState, at_least_float32, check_padding_mask, fill_padding
 from .linear import Linear
-from .mamba import along_time, check_padding_mask, real_tokens_first
+from .mamba import along_time, real_tokens_first
 from .registry import register_mixer
 
 
@@ -300,7 +300,7 @@ class Hyena(Mixer):
         padding counts against max_len, and a padded call writes a new history buffer (the
         rows' histories move) where an unpadded one appends in place.
         """
-        check_padding_mask(x, padding_mask)
+        check_padding_mask(x, padding_mask, "Hyena")
         B, T, d = x.shape
         P = state.length
         order, lengths = real_tokens_first(padding_mask)

@@ -19,7 +19,7 @@ from torch import nn
 
 from zoo.kernels import causal_conv1d, compute_dtype, selective_scan
 
-from .base import Mixer, MixerState, fill_padding
+from .base import Mixer, MixerState, check_padding_mask, fill_padding
 from .linear import Linear
 from .registry import register_mixer
 
@@ -42,16 +42,6 @@ def along_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, T, ...) at the time positions index (B, T') of each row: (B, T', ...)."""
     index = index.reshape(*index.shape, *([1] * (x.dim() - 2)))
     return x.gather(1, index.expand(-1, -1, *x.shape[2:]))
-
-
-def check_padding_mask(x: torch.Tensor, padding_mask: torch.Tensor) -> None:
-    """A clear error for a padding_mask that is not (B, T) bool for x (B, T, ...): an integer
-    mask would pass torch's broadcasting and bitwise operators and mean something else."""
-    if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(
-            f"padding_mask must be a (B, T) = {tuple(x.shape[:2])} bool tensor, True at real "
-            f"tokens; got {tuple(padding_mask.shape)} {padding_mask.dtype}"
-        )
 
 
 def real_tokens_first(padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +68,7 @@ def masked_causal_conv1d(
     Returns y (B, T, D), zero at the padded positions, and the last W - 1 real inputs of each
     row after the initial state (B, W - 1, D): the window a row alone would carry on with.
     """
-    check_padding_mask(x, padding_mask)
+    check_padding_mask(x, padding_mask, "causal conv1d")
     B, T, D = x.shape
     if initial_state is None:
         initial_state = x.new_zeros(B, weight.shape[1] - 1, D)

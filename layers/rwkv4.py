@@ -17,9 +17,9 @@ from torch import nn
 from zoo.kernels import wkv4
 from zoo.kernels.wkv4 import empty_wkv4_state, state_dtype
 
-from .base import FFN, Mixer, MixerState, fill_padding
+from .base import FFN, Mixer, MixerState, check_padding_mask, fill_padding
 from .linear import Linear
-from .mamba import along_time, check_padding_mask, real_tokens_first
+from .mamba import along_time, real_tokens_first
 from .registry import register_ffn, register_mixer
 
 
@@ -36,7 +36,7 @@ def masked_token_shift(
     position gets the latest real token before it, or `last` (B, C) (zeros when None) where
     there is none. Returns (shifted (B, T, C), the row's last real token or `last`, (B, C),
     detached): a padded position neither moves the shift nor is seen by it."""
-    check_padding_mask(x, padding_mask)
+    check_padding_mask(x, padding_mask, "token shift")
     B, T, C = x.shape
     first = x.new_zeros(B, C) if last is None else last.to(x.dtype)
     history = torch.cat([first[:, None], x], dim=1)  # history[:, 0] is the token before x
