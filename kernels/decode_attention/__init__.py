@@ -7,6 +7,7 @@ import torch
 
 from ..backend import OpBackends, requires_grad, resolve_backend
 from . import cpu
+from .kv_quant import decode_attention_int8_reference
 from .reference import decode_attention_reference
 from .torch_fast import decode_attention_torch
 
@@ -52,6 +53,49 @@ def decode_attention(
     return decode_attention_triton(q, keys_t, values, scale)
 
 
+INT8_BACKENDS = ("auto", "cpu", "reference")
+
+
+def decode_attention_int8(
+    q: torch.Tensor, k_codes_t: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
+    v_scales: torch.Tensor, *, scale: float | None = None, backend: str = "auto",
+) -> torch.Tensor:
+    """decode_attention over an int8 KV cache (kv_quant.py: one scale per token and head).
+
+    Args:
+        q: (B, H, D), float32, bfloat16 or float16.
+        k_codes_t: (B, H_kv, D, L) int8, the cached keys' codes transposed; k_scales
+            (B, H_kv, L) float32.
+        v_codes: (B, H_kv, L, D) int8; v_scales (B, H_kv, L) float32.
+        scale: defaults to D ** -0.5.
+        backend: "auto" (the C++ kernel for CPU tensors where it builds, which reads the codes
+            and dequantises in registers; the reference otherwise), "cpu" or "reference"
+            (dequantise the cache, then decode_attention's reference).
+    Returns:
+        (B, H, D) in q's dtype.
+    """
+    _check_shapes(q, k_codes_t, v_codes)
+    B, H_kv, L = k_codes_t.shape[0], k_codes_t.shape[1], k_codes_t.shape[3]
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if tuple(scales.shape) != (B, H_kv, L):
+            raise ValueError(f"decode_attention_int8: {name} {tuple(scales.shape)} must be "
+                             f"(B, H_kv, L) = {(B, H_kv, L)}")
+    if backend not in INT8_BACKENDS:
+        raise ValueError(f"decode_attention_int8: backend={backend!r} is not one of "
+                         f"{INT8_BACKENDS}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    on_cpu_kernel = (q.device.type == "cpu" and q.dtype in CPU_KERNEL_DTYPES
+                     and not requires_grad(q))
+    if backend == "cpu" and not (on_cpu_kernel and _cpu_kernel_available()):
+        raise ValueError(f"decode_attention_int8: backend='cpu' takes CPU tensors of "
+                         f"{CPU_KERNEL_DTYPES} without gradients, with the kernel built; got "
+                         f"{q.dtype} on {q.device}")
+    if backend == "cpu" or (backend == "auto" and on_cpu_kernel and _cpu_kernel_available()):
+        return cpu.decode_attention_int8_cpu(q, k_codes_t, k_scales.float(), v_codes,
+                                             v_scales.float(), scale)
+    return decode_attention_int8_reference(q, k_codes_t, k_scales, v_codes, v_scales, scale)
+
+
 @torch.compiler.assume_constant_result
 def _cpu_kernel_available() -> bool:
     # run once, outside any graph: torch.compile treats the answer as a constant
@@ -79,5 +123,6 @@ def _check_shapes(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -
 
 
 __all__ = [
-    "decode_attention", "decode_attention_reference", "decode_attention_torch",
+    "decode_attention", "decode_attention_int8", "decode_attention_int8_reference",
+    "decode_attention_reference", "decode_attention_torch",
 ]

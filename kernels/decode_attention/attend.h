@@ -31,6 +31,11 @@ template <typename T>
 inline Vec load_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
+  } else if constexpr (std::is_same_v<T, int8_t>) {
+    // an int8 KV cache's codes: the compiler widens this loop to one sign-extend and convert
+    float lanes[Vec::size()];
+    for (int64_t i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<float>(p[i]);
+    return Vec::loadu(lanes);
   } else {
     Vec out;
     at::vec::load_to_float<T>(p, out);
@@ -163,15 +168,26 @@ inline std::pair<float, float> exp_and_sum(float* scores, int64_t n) {
   return {m, sum};
 }
 
+// key_scales, value_scales: an int8 cache's per-token scales (nullptr for a float cache). A
+// token's key scale multiplies its score and its value scale its weight, so the codes are read
+// as they are and no dequantised copy of the block is made.
 template <int G, typename T>
 void attend_heads(const float* q, const T* keys_t, int64_t key_row_stride,
                   const T* values, int64_t value_row_stride, int64_t n, int64_t dim,
-                  float* scores, float* partial) {
+                  float* scores, float* partial, const float* key_scales = nullptr,
+                  const float* value_scales = nullptr) {
   scores_of<G>(q, dim, keys_t, key_row_stride, n, scores);
   for (int g = 0; g < G; ++g) {
-    const auto [m, sum] = exp_and_sum(scores + g * kBlock, n);
+    float* row = scores + g * kBlock;
+    if (key_scales != nullptr) {
+      for (int64_t t = 0; t < n; ++t) row[t] *= key_scales[t];
+    }
+    const auto [m, sum] = exp_and_sum(row, n);
     partial[g * (dim + 2)] = m;
     partial[g * (dim + 2) + 1] = sum;
+    if (value_scales != nullptr) {  // after the sum: the softmax's denominator is unscaled
+      for (int64_t t = 0; t < n; ++t) row[t] *= value_scales[t];
+    }
   }
   weighted_values<G>(scores, values, value_row_stride, n, dim, partial + 2, dim + 2);
 }
@@ -182,19 +198,20 @@ void attend_heads(const float* q, const T* keys_t, int64_t key_row_stride,
 template <typename T>
 void attend_block(const float* q, const T* keys_t, int64_t key_row_stride,
                   const T* values, int64_t value_row_stride, int64_t n, int64_t groups,
-                  int64_t dim, float* scores, float* partial) {
+                  int64_t dim, float* scores, float* partial,
+                  const float* key_scales = nullptr, const float* value_scales = nullptr) {
   for (int64_t g = 0; g < groups; g += 4) {
     const float* q_g = q + g * dim;
     float* p_g = partial + g * (dim + 2);
     switch (std::min<int64_t>(4, groups - g)) {
       case 1: attend_heads<1>(q_g, keys_t, key_row_stride, values, value_row_stride, n, dim,
-                              scores, p_g); break;
+                              scores, p_g, key_scales, value_scales); break;
       case 2: attend_heads<2>(q_g, keys_t, key_row_stride, values, value_row_stride, n, dim,
-                              scores, p_g); break;
+                              scores, p_g, key_scales, value_scales); break;
       case 3: attend_heads<3>(q_g, keys_t, key_row_stride, values, value_row_stride, n, dim,
-                              scores, p_g); break;
+                              scores, p_g, key_scales, value_scales); break;
       default: attend_heads<4>(q_g, keys_t, key_row_stride, values, value_row_stride, n, dim,
-                               scores, p_g); break;
+                               scores, p_g, key_scales, value_scales); break;
     }
   }
 }

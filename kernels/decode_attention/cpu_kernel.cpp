@@ -19,13 +19,18 @@ namespace {
 using namespace zoo_attend;
 
 // Every (batch row, KV head, block of kBlock tokens) is one task; the cores share them.
+// key_scales, value_scales: (B, H_kv, L) float32 per-token scales of an int8 cache, else
+// undefined tensors.
 template <typename T>
 void attend_all(const float* q, const at::Tensor& keys_t, const at::Tensor& values,
-                int64_t groups, int64_t n_blocks, float* partial) {
+                int64_t groups, int64_t n_blocks, float* partial,
+                const at::Tensor& key_scales = {}, const at::Tensor& value_scales = {}) {
   const int64_t H_kv = keys_t.size(1), D = keys_t.size(2), L = keys_t.size(3);
   const int64_t H = H_kv * groups;
   const T* k_ptr = keys_t.data_ptr<T>();
   const T* v_ptr = values.data_ptr<T>();
+  const float* ks_ptr = key_scales.defined() ? key_scales.data_ptr<float>() : nullptr;
+  const float* vs_ptr = value_scales.defined() ? value_scales.data_ptr<float>() : nullptr;
   at::parallel_for(0, keys_t.size(0) * H_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(std::min<int64_t>(groups, 4) * kBlock);
     for (int64_t task = begin; task < end; ++task) {
@@ -37,9 +42,29 @@ void attend_all(const float* q, const at::Tensor& keys_t, const at::Tensor& valu
                    keys_t.stride(2),
                    v_ptr + b * values.stride(0) + h * values.stride(1) + start * values.stride(2),
                    values.stride(2), n, groups, D, scores.data(),
-                   partial + task * groups * (D + 2));
+                   partial + task * groups * (D + 2),
+                   ks_ptr == nullptr ? nullptr
+                       : ks_ptr + b * key_scales.stride(0) + h * key_scales.stride(1) + start,
+                   vs_ptr == nullptr ? nullptr
+                       : vs_ptr + b * value_scales.stride(0) + h * value_scales.stride(1) + start);
     }
   });
+}
+
+// each query head's blocks merged: (B, H, D) float32
+at::Tensor merge_all(const std::vector<float>& partial, int64_t B, int64_t H_kv, int64_t groups,
+                     int64_t n_blocks, int64_t D) {
+  at::Tensor out = at::empty({B, H_kv * groups, D}, at::TensorOptions().dtype(at::kFloat));
+  float* o_ptr = out.data_ptr<float>();
+  const float* p_ptr = partial.data();
+  for (int64_t bh = 0; bh < B * H_kv; ++bh) {
+    for (int64_t g = 0; g < groups; ++g) {
+      // (b, h * groups + g) in (B, H, D); block 0 of that head in the partials
+      merge_blocks(p_ptr + (bh * n_blocks * groups + g) * (D + 2), n_blocks,
+                   groups * (D + 2), D, o_ptr + (bh * groups + g) * D);
+    }
+  }
+  return out;
 }
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys_t,
@@ -77,23 +102,56 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys_t,
     attend_all<at::Half>(q_scaled.data(), keys_t, values, groups, n_blocks, p_ptr);
   }
 
-  // merge each query head's blocks
-  at::Tensor out = at::empty({B, H, D}, q.options().dtype(at::kFloat));
-  float* o_ptr = out.data_ptr<float>();
-  for (int64_t bh = 0; bh < B * H_kv; ++bh) {
-    for (int64_t g = 0; g < groups; ++g) {
-      // (b, h * groups + g) in (B, H, D); block 0 of that head in the partials
-      merge_blocks(p_ptr + (bh * n_blocks * groups + g) * (D + 2), n_blocks,
-                   groups * (D + 2), D, o_ptr + (bh * groups + g) * D);
-    }
-  }
-  return out.to(dtype);
+  return merge_all(partial, B, H_kv, groups, n_blocks, D).to(dtype);
+}
+
+// q (B, H, D) float; k_codes_t (B, H_kv, D, L) int8 with k_scales (B, H_kv, L) float32, one
+// scale per cached token and head; v_codes (B, H_kv, L, D) int8 with v_scales (B, H_kv, L):
+// the int8 KV cache (layers/attention.py), read as codes, each dequantised in registers.
+at::Tensor decode_attention_int8_cpu(const at::Tensor& q, const at::Tensor& k_codes_t,
+                                     const at::Tensor& k_scales, const at::Tensor& v_codes,
+                                     const at::Tensor& v_scales, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_codes_t.dim() == 4 && v_codes.dim() == 4 &&
+                  k_scales.dim() == 3 && v_scales.dim() == 3,
+              "decode_attention_int8: q (B, H, D), k_codes_t (B, H_kv, D, L), k_scales "
+              "(B, H_kv, L), v_codes (B, H_kv, L, D), v_scales (B, H_kv, L)");
+  TORCH_CHECK(k_codes_t.scalar_type() == at::kChar && v_codes.scalar_type() == at::kChar,
+              "decode_attention_int8: codes must be int8");
+  TORCH_CHECK(k_scales.scalar_type() == at::kFloat && v_scales.scalar_type() == at::kFloat,
+              "decode_attention_int8: scales must be float32");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t H_kv = k_codes_t.size(1), L = k_codes_t.size(3);
+  TORCH_CHECK(k_codes_t.size(0) == B && k_codes_t.size(2) == D && v_codes.size(0) == B &&
+                  v_codes.size(1) == H_kv && v_codes.size(2) == L && v_codes.size(3) == D &&
+                  k_scales.size(0) == B && k_scales.size(1) == H_kv && k_scales.size(2) == L &&
+                  v_scales.size(0) == B && v_scales.size(1) == H_kv && v_scales.size(2) == L,
+              "decode_attention_int8: codes and scales do not match q's batch, head_dim or "
+              "the cache's length");
+  TORCH_CHECK(H_kv > 0 && H % H_kv == 0, "decode_attention_int8: H must be a multiple of H_kv");
+  TORCH_CHECK(L > 0, "decode_attention_int8: the cache is empty");
+  TORCH_CHECK(k_codes_t.stride(3) == 1 && v_codes.stride(3) == 1 && k_scales.stride(2) == 1 &&
+                  v_scales.stride(2) == 1,
+              "decode_attention_int8: codes and scales need unit stride in their last dim");
+  const int64_t groups = H / H_kv;
+  const int64_t n_blocks = (L + kBlock - 1) / kBlock;
+  const at::Tensor q_in = q.to(at::kFloat).contiguous();
+  std::vector<float> q_scaled(q_in.data_ptr<float>(), q_in.data_ptr<float>() + B * H * D);
+  for (float& x : q_scaled) x *= static_cast<float>(scale);
+  std::vector<float> partial(B * H_kv * n_blocks * groups * (D + 2));
+  attend_all<int8_t>(q_scaled.data(), k_codes_t, v_codes, groups, n_blocks, partial.data(),
+                     k_scales, v_scales);
+  return merge_all(partial, B, H_kv, groups, n_blocks, D).to(q.scalar_type());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor keys_t, Tensor values, float scale) -> Tensor");
+  m.def("decode_attention_int8(Tensor q, Tensor k_codes_t, Tensor k_scales, Tensor v_codes, "
+        "Tensor v_scales, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
+TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
+  m.impl("decode_attention", &decode_attention_cpu);
+  m.impl("decode_attention_int8", &decode_attention_int8_cpu);
+}

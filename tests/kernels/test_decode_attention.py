@@ -178,3 +178,52 @@ def test_zoo_cpu_kernels_0_turns_the_kernel_off(monkeypatch):
         monkeypatch.delenv("ZOO_CPU_KERNELS")
         cpu.load.cache_clear()
     assert cpu.load()
+
+
+# ---- an int8 KV cache: codes and one scale per token and head (kv_quant.py)
+
+
+def _int8_cache(B, H_kv, D, L, spare=5):
+    """An int8 cache as layers/attention.py holds it: the filled part of larger buffers."""
+    from zoo.kernels.decode_attention.kv_quant import quantize_int8_per_token
+
+    k_codes, k_scales = quantize_int8_per_token(torch.randn(B, H_kv, L + spare, D))
+    v_codes, v_scales = quantize_int8_per_token(torch.randn(B, H_kv, L + spare, D))
+    return (k_codes.transpose(2, 3).contiguous()[..., :L], k_scales[..., :L],
+            v_codes[:, :, :L], v_scales[..., :L])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_cpu_kernel_matches_dequantised_reference(shape, dtype):
+    from zoo.kernels.decode_attention import decode_attention_int8
+
+    B, H, H_kv, D, L = shape
+    q = torch.randn(B, H, D).to(dtype)
+    cache = _int8_cache(B, H_kv, D, L)
+    expected = decode_attention_int8(q.double(), *cache, backend="reference")
+    got = decode_attention_int8(q, *cache, backend="cpu")
+    assert got.shape == (B, H, D) and got.dtype == dtype
+    # float32 sums; a bfloat16 query and output round to 2^-8
+    assert_close("out (int8 cpu)", expected, got, 1e-5 if dtype == torch.float32 else 8e-3)
+
+
+def test_int8_reference_is_the_float_reference_on_the_dequantised_cache():
+    from zoo.kernels.decode_attention import decode_attention_int8
+
+    q = torch.randn(2, 4, 16, dtype=torch.float64)
+    k_codes_t, k_scales, v_codes, v_scales = _int8_cache(2, 2, 16, 40)
+    keys_t = k_codes_t.double() * k_scales.double()[:, :, None, :]
+    values = v_codes.double() * v_scales.double()[..., None]
+    expected = decode_attention(q, keys_t, values, backend="reference")
+    got = decode_attention_int8(q, k_codes_t, k_scales, v_codes, v_scales, backend="reference")
+    assert_close("out", expected, got, 1e-12)
+
+
+def test_int8_scales_of_the_wrong_shape_are_refused_by_name():
+    from zoo.kernels.decode_attention import decode_attention_int8
+
+    k_codes_t, k_scales, v_codes, v_scales = _int8_cache(1, 2, 16, 10)
+    with pytest.raises(ValueError, match="v_scales"):
+        decode_attention_int8(torch.randn(1, 2, 16), k_codes_t, k_scales, v_codes,
+                              v_scales[..., :9])
