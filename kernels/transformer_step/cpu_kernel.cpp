@@ -92,7 +92,8 @@ inline void rows_times(const W* w, int64_t K, const float* x, int64_t B, int64_t
 // a byte (input 2j in the low nibble, 2j + 1 in the high one) with a scale and a zero per group,
 // W = code * scale + zero. A group's products are summed first and scaled once:
 //   row . x = sum_g scale_g * (codes_g . x_g) + sum_g zero_g * sum(x_g),
-// so the zero costs one product per group with the input's group sums, computed once per input.
+// so the zero costs one product per group with the input's group sums, computed once per input
+// (with AVX-512, int4 looks each code's weight up instead: see its int4_row_dots).
 // A run of Vec::size() bytes of int4 codes holds 2 * Vec::size() inputs, even ones in the low
 // nibbles and odd ones in the high: the input is reordered once per product (each chunk of
 // 2 * Vec::size() floats as its even entries then its odd ones) so that the nibbles need no
@@ -112,9 +113,11 @@ struct Matrix {
 // Vec::size() int8 codes (`count` of them, the rest zero) as floats
 inline Vec int8_as_float(const int8_t* p) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
 #elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
 #else
   float lanes[Vec::size()];
   for (int64_t i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<float>(p[i]);
@@ -126,27 +129,6 @@ inline Vec int8_as_float(const int8_t* p, int64_t count) {
   float lanes[Vec::size()] = {};
   for (int64_t i = 0; i < count; ++i) lanes[i] = static_cast<float>(p[i]);
   return Vec::loadu(lanes);
-}
-
-// Vec::size() bytes of int4 codes as floats: the low nibbles, then the high ones
-inline void int4_as_float(const uint8_t* p, Vec& low, Vec& high) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
-  high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  low = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)));
-  high = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
-#else
-  float lo[Vec::size()], hi[Vec::size()];
-  for (int64_t i = 0; i < Vec::size(); ++i) {
-    lo[i] = static_cast<float>(p[i] & 0x0F);
-    hi[i] = static_cast<float>(p[i] >> 4);
-  }
-  low = Vec::loadu(lo);
-  high = Vec::loadu(hi);
-#endif
 }
 
 // Inputs (NB of them, `x_stride` apart) dotted with row `r` of int8 codes: out[b] = row . x_b.
@@ -193,6 +175,8 @@ inline void int8_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float*
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kInt4GroupSums = false;
+
 // int4 with AVX-512: a group's 16 weights code * scale + zero sit in one register, and each code
 // picks its weight with a permute (vpermps reads the low 4 bits of each 32-bit lane, so the low
 // nibble needs no mask): the weights are those of dequantising first, and no scale, zero or
@@ -222,9 +206,30 @@ inline void int4_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float*
       }
     }
   }
-  for (int b = 0; b < NB; ++b) out[b] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
+  for (int b = 0; b < NB; ++b)
+    out[b] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
 }
 #else
+constexpr bool kInt4GroupSums = true;
+
+// Vec::size() bytes of int4 codes as floats: the low nibbles, then the high ones
+inline void int4_as_float(const uint8_t* p, Vec& low, Vec& high) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i bytes =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  low = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)));
+  high = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+#else
+  float lo[Vec::size()], hi[Vec::size()];
+  for (int64_t i = 0; i < Vec::size(); ++i) {
+    lo[i] = static_cast<float>(p[i] & 0x0F);
+    hi[i] = static_cast<float>(p[i] >> 4);
+  }
+  low = Vec::loadu(lo);
+  high = Vec::loadu(hi);
+#endif
+}
+
 // The same for int4 codes, on reordered inputs (see above) and their group sums (`sums`,
 // K / group per input, `sum_stride` apart)
 template <int NB, typename W>
@@ -265,7 +270,7 @@ inline void int4_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const float*
 #endif
 
 // The int4 products' inputs: x (B, K) reordered chunk by chunk (even entries, then odd) into
-// `reordered` (B, K), and its sums per group of `group` into `sums` (B, K / group)
+// `reordered` (B, K), and its sums per group of `group` into `sums` (B, K / group) where given
 inline void reorder_for_int4(const float* x, int64_t B, int64_t K, int64_t group,
                              float* reordered, float* sums) {
   constexpr int64_t V = Vec::size();
@@ -278,7 +283,7 @@ inline void reorder_for_int4(const float* x, int64_t B, int64_t K, int64_t group
         out[c + V + i] = row[c + 2 * i + 1];
       }
     }
-    for (int64_t g = 0; g < K / group; ++g) {
+    for (int64_t g = 0; sums != nullptr && g < K / group; ++g) {
       float sum = 0.0f;
       for (int64_t i = g * group; i < (g + 1) * group; ++i) sum += row[i];
       sums[b * (K / group) + g] = sum;
@@ -322,9 +327,10 @@ inline void rows_times(const Matrix<W>& m, int64_t K, const float* x, int64_t B,
   const float* sums = nullptr;
   const int64_t groups = K / m.group;
   if (m.storage == Storage::kInt4) {
-    reorder_for_int4(x, B, K, m.group, scratch, scratch + B * K);
+    float* group_sums = kInt4GroupSums ? scratch + B * K : nullptr;
+    reorder_for_int4(x, B, K, m.group, scratch, group_sums);
     input = scratch;
-    sums = scratch + B * K;
+    sums = group_sums;
   }
   float dots[4];
   for (int64_t r = begin; r < end; ++r) {
