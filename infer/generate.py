@@ -48,7 +48,8 @@ from .prefill import (  # noqa: F401  (the prefill's names, also importable from
     states_mergeable,
 )
 from .sampling import SamplingConfig, choose_tokens
-from .step import decode_step, flushing_denormals, forward_logits  # noqa: F401
+from .state_quant import check_state_dtype, restore_cache, store_cache, stored_nbytes
+from .step import decode_step, decode_step_stored, flushing_denormals, forward_logits  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -112,6 +113,7 @@ class DecodePlan:
     stop_check_interval: int
     compile: bool | str = False  # one of COMPILE_MODES
     flush_denormal: bool = False  # see flushing_denormals
+    state_dtype: str | None = None  # bounded states stored between steps (state_quant.py)
 
 
 def decode_steps(
@@ -129,6 +131,8 @@ def decode_steps(
     C = int(forced.max())
     total = C + plan.max_new_tokens
     cache.reserve(total)  # growing states (KV caches) allocate once, not during the loop
+    if plan.state_dtype is not None:
+        store_cache(cache, plan.state_dtype)
     fed = torch.full((B, total), plan.filler, dtype=torch.long, device=device)
     for row, tail in enumerate(start.tails):
         if tail:
@@ -176,9 +180,13 @@ def decode_steps(
                 picked, tensors, ints = compiled(tokens[:, None], tensors, ints)
             elif plan.compile:
                 logits, tensors, ints = compiled(tokens[:, None], tensors, ints)
+            elif plan.state_dtype is not None:
+                logits = decode_step_stored(model, tokens[:, None], cache, plan.state_dtype)
             else:
                 logits = decode_step(model, tokens[:, None], cache)
     finally:
+        if plan.state_dtype is not None:  # the caller's cache holds states its mixers read
+            restore_cache(cache)
         if plan.compile:  # the caller's cache object holds the last states again
             final = layout.unflatten(tensors, ints)
             cache.layers, cache.seen_tokens = final.layers, final.seen_tokens
@@ -259,6 +267,7 @@ def generate(
     stop_check_interval: int | None = None,
     return_cache: bool = False,
     flush_denormal: bool | None = None,
+    state_dtype: str | None = None,
 ) -> GenerationResult | Stream:
     """Generate up to `max_new_tokens` per prompt; prompts may have different lengths.
 
@@ -273,12 +282,20 @@ def generate(
     `stop_check_interval`: steps between the host-side "all rows done?" checks (default 1 on
     CPU, 8 on CUDA, where each check is a sync; rows finish on time either way, only wasted
     steps differ). `flush_denormal` (default: on the CPU) treats floats below ~1e-38 as zero
-    while generating, see `flushing_denormals`.
+    while generating, see `flushing_denormals`. `state_dtype` ("bfloat16" or "int8") keeps
+    the bounded mixers' recurrent sums stored in that format between decode steps (see
+    zoo.infer.state_quant; the stats' state_bytes are then the stored bytes); the eager step
+    only.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not (isinstance(compile, bool) or compile in COMPILE_MODES[2:]):
         raise ValueError(f"compile={compile!r} is not one of {COMPILE_MODES}")
+    check_state_dtype(state_dtype)
+    if state_dtype is not None and compile:
+        raise ValueError(f"state_dtype={state_dtype!r} is stored between eager decode steps; "
+                         f"the compiled step keeps its states inside its graph: use "
+                         f"compile=False with it")
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
     rows = normalize_prompts(prompts, model.config.vocab_size)
     check_length_limit(model, max(map(len, rows)), max_new_tokens)
@@ -298,6 +315,7 @@ def generate(
         stop_check_interval=max(1, stop_check_interval),
         compile=compile,
         flush_denormal=device.type == "cpu" if flush_denormal is None else flush_denormal,
+        state_dtype=state_dtype,
     )
     run = _run(model, rows, plan, stream, return_cache)
     if stream:
@@ -351,7 +369,7 @@ def _run(model, rows, plan, stream, return_cache):
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         decode_steps=max(steps - 1, 0),
-        state_bytes=start.cache.nbytes(),
+        state_bytes=stored_nbytes(start.cache, plan.state_dtype),
         merged_prefill=start.merged,
     )
     return GenerationResult(rows, generated, reasons, stats, start.cache if return_cache else None)

@@ -10,12 +10,25 @@ import torch
 from zoo.cache import ZooCache
 from zoo.model import ZooForCausalLM
 
+from .state_quant import restore_cache, store_cache
+
 
 def decode_step(model: ZooForCausalLM, ids: torch.Tensor, cache: ZooCache) -> torch.Tensor:
     """Feed ids (B, T) through the states in `cache` (updated in place); the logits of the last
     position (B, V). No input validation: the hot path skips forward()'s host-side id check."""
     hidden, _, _ = model.model(ids, None, cache)
     return model.lm_head(hidden[:, -1])
+
+
+def decode_step_stored(
+    model: ZooForCausalLM, ids: torch.Tensor, cache: ZooCache, state_dtype: str
+) -> torch.Tensor:
+    """decode_step with the bounded states stored as `state_dtype` between calls (see
+    zoo.infer.state_quant): restored before the step reads them, stored again after it."""
+    restore_cache(cache)
+    logits = decode_step(model, ids, cache)
+    store_cache(cache, state_dtype)
+    return logits
 
 
 def forward_logits(model: ZooForCausalLM, ids: torch.Tensor, cache: ZooCache) -> torch.Tensor:

@@ -56,6 +56,11 @@ class ZooCache:
         ]
         return out
 
+    def map_states(self, fn) -> ZooCache:
+        """A cache holding fn(state) for every layer's mixer and FFN state (None stays None):
+        how a storage policy (zoo.infer.state_quant) swaps states between decode steps."""
+        return self._map(fn)
+
     def index_select(self, rows: torch.Tensor) -> ZooCache:
         """A cache keeping (or reordering) the batch rows `rows`."""
         return self._map(lambda s: s.index_select(rows))

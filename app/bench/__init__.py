@@ -9,6 +9,7 @@ def load_entries() -> None:
     """Import the entry modules (they import models and kernels, so only when asked)."""
     from . import (  # noqa: F401
         complexity,
+        compress,
         decode,
         decode_attention,
         hyena,
@@ -20,4 +21,5 @@ def load_entries() -> None:
         mqar,
         rwkv,
         serve,
+        state_quant,
     )
