@@ -1,0 +1,178 @@
+"""`zoo bench compress`: the quick run's rows, the targets its report checks, the read bound it
+pairs with each run, the Q8_0 file it writes for llama.cpp, and llama.cpp skipped with a reason."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from zoo.app.bench import BenchOptions, load_entries, run_bench
+from zoo.app.bench import compress as bench
+from zoo.compression import QuantizedLinear
+
+gguf = pytest.importorskip("gguf")  # installed by `make test` (transformers' GGUF reader)
+
+DECODE_FIELDS = ("engine", "model", "variant", "weights", "dtype", "ppl", "ppl_tokens",
+                 "ppl_change", "weight_bytes", "bytes_per_weight", "context", "step",
+                 "ms_per_token", "state_bytes", "read_bytes", "read_GB_per_s", "bound_ms",
+                 "x_bound", "threads", "runs")
+FAMILY_FIELDS = ("model", "variant", "weights", "ppl", "ppl_change", "kl_nats", "weight_bytes",
+                 "bytes_per_weight", "left_float")
+
+
+def test_quick_run_writes_every_field_of_every_row(tmp_path):
+    load_entries()
+    record = run_bench("compress", BenchOptions(quick=True, out_dir=tmp_path))
+    rows = json.loads((tmp_path / "compress.json").read_text())["rows"]
+    decode = [r for r in rows if r["kind"] == "decode"]
+    assert [r["variant"] for r in decode] == ["fp32", "int8", "int4 g32 rtn"]
+    for row in decode:
+        missing = [f for f in DECODE_FIELDS if row.get(f) is None]
+        assert not missing, f"{row['variant']}: no {missing}"
+        assert row["context"] == 128 and row["engine"] == "zoo"
+        # the bound reads the weights a step reads and the KV cache, at the measured bandwidth
+        assert row["read_bytes"] > row["state_bytes"] > 0
+        assert row["bound_ms"] == pytest.approx(row["read_bytes"] / row["read_GB_per_s"] / 1e6,
+                                                rel=0.5)
+    by_variant = {r["variant"]: r for r in decode}
+    assert by_variant["fp32"]["bytes_per_weight"] == pytest.approx(4.0)
+    assert (by_variant["fp32"]["weight_bytes"] > by_variant["int8"]["weight_bytes"]
+            > by_variant["int4 g32 rtn"]["weight_bytes"])
+    assert by_variant["fp32"]["ppl_change"] == 0.0
+    family = [r for r in rows if r["kind"] == "family"]
+    assert [(r["model"], r["variant"]) for r in family] == [
+        ("attention-tiny", "fp32"), ("attention-tiny", "int8"), ("attention-tiny", "int4 g32 rtn")]
+    for row in family:
+        missing = [f for f in FAMILY_FIELDS if row.get(f) is None]
+        assert not missing, f"{row['variant']}: no {missing}"
+    # the same text scored: the tiny model's float rows agree across the two tables
+    assert family[0]["ppl"] == pytest.approx(by_variant["fp32"]["ppl"], rel=1e-6)
+    assert 0 < family[1]["kl_nats"] < family[2]["kl_nats"]  # int4 moves the logits more
+    skipped = [r for r in rows if r["kind"] == "skipped"]
+    assert skipped and skipped[0]["engine"] == "llama.cpp" and skipped[0]["reason"]
+    assert "## The issue's targets" in (tmp_path / "compress.md").read_text()
+    assert record.get("png") is None or (tmp_path / "compress.png").stat().st_size > 0
+
+
+def _row(variant, ppl, ms=None, context=128, weights=None, engine="zoo", x_bound=None,
+         model="smollm2-135m"):
+    return {"kind": "decode", "engine": engine, "model": model, "variant": variant,
+            "weights": weights or variant.split()[0], "ppl": ppl, "context": context,
+            "ms_per_token": ms, "x_bound": x_bound, "threads": 2, "bytes_per_weight": 1.0}
+
+
+def test_target_sentences_are_computed_from_the_rows():
+    rows = [_row("fp32", 10.0, 20.0, weights="fp32"), _row("bf16", 10.01, 10.0, weights="bf16"),
+            _row("int8", 10.05, 6.0, x_bound=1.2),
+            _row("int4 g32 gptq", 10.6, 5.0, weights="int4", x_bound=1.25),
+            _row("gguf q4_1", 10.9, 7.0, weights="q4_1", x_bound=1.4),
+            _row("llama.cpp q4_1", 10.9, 7.5, weights="q4_1", engine="llama.cpp", x_bound=1.1)]
+    lines = bench.target_sentences(rows)
+    assert ("smollm2-135m int8 (RTN) perplexity 10.050 vs fp32 10.000 (+0.50%); within 1%: yes."
+            in lines)
+    assert ("smollm2-135m int4 g32 (GPTQ) perplexity 10.600 vs fp32 10.000 (+6.00%); within 5%: "
+            "NO." in lines)
+    assert ("smollm2-135m int8 decode at 128 context: 6.00 ms/token vs bf16 10.00 (x0.60); at "
+            "most x0.6: yes." in lines)
+    assert ("zoo faster than llama.cpp on the same Q4_1 file at 128 context (2 threads each): zoo "
+            "7.00 ms/token, llama.cpp 7.50 (x1.07): yes." in lines)
+    assert ("zoo faster than llama.cpp on the same Q8_0 file at 128 context: not measured (no zoo "
+            "or llama.cpp row)." in lines)
+    # llama.cpp's own x_bound is not a zoo path: only gguf q4_1 is over x1.3
+    assert ("every quantised zoo path within x1.3 of its read bound: NO (worst: gguf q4_1 at 128 "
+            "context, x1.40; over: gguf q4_1 at 128)." in lines)
+    slower = [dict(r, ms_per_token=8.0) if r["variant"] == "gguf q4_1" else r for r in rows]
+    assert any(line.endswith("(x0.94): NO.") for line in bench.target_sentences(slower))
+
+
+def test_llama_cpp_missing_is_a_skipped_row_and_the_targets_say_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
+    skipped, figures = bench.llama_cpp_rows_or_figures({}, [], (128,), 4, 96, None)
+    assert figures == []
+    assert skipped[0]["kind"] == "skipped" and skipped[0]["engine"] == "llama.cpp"
+    assert "llama-cpp-python is not installed" in skipped[0]["reason"]
+    assert "bench-llamacpp" in skipped[0]["reason"]
+    rows = [_row("gguf q4_1", 10.9, 7.0, weights="q4_1", x_bound=1.2)] + skipped
+    report = bench.compress_report(rows)
+    assert "Skipped llama.cpp (smollm2-135m): llama-cpp-python is not installed" in report
+    assert ("zoo faster than llama.cpp on the same Q4_1 file at 128 context: not measured "
+            "(llama-cpp-python is not installed") in report
+
+
+def test_a_figure_sets_each_run_against_the_bandwidth_measured_before_it(monkeypatch):
+    bandwidths = iter([100e9, 50e9, 100e9])
+    monkeypatch.setattr(bench, "read_bandwidth", lambda device: next(bandwidths))
+    times = iter([20.0, 30.0, 12.0])
+    figure = bench.Figure({"variant": "int4"}, read_bytes=900_000_000,
+                          measure=lambda: (next(times), 100_000_000))
+    (row,) = bench.time_figures([figure], 3, "cpu")
+    # 1 GB read: 10 ms at 100 GB/s, 20 ms at 50 GB/s; x2.0, x1.5, x1.2 -> median x1.5
+    assert row["read_bytes"] == 1_000_000_000
+    assert row["ms_per_token"] == 20.0
+    assert row["bound_ms"] == pytest.approx(10.0)
+    assert row["x_bound"] == pytest.approx(1.5)
+    assert row["runs"] == [(100.0, 20.0), (50.0, 30.0), (100.0, 12.0)]
+
+
+def test_int4_leaves_float_only_the_layers_a_group_cannot_divide():
+    torch.manual_seed(0)
+    model = zoo.ZooForCausalLM(zoo.load_config("mamba-tiny")).eval()
+    left = bench.compress_variant(model, bench.Variant("int4", "int4", 32, "rtn"), None)
+    assert left and all(name.endswith("dt_proj") for name in left)
+    modules = dict(model.named_modules())
+    assert all(not isinstance(modules[name], QuantizedLinear) for name in left)
+    assert isinstance(modules["model.layers.0.mixer.in_proj"], QuantizedLinear)
+
+
+def _write_llama_gguf(path, rng):
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_1))
+    writer.add_token_list([f"t{i}" for i in range(96)])
+    q4_1, q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+    tensors = {"token_embd.weight": (rng.normal(size=(96, 64)), q8_0),
+               "blk.0.attn_q.weight": (rng.normal(size=(64, 64)), q4_1),
+               "blk.0.ffn_down.weight": (rng.normal(size=(64, 128)), q4_1)}
+    for name, (weight, qtype) in tensors.items():
+        writer.add_tensor(name, gguf.quants.quantize(weight.astype(np.float32), qtype),
+                          raw_dtype=qtype)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_the_q8_0_file_requantises_the_4_bit_matrices_and_keeps_the_rest(tmp_path):
+    source = tmp_path / "q4_1.gguf"
+    _write_llama_gguf(source, np.random.default_rng(0))
+    out = bench.write_q8_0_gguf(source, tmp_path / "q8_0.gguf")
+    before = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
+    after_reader = gguf.GGUFReader(str(out))
+    after = {t.name: t for t in after_reader.tensors}
+    assert list(after) == list(before)
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    for name in ("blk.0.attn_q.weight", "blk.0.ffn_down.weight"):
+        assert after[name].tensor_type == q8_0
+        assert list(after[name].shape) == list(before[name].shape)
+        values = gguf.quants.dequantize(before[name].data, before[name].tensor_type)
+        expected = gguf.quants.quantize(values, q8_0)
+        np.testing.assert_array_equal(after[name].data, expected)
+    for name in ("token_embd.weight", "blk.0.attn_norm.weight"):
+        assert after[name].tensor_type == before[name].tensor_type
+        np.testing.assert_array_equal(after[name].data, before[name].data)
+    fields = after_reader.fields
+    assert int(fields["general.file_type"].contents()) == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["tokenizer.ggml.tokens"].contents()[:2] == ["t0", "t1"]
+    sizes = bench.gguf_file_sizes(out)
+    assert sizes["weight_bytes"] == sum(int(t.n_bytes) for t in after.values())
+    assert sizes["read_bytes"] == sizes["weight_bytes"]  # no output.weight: the table is the head
+    # keys and values, f16, per layer: 2 kv heads x 16 dims each
+    assert sizes["kv_bytes_per_token"] == 2 * 1 * 2 * 16 * 2
