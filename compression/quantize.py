@@ -1,5 +1,5 @@
-"""Weight-only quantisation of a model (round to nearest) and the config section that lets
-`from_pretrained` rebuild the quantised layers before loading their tensors.
+"""Weight-only quantisation of a model (round to nearest, or GPTQ) and the config section that
+lets `from_pretrained` rebuild the quantised layers before loading their tensors.
 
     section = quantize_model(model, weights="int4", group_size=32)
     model.save_pretrained(folder)     # config.json carries `quantization` = section
