@@ -86,6 +86,9 @@ def _why_not_native(model: ZooForCausalLM, layout: CacheLayout, batch_size: int)
                     "attention only")
         if mixer.window is not None:
             return f"layer {i}'s attention has a window"
+        if mixer.kv_cache != "float":
+            return (f"layer {i}'s KV cache is {mixer.kv_cache} (kv_cache); the native step "
+                    "reads float caches")
         shape = (mixer.n_heads, mixer.n_kv_heads, mixer.head_dim)
         if shape != (first.n_heads, first.n_kv_heads, first.head_dim):
             return f"layer {i}'s attention heads differ from layer 0's"

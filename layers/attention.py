@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from zoo.kernels import decode_attention
+from zoo.kernels.decode_attention import decode_attention_int8, kv_quant
 
 from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
@@ -148,6 +149,186 @@ class AttentionState(MixerState):
         return self.with_capacity(self.length + tokens)
 
 
+# What an attention layer's KV cache may hold (ZooConfig.kv_cache): the model's float dtype,
+# int8 codes per token, or KIVI's int4 (keys per channel in groups of tokens, values per token).
+KV_CACHE_FORMATS = ("float", "int8", "int4")
+KV_GROUP_SIZE = 32  # int4 keys: tokens sharing a scale and zero per channel (KIVI's G)
+KV_RESIDUAL = 64  # int4: the most recent tokens kept in full precision (KIVI's R, a multiple of G)
+
+
+@dataclasses.dataclass
+class QuantizedAttentionState(MixerState):
+    """A KV cache held as integer codes (kernels/decode_attention/kv_quant.py), `length`
+    quantised slots filled, the buffers shared and appended in place as AttentionState's.
+
+    int8: k_codes (B, H_kv, D, capacity) int8, keys transposed as AttentionState's k_t, with
+    k_scales (B, H_kv, capacity) float32; v_codes (B, H_kv, capacity, D) int8 with v_scales
+    (B, H_kv, capacity). Every token is quantised when written; the decode step reads the codes
+    (decode_attention_int8).
+
+    int4 (KIVI): k_codes (B, H_kv, D, capacity / 2) uint8, two tokens a byte, with k_scales and
+    k_zeros (B, H_kv, D, capacity / group_size), one pair per channel and group of tokens;
+    v_codes (B, H_kv, capacity, D / 2) uint8, two channels a byte, with v_scales and v_zeros
+    (B, H_kv, capacity). The newest tokens wait in residual_k, residual_v (B, H_kv, r, D) in
+    the model's float dtype; when r reaches residual + group_size the oldest group is
+    quantised, so at least the last `residual` tokens are always exact.
+    """
+
+    k_codes: torch.Tensor
+    k_scales: torch.Tensor
+    v_codes: torch.Tensor
+    v_scales: torch.Tensor
+    k_zeros: torch.Tensor | None = None
+    v_zeros: torch.Tensor | None = None
+    residual_k: torch.Tensor | None = None
+    residual_v: torch.Tensor | None = None
+    length: int = 0  # quantised tokens
+    position: int = 0  # absolute position of the next token
+    kv_format: str = "int8"
+    group_size: int = KV_GROUP_SIZE
+    residual: int = KV_RESIDUAL
+
+    @property
+    def capacity(self) -> int:
+        return self.v_codes.shape[2]
+
+    @property
+    def residual_length(self) -> int:
+        return 0 if self.residual_k is None else self.residual_k.shape[2]
+
+    @property
+    def tokens(self) -> int:
+        """Every cached token: the quantised ones and the residual."""
+        return self.length + self.residual_length
+
+    def nbytes(self) -> int:
+        """Bytes of the filled slots per sequence: codes, scales, zeros and the residual."""
+        H, D = self.v_codes.shape[1], self.k_codes.shape[2]
+        if self.kv_format == "int8":
+            return 2 * self.length * H * (D + self.k_scales.element_size())
+        groups = self.length // self.group_size
+        codes = 2 * self.length * H * D // 2
+        key_pairs = 2 * groups * H * D * self.k_scales.element_size()
+        value_pairs = 2 * self.length * H * self.v_scales.element_size()
+        residual = 0 if self.residual_k is None else (
+            2 * self.residual_length * H * D * self.residual_k.element_size())
+        return codes + key_pairs + value_pairs + residual
+
+    def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached token's keys and values, (B, H_kv, tokens, D) in dtype: the float
+        cache this one stands for (the prefill's past, the int4 decode step, tests)."""
+        n = self.length
+        if self.kv_format == "int8":
+            keys = kv_quant.dequantize_int8_per_token(
+                self.k_codes[..., :n].transpose(2, 3), self.k_scales[..., :n], dtype)
+            values = kv_quant.dequantize_int8_per_token(
+                self.v_codes[:, :, :n], self.v_scales[..., :n], dtype)
+            return keys, values
+        groups = n // self.group_size
+        keys = kv_quant.dequantize_keys_int4(
+            self.k_codes[..., : n // 2], self.k_scales[..., :groups], self.k_zeros[..., :groups],
+            dtype).transpose(2, 3)
+        values = kv_quant.dequantize_values_int4(
+            self.v_codes[:, :, :n], self.v_scales[..., :n], self.v_zeros[..., :n], dtype)
+        if self.residual_k is not None:
+            keys = torch.cat([keys, self.residual_k.to(dtype)], dim=2)
+            values = torch.cat([values, self.residual_v.to(dtype)], dim=2)
+        return keys, values
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> QuantizedAttentionState:
+        """k, v (B, H_kv, T, D) after the cached tokens; the new state shares the quantised
+        buffers (grown by doubling where they are full)."""
+        if self.kv_format == "int8":
+            return self._write_quantized(k, v, k.shape[2])._replace_position(k.shape[2])
+        if self.residual_k is not None:
+            k = torch.cat([self.residual_k, k], dim=2)
+            v = torch.cat([self.residual_v, v], dim=2)
+        # quantise whole groups while more than `residual` tokens would stay behind them
+        flushed = max(0, k.shape[2] - self.residual) // self.group_size * self.group_size
+        state = self._write_quantized(k[:, :, :flushed], v[:, :, :flushed], flushed)
+        state = dataclasses.replace(state, residual_k=k[:, :, flushed:].contiguous(),
+                                    residual_v=v[:, :, flushed:].contiguous())
+        return state._replace_position(k.shape[2] - self.residual_length)
+
+    def _replace_position(self, tokens: int) -> QuantizedAttentionState:
+        return dataclasses.replace(self, position=self.position + tokens)
+
+    def _write_quantized(self, k: torch.Tensor, v: torch.Tensor,
+                         tokens: int) -> QuantizedAttentionState:
+        if tokens == 0:
+            return self
+        state = self.reserve_quantized(tokens)
+        start, end = state.length, state.length + tokens
+        if self.kv_format == "int8":
+            k_codes, k_scales = kv_quant.quantize_int8_per_token(k)
+            v_codes, v_scales = kv_quant.quantize_int8_per_token(v)
+            state.k_codes[..., start:end] = k_codes.transpose(2, 3)
+            state.k_scales[..., start:end] = k_scales
+            state.v_codes[:, :, start:end] = v_codes
+            state.v_scales[..., start:end] = v_scales
+        else:
+            first, last = start // state.group_size, end // state.group_size
+            k_codes, k_scales, k_zeros = kv_quant.quantize_keys_int4(
+                k.transpose(2, 3), state.group_size)
+            v_codes, v_scales, v_zeros = kv_quant.quantize_values_int4(v)
+            state.k_codes[..., start // 2 : end // 2] = k_codes
+            state.k_scales[..., first:last] = k_scales
+            state.k_zeros[..., first:last] = k_zeros
+            state.v_codes[:, :, start:end] = v_codes
+            state.v_scales[..., start:end] = v_scales
+            state.v_zeros[..., start:end] = v_zeros
+        return dataclasses.replace(state, length=end)
+
+    def reserve_quantized(self, tokens: int) -> QuantizedAttentionState:
+        """Room for `tokens` more quantised slots, in new buffers of at least twice the
+        capacity when they do not fit."""
+        if self.length + tokens <= self.capacity:
+            return self
+        capacity = max(self.length + tokens, 2 * self.capacity, 2 * self.group_size)
+        capacity = -(-capacity // self.group_size) * self.group_size  # whole int4 key groups
+        return self.with_capacity(capacity)
+
+    def with_capacity(self, capacity: int) -> QuantizedAttentionState:
+        """The same cache in new quantised buffers of `capacity` slots (>= length)."""
+        n, groups = self.length, self.length // self.group_size
+
+        def grown(old: torch.Tensor | None, dim: int, slots: int, filled: int):
+            if old is None:
+                return None
+            shape = list(old.shape)
+            shape[dim] = slots
+            new = old.new_zeros(shape)
+            new.narrow(dim, 0, filled).copy_(old.narrow(dim, 0, filled))
+            return new
+
+        if self.kv_format == "int8":
+            return dataclasses.replace(
+                self, k_codes=grown(self.k_codes, 3, capacity, n),
+                k_scales=grown(self.k_scales, 2, capacity, n),
+                v_codes=grown(self.v_codes, 2, capacity, n),
+                v_scales=grown(self.v_scales, 2, capacity, n))
+        per_group = capacity // self.group_size
+        return dataclasses.replace(
+            self, k_codes=grown(self.k_codes, 3, capacity // 2, n // 2),
+            k_scales=grown(self.k_scales, 3, per_group, groups),
+            k_zeros=grown(self.k_zeros, 3, per_group, groups),
+            v_codes=grown(self.v_codes, 2, capacity, n),
+            v_scales=grown(self.v_scales, 2, capacity, n),
+            v_zeros=grown(self.v_zeros, 2, capacity, n))
+
+    def reserve(self, tokens: int) -> QuantizedAttentionState:
+        """Room for `tokens` more without growing the quantised buffers."""
+        return self.reserve_quantized(tokens)
+
+
+def apply_kv_cache(module: torch.nn.Module, kv_format: str) -> None:
+    """Set the KV cache format (KV_CACHE_FORMATS) of every softmax-attention layer in `module`
+    (a mixer or a whole model): what ZooConfig.kv_cache asks of a model."""
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            layer.kv_cache = kv_format
+
+
 @register_mixer("attention")
 class Attention(Mixer):
     """Causal softmax attention. x: (B, T, d_model) -> (B, T, d_model); state: the KV cache."""
@@ -223,21 +404,75 @@ class Attention(Mixer):
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.g_proj = Linear(d_model, n_heads * head_dim, bias=qkv_bias) if output_gate else None
+        self._kv_cache = "float"
+
+    @property
+    def kv_cache(self) -> str:
+        """What the KV cache holds: "float" (the model's dtype), "int8" or "int4"
+        (KV_CACHE_FORMATS; the model sets it from ZooConfig.kv_cache)."""
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, kv_format: str) -> None:
+        if kv_format not in KV_CACHE_FORMATS:
+            raise ValueError(f"attention (layer {self.layer_idx}): kv_cache={kv_format!r} is not "
+                             f"one of {KV_CACHE_FORMATS}")
+        if kv_format != "float" and self.window is not None:
+            raise ValueError(f"attention (layer {self.layer_idx}): kv_cache={kv_format!r} with "
+                             f"window={self.window}: a quantised cache is kept whole, so only "
+                             "kv_cache='float' takes a window")
+        if kv_format == "int4" and self.head_dim % 2:
+            raise ValueError(f"attention (layer {self.layer_idx}): kv_cache='int4' packs two "
+                             f"channels a byte and needs an even head_dim, not {self.head_dim}")
+        self._kv_cache = kv_format
+        # the state contract's check (Mixer.check_input) takes the class this format keeps
+        self.state_class = AttentionState if kv_format == "float" else QuantizedAttentionState
 
     def init_state(self, batch_size, device=None, dtype=None, capacity: int = 0):
         B, H, D = batch_size, self.n_kv_heads, self.head_dim
         dtype = dtype or self.q_proj.weight.dtype
         device = device or self.q_proj.weight.device
+        if self.kv_cache != "float":
+            return self._init_quantized_state(B, device, capacity)
         return AttentionState(
             torch.empty(B, H, D, capacity, device=device, dtype=dtype),
             torch.empty(B, H, capacity, D, device=device, dtype=dtype),
             window=self.window,
         )
 
+    def _init_quantized_state(self, B: int, device: torch.device,
+                              capacity: int) -> QuantizedAttentionState:
+        H, D, G = self.n_kv_heads, self.head_dim, KV_GROUP_SIZE
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(*shape, device=device, dtype=dtype)
+
+        if self.kv_cache == "int8":
+            return QuantizedAttentionState(
+                zeros(B, H, D, capacity, dtype=torch.int8), zeros(B, H, capacity),
+                zeros(B, H, capacity, D, dtype=torch.int8), zeros(B, H, capacity),
+                kv_format="int8")
+        capacity = -(-capacity // G) * G
+        return QuantizedAttentionState(
+            zeros(B, H, D, capacity // 2, dtype=torch.uint8), zeros(B, H, D, capacity // G),
+            zeros(B, H, capacity, D // 2, dtype=torch.uint8), zeros(B, H, capacity),
+            k_zeros=zeros(B, H, D, capacity // G), v_zeros=zeros(B, H, capacity),
+            kv_format="int4")
+
     def state_size(self, seq_len, dtype=torch.float32):
         kept = seq_len if self.window is None else min(seq_len, self.window)
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * kept * self.n_kv_heads * self.head_dim * element
+        H, D = self.n_kv_heads, self.head_dim
+        if self.kv_cache == "int8":
+            return 2 * kept * H * (D + 4)  # a float32 scale per token and head
+        if self.kv_cache == "int4":
+            # QuantizedAttentionState.write: whole groups leave the residual past R + G tokens
+            flushed = max(0, kept - KV_RESIDUAL) // KV_GROUP_SIZE * KV_GROUP_SIZE
+            residual = kept - flushed
+            quantised = flushed * H * D + 2 * (flushed // KV_GROUP_SIZE) * H * D * 4 + (
+                2 * flushed * H * 4)
+            return quantised + 2 * residual * H * D * element
+        return 2 * kept * H * D * element
 
     def _append(self, state: AttentionState, k: torch.Tensor, v: torch.Tensor,
                 positions: torch.Tensor | None = None) -> AttentionState:
@@ -268,6 +503,12 @@ class Attention(Mixer):
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
+        if isinstance(state, QuantizedAttentionState):
+            if padding_mask is not None:
+                raise ValueError(f"attention (layer {self.layer_idx}): kv_cache="
+                                 f"{state.kv_format!r} takes no padding_mask (a padded batch); "
+                                 "decode padded batches with kv_cache='float'")
+            return self._forward_quantized(x, state)
         if padding_mask is not None or state.key_positions is not None:
             return self._forward_padded(x, state, padding_mask)
         q, k = self._queries_keys(x, state.position)
@@ -298,6 +539,48 @@ class Attention(Mixer):
         )
         y = self.o_proj(self._gated(rearrange(out, "b h t d -> b t (h d)"), x))
         return y, new_state
+
+    def _forward_quantized(self, x: torch.Tensor, state: QuantizedAttentionState
+                           ) -> tuple[torch.Tensor, QuantizedAttentionState]:
+        """forward over a quantised KV cache: the new tokens attend to the cached ones as the
+        cache holds them (dequantised; codes read in registers when decoding int8) and to each
+        other in full precision, as KIVI's prefill does."""
+        T = x.shape[1]
+        q, k = self._queries_keys(x, state.position)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        past = state.tokens
+        new_state = state.write(k.detach(), v.detach())
+        if T == 1 and past > 0 and not q.requires_grad:
+            out = self._one_query_quantized(q, new_state)
+            return self.o_proj(self._gated(out, x)), new_state
+        keys, values = k, v
+        if past > 0:
+            past_keys, past_values = state.dequantized(k.dtype)
+            keys, values = torch.cat([past_keys, k], dim=2), torch.cat([past_values, v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=self._mask(T, past, x.device),
+            is_causal=T > 1 and past == 0, enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        y = self.o_proj(self._gated(rearrange(out, "b h t d -> b t (h d)"), x))
+        return y, new_state
+
+    def _one_query_quantized(self, q: torch.Tensor,
+                             state: QuantizedAttentionState) -> torch.Tensor:
+        """Decoding over a quantised cache: q (B, 1, H, D) -> (B, 1, H * D). int8 goes to
+        decode_attention_int8 (on the CPU a C++ kernel reading the codes); int4 dequantises
+        the cache and takes the float op."""
+        B, n = q.shape[0], state.length
+        q = q.reshape(B, self.n_heads, self.head_dim)
+        scale = self.head_dim**-0.5
+        if state.kv_format == "int8":
+            out = decode_attention_int8(
+                q, state.k_codes[..., :n], state.k_scales[..., :n], state.v_codes[:, :, :n],
+                state.v_scales[..., :n], scale=scale)
+        else:
+            keys, values = state.dequantized(q.dtype)
+            out = decode_attention(q, keys.transpose(2, 3).contiguous(), values, scale=scale)
+        return out.reshape(B, 1, self.n_heads * self.head_dim)
 
     def _forward_padded(self, x: torch.Tensor, state: AttentionState,
                         padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, AttentionState]:

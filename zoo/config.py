@@ -19,6 +19,7 @@ from transformers import PreTrainedConfig
 
 from zoo.compression import check_quantization_section
 from zoo.layers import build_ffn, build_mixer, validate_ffn_spec, validate_mixer_spec
+from zoo.layers.attention import KV_CACHE_FORMATS, apply_kv_cache
 
 NORMS = ("rms", "layer")
 
@@ -41,6 +42,9 @@ class ZooConfig(PreTrainedConfig):
         quantization: null, or the section zoo.compression.quantize_model writes (weights
             format, group size, method, the quantised layers' names), which the model reads to
             build those layers as QuantizedLinear before loading their tensors.
+        kv_cache: what every softmax-attention layer's KV cache holds while decoding: "float"
+            (the model's dtype), "int8" (per token) or "int4" (KIVI: keys per channel in groups
+            of tokens, values per token, the newest tokens exact); layers/attention.py.
     """
 
     model_type = "zoo"
@@ -62,6 +66,7 @@ class ZooConfig(PreTrainedConfig):
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     quantization: dict | None = None
+    kv_cache: str = "float"
 
     def __post_init__(self, **kwargs):
         if "tie_embeddings" in kwargs:
@@ -111,6 +116,8 @@ class ZooConfig(PreTrainedConfig):
             if self.tie_word_embeddings and "lm_head" in self.quantization["modules"]:
                 raise ConfigError("quantization.modules holds lm_head, so the head is no longer "
                                   "the embedding table: tie_word_embeddings must be false")
+        if not isinstance(self.kv_cache, str) or self.kv_cache not in KV_CACHE_FORMATS:
+            raise ConfigError(f"kv_cache={self.kv_cache!r} is not one of {KV_CACHE_FORMATS}")
         _named_check(validate_mixer_spec, self.mixer, "config.mixer")
         if self.ffn is not None:
             _named_check(validate_ffn_spec, self.ffn, "config.ffn")
@@ -149,9 +156,13 @@ class ZooConfig(PreTrainedConfig):
                 mixer, ffn = self.layer_spec(index)
                 where = f"{self._field_of(index, 'mixer')}.mixer"
                 try:
-                    build_mixer(mixer, self.d_model, index, where=where)
+                    built = build_mixer(mixer, self.d_model, index, where=where)
                 except (ValueError, TypeError, RuntimeError) as error:
                     raise ConfigError(f"{where} (layer {index}): {error}") from None
+                try:
+                    apply_kv_cache(built, self.kv_cache)
+                except ValueError as error:
+                    raise ConfigError(f"kv_cache={self.kv_cache!r} at {where}: {error}") from None
                 if ffn is not None:
                     where = f"{self._field_of(index, 'ffn')}.ffn"
                     try:
@@ -303,6 +314,7 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> ZooConfig:
         raise ConfigError(
             f"{name_or_path}: unknown config field {unknown[0]!r}; fields: "
             f"vocab_size, d_model, n_layers, mixer, ffn, layers, norm, norm_eps, embed_norm, "
-            f"tie_embeddings, initializer_range, bos_token_id, eos_token_id, pad_token_id"
+            f"tie_embeddings, initializer_range, bos_token_id, eos_token_id, pad_token_id, "
+            f"kv_cache"
         )
     return ZooConfig(**data)
