@@ -24,7 +24,7 @@ from zoo.compression import (
 )
 from zoo.config import ConfigError
 from zoo.infer import generate
-from zoo.infer.compiled import compiled_decode_step, fast_decode_step
+from zoo.infer.compiled import compiled_decode_step
 from zoo.infer.step import decode_step
 from zoo.layers.hyena import Hyena
 from zoo.model import SavedWeightsError
@@ -268,15 +268,6 @@ def test_greedy_tokens_of_int8_equal_the_float_models(trained_tiny):
     margin = float((top[..., 0] - top[..., 1]).min())
     error = float((reference - logits).abs().max())
     assert error < margin / 4, f"int8 logit error {error:.3f} vs top-1 margin {margin:.3f}"
-
-
-def test_a_quantised_model_never_takes_the_native_step(trained_tiny):
-    quantised = copy.deepcopy(trained_tiny)
-    quantize_model(quantised, "int8")
-    layout = quantised.new_cache().flatten()[0]
-    with pytest.raises(ValueError, match=r"compile='native' does not apply to this model: its "
-                       r"weights are quantised"):
-        fast_decode_step(quantised, layout, True, 1, "native")
 
 
 @pytest.mark.slow
