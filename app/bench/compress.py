@@ -496,9 +496,12 @@ def compress_rows(options: BenchOptions) -> list[dict]:
                      "reason": "--quick runs neither SmolLM2 nor llama.cpp"})
         return rows + family_rows([QUICK_MODEL], QUICK_EVAL_TOKENS, options.budget_s, corpus)
 
+    from transformers import AutoTokenizer
+
     from zoo.hf_import import from_hf, smollm2_path
 
-    tokenizer = from_hf(SMOLLM2).tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path().parent,
+                                              gguf_file=smollm2_path().name)
     corpus = _corpus(SMOLLM2, tokenizer)
     batches = held_out_batches(corpus[1], EVAL_TOKENS, SEQ_LEN)
     calibration = calibration_windows(corpus[0], DEFAULT_CALIBRATION_TOKENS, SEQ_LEN)
