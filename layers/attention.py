@@ -224,6 +224,8 @@ class QuantizedAttentionState(MixerState):
             values = kv_quant.dequantize_int8_per_token(
                 self.v_codes[:, :, :n], self.v_scales[..., :n], dtype)
             return keys, values
+        if n == 0:  # everything still waits in the residual
+            return self.residual_k.to(dtype), self.residual_v.to(dtype)
         groups = n // self.group_size
         keys = kv_quant.dequantize_keys_int4(
             self.k_codes[..., : n // 2], self.k_scales[..., :groups], self.k_zeros[..., :groups],

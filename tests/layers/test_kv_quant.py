@@ -82,6 +82,20 @@ def test_int4_cache_quantises_a_group_when_the_residual_fills_while_decoding():
     assert (state.length, state.residual_length) == (KV_GROUP_SIZE, KV_RESIDUAL)
 
 
+@torch.no_grad()
+def test_int4_chunks_after_a_cache_still_all_residual_attend_to_it_exactly():
+    """A prompt fed in chunks before any group is quantised: every cached token is exact, so
+    the outputs are the float cache's (this raised on a cache with no quantised token)."""
+    float_cache, quantised = _mixers("int4")
+    x = torch.randn(2, 30, D_MODEL)
+    _, exact_state = float_cache(x[:, :20])
+    _, state = quantised(x[:, :20])
+    expected, _ = float_cache(x[:, 20:], exact_state)
+    got, state = quantised(x[:, 20:], state)
+    assert state.length == 0 and state.residual_length == 30
+    assert_close("chunk after the residual", expected, got, 1e-6)
+
+
 @pytest.mark.parametrize("kv_format", ["int8", "int4"])
 @torch.no_grad()
 def test_decoding_reads_the_quantised_cache_as_a_float_cache_of_its_values(kv_format):
