@@ -9,9 +9,14 @@ The section (config.json's "quantization"):
     weights     "int8" (symmetric, per output channel) or "int4" (groups along the input,
                 scale and zero)
     group_size  null for int8; 32, 64 or 128 for int4
-    method      how the codes were chosen: "rtn" (round to nearest) or "gptq" (calibrated,
-                compression/gptq.py; same stored layout)
+    method      how the codes were chosen: "rtn" (round to nearest), "gptq" (calibrated,
+                compression/gptq.py; same stored layout) or "gguf" (a GGUF file's Q8_0 / Q4_0 /
+                Q4_1 blocks kept, or gguf's own quantiser: compression/gguf_blocks.py, whose
+                layers are any format QuantizedLinear stores, e.g. int8 in groups of 32)
     modules     the qualified names of the QuantizedLinear layers, in model order
+    formats     (gguf only, when the layers differ) {module name: {"weights", "group_size"}}
+                for the layers stored in another format than the section's own (a GGUF file's
+                Q8_0 head, int8 in groups of 32, among its Q4_1 layers)
     rounded_to_nearest  (gptq only, when there are such) the layers GPTQ had no calibration
                 inputs for (their weight is read directly, never called), rounded to nearest
 """
@@ -26,11 +31,16 @@ from torch import nn
 
 from .calibration import check_calibration
 from .gptq import gptq_quantize_layers
-from .quantized_linear import INT4_GROUP_SIZES, WEIGHT_FORMATS, QuantizedLinear
+from .quantized_linear import (
+    INT4_GROUP_SIZES,
+    WEIGHT_FORMATS,
+    QuantizedLinear,
+    check_weight_format,
+)
 from .targets import CompressionError, linear_targets, output_head, replace_module
 
-QUANTIZATION_METHODS = ("rtn", "gptq")
-SECTION_KEYS = ("weights", "group_size", "method", "modules", "rounded_to_nearest")
+QUANTIZATION_METHODS = ("rtn", "gptq", "gguf")
+SECTION_KEYS = ("weights", "group_size", "method", "modules", "rounded_to_nearest", "formats")
 
 
 def check_quantization_args(weights: str, group_size: int | None) -> None:
@@ -114,13 +124,16 @@ def check_quantization_section(section: Any, where: str = "quantization") -> Non
     if unknown:
         raise ValueError(f"{where} has unknown key {unknown[0]!r}; "
                          f"allowed: {', '.join(SECTION_KEYS)}")
-    try:
-        check_quantization_args(section.get("weights"), section.get("group_size"))
-    except CompressionError as error:
-        raise ValueError(f"{where}.{error.option}={error.value!r}: {error.detail}") from None
     if section.get("method") not in QUANTIZATION_METHODS:
         raise ValueError(f"{where}.method={section.get('method')!r} is not one of "
                          f"{QUANTIZATION_METHODS}")
+    if section["method"] == "gguf":
+        check_weight_format(section.get("weights"), section.get("group_size"), where=where)
+    else:
+        try:
+            check_quantization_args(section.get("weights"), section.get("group_size"))
+        except CompressionError as error:
+            raise ValueError(f"{where}.{error.option}={error.value!r}: {error.detail}") from None
     modules = section.get("modules")
     if not isinstance(modules, list) or not modules or not all(
             isinstance(name, str) and name for name in modules):
@@ -130,6 +143,25 @@ def check_quantization_section(section: Any, where: str = "quantization") -> Non
     if not isinstance(rounded, list) or not all(name in modules for name in rounded):
         raise ValueError(f"{where}.rounded_to_nearest must be a list of names from "
                          f"{where}.modules, got {rounded!r}")
+    formats = section.get("formats", {})
+    if formats and section["method"] != "gguf":
+        raise ValueError(f"{where}.formats: method {section['method']!r} stores every layer "
+                         "in the section's one format")
+    if not isinstance(formats, Mapping):
+        raise ValueError(f"{where}.formats must map module names to {{weights, group_size}}")
+    for name, layer in formats.items():
+        if name not in modules:
+            raise ValueError(f"{where}.formats names {name!r}, which {where}.modules lacks")
+        if not isinstance(layer, Mapping) or set(layer) != {"weights", "group_size"}:
+            raise ValueError(f"{where}.formats[{name!r}] must be {{weights, group_size}}, "
+                             f"got {layer!r}")
+        check_weight_format(layer["weights"], layer["group_size"], where=f"{where}.formats")
+
+
+def layer_format(section: Mapping[str, Any], name: str) -> tuple[str, int | None]:
+    """(weights, group_size) of the layer `name` of a quantization section."""
+    layer = section.get("formats", {}).get(name, section)
+    return layer["weights"], layer["group_size"]
 
 
 def apply_quantized_layout(model: nn.Module, section: Mapping[str, Any]) -> None:
@@ -145,9 +177,10 @@ def apply_quantized_layout(model: nn.Module, section: Mapping[str, Any]) -> None
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"quantization.modules names {name!r}, which is not a linear "
                              "layer of this model")
+        weights, group_size = layer_format(section, name)
         replace_module(model, name, QuantizedLinear(
             linear.in_features, linear.out_features, linear.bias is not None,
-            weights=section["weights"], group_size=section["group_size"],
+            weights=weights, group_size=group_size,
             device=linear.weight.device, dtype=linear.weight.dtype))
 
 

@@ -350,3 +350,18 @@ def test_quantize_model_gguf_refuses_a_width_that_is_not_whole_blocks():
         quantize_model_gguf(model, "q4_1")
     with pytest.raises(CompressionError, match="weights='q5_k': GGUF formats: q8_0, q4_0, q4_1"):
         quantize_model_gguf(model, "q5_k")
+def test_a_quantized_import_round_trips_through_save_pretrained(tiny_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = zoo.from_hf(str(tiny_gguf), quantized=True)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert loaded.config.quantization == model.config.quantization
+    assert isinstance(loaded.lm_head, QuantizedLinear) and loaded.lm_head.weights == "int8"
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys()
+    for name, tensor in saved.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    ids = torch.tensor([[1, 5, 7, 9, 11, 2, 40]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
