@@ -176,3 +176,51 @@ def test_the_q8_0_file_requantises_the_4_bit_matrices_and_keeps_the_rest(tmp_pat
     assert sizes["read_bytes"] == sizes["weight_bytes"]  # no output.weight: the table is the head
     # keys and values, f16, per layer: 2 kv heads x 16 dims each
     assert sizes["kv_bytes_per_token"] == 2 * 1 * 2 * 16 * 2
+
+
+class _FakeLlama:
+    """llama_cpp.Llama's surface the bench uses: eval appends at n_tokens (dropping what lay
+    past it, as the real one does), scores hold uniform logits when logits_all."""
+
+    n_vocab = 96
+    made: list = []
+
+    def __init__(self, model_path, n_ctx, n_batch, n_threads, n_threads_batch, logits_all,
+                 verbose):
+        self.n_ctx, self.threads, self.n_tokens, self.tokens = n_ctx, n_threads, 0, []
+        self.scores = np.zeros((n_ctx, self.n_vocab), dtype=np.float32)
+        self.evals: list[tuple[int, list[int]]] = []
+        _FakeLlama.made.append(self)
+
+    def reset(self):
+        self.n_tokens = 0
+
+    def eval(self, tokens):
+        self.evals.append((self.n_tokens, list(tokens)))
+        self.tokens = self.tokens[:self.n_tokens] + list(tokens)
+        self.n_tokens += len(tokens)
+        assert self.n_tokens <= self.n_ctx
+
+
+def test_llama_cpp_is_timed_after_its_prompt_and_scored_on_zoos_windows(monkeypatch, tmp_path):
+    import types
+
+    fake = types.SimpleNamespace(Llama=_FakeLlama, __version__="fake")
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    _FakeLlama.made = []
+    batches = [torch.arange(16)[None], torch.arange(16, 32)[None]]
+    # uniform logits: perplexity is the vocabulary size, over exactly the windows given
+    assert bench.llama_cpp_perplexity(tmp_path / "m.gguf", batches, 2) == pytest.approx(96.0)
+    scorer = _FakeLlama.made[-1]
+    assert scorer.evals == [(0, list(range(16))), (0, list(range(16, 32)))]
+    sizes = {"read_bytes": 1000, "kv_bytes_per_token": 10}
+    figure = bench.llama_cpp_figure(tmp_path / "m.gguf", {}, 8, 4, 2, sizes, 96)
+    timer = _FakeLlama.made[-1]
+    assert timer.threads == 2 and timer.evals[0][0] == 0 and len(timer.evals[0][1]) == 8
+    for _ in range(2):  # each run starts again right after the prompt, one token per eval
+        ms, state = figure.measure()
+        assert state == 80 and ms >= 0
+    runs = timer.evals[1:]
+    assert [start for start, _ in runs] == [8, 9, 10, 11, 8, 9, 10, 11]
+    assert all(len(tokens) == 1 for _, tokens in runs)
+    assert runs[:4] == runs[4:]  # the same tokens each run
