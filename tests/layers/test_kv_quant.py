@@ -225,3 +225,17 @@ def test_kv_cache_survives_save_and_load(tmp_path):
     apply_kv_cache(loaded, loaded.config.kv_cache)
     prompt = torch.randint(0, 256, (1, 20))
     assert _greedy(loaded, prompt, 8) == _greedy(model, prompt, 8)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+@torch.no_grad()
+def test_a_quantised_cache_reorders_by_row_as_beam_search_asks(kv_format):
+    """index_select (beam search, finished rows) keeps each row's codes, scales and residual:
+    a reordered batch decodes as its rows did."""
+    _, quantised = _mixers(kv_format)
+    _, state = quantised(torch.randn(3, 120, D_MODEL))
+    token = torch.randn(3, 1, D_MODEL)
+    expected, _ = quantised(token, state.clone())
+    rows = torch.tensor([2, 0])
+    got, _ = quantised(token[rows], state.index_select(rows))
+    assert_close(f"{kv_format} reordered rows", expected[rows], got, 1e-6)
