@@ -6,12 +6,15 @@
     zoo compress attention-tiny runs/tiny-int8 --weights int8 --eval-tokens 8192
     zoo compress smollm2-135m runs/smollm2-gptq --weights int4 --method gptq --calibration 8192
     zoo compress smollm2-135m runs/smollm2-sgpt --prune sparsegpt --sparsity 2:4
+    zoo compress attention-small runs/small-q4_1 --weights q4_1 --kv int8
 
 SRC is anything `zoo generate` takes. Pruning runs first (on the float weights), quantising
-second (GPTQ keeps the pruned zeros). The calibration tokens of wanda, sparsegpt and gptq come
-from the training split of the default corpus (the Python standard library's source,
-zoo.train.data), tokenised with the model's tokenizer; with --eval-tokens the held-out split of
-the same corpus gives the perplexity before and after.
+second (GPTQ keeps the pruned zeros). --weights q8_0|q4_0|q4_1 stores GGUF's own blocks (gguf's
+quantiser, groups of 32); --kv sets what attention's KV cache holds while decoding. The
+calibration tokens of wanda, sparsegpt and gptq come from the training split of the default
+corpus (the Python standard library's source, zoo.train.data), tokenised with the model's
+tokenizer; with --eval-tokens the held-out split of the same corpus gives the perplexity before
+and after.
 OUT is written in a temporary folder beside it and renamed, so it is whole or absent.
 """
 
@@ -30,6 +33,7 @@ import torch
 
 from zoo.app.cli import human_bytes
 from zoo.compression import (
+    GGUF_FORMATS,
     INT4_GROUP_SIZES,
     PRUNING_METHODS,
     QUANTIZATION_METHODS,
@@ -41,8 +45,10 @@ from zoo.compression import (
     parse_sparsity,
     prune_model,
     quantize_model,
+    quantize_model_gguf,
     weight_bytes,
 )
+from zoo.layers.attention import KV_CACHE_FORMATS, Attention, apply_kv_cache
 
 # The subset of the default corpus calibration and held-out text come from: the SmolLM2
 # distillation configs' data.max_bytes, so the token cache they built serves here too.
@@ -65,9 +71,10 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="what zoo generate takes: a model folder, a shipped config name "
                    "(random weights), a transformers folder / GGUF file, or smollm2-135m")
     p.add_argument("out", help="the model folder to write")
-    p.add_argument("--weights", help=f"weight-only quantisation: {' or '.join(WEIGHT_FORMATS)} "
-                   "(int8: symmetric per output channel; int4: groups along the input with "
-                   "scale and zero)")
+    p.add_argument("--weights", help="weight-only quantisation: "
+                   f"{' or '.join((*WEIGHT_FORMATS, *GGUF_FORMATS))} (int8: symmetric per output "
+                   "channel; int4: groups along the input with scale and zero; q8_0, q4_0, "
+                   "q4_1: GGUF's blocks of 32, as gguf's quantiser writes them)")
     p.add_argument("--method", default=None, metavar="METHOD",
                    help=f"with --weights, how codes are chosen: {' or '.join(QUANTIZATION_METHODS)}"
                    " (rtn: round to nearest, the default; gptq: column by column with the error "
@@ -82,6 +89,10 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", default=None,
                    help="with --prune: a fraction in (0, 1) pruned per output row, or N:M (2:4, "
                    "4:8) kept per M inputs (default 0.5)")
+    p.add_argument("--kv", default=None, metavar="FORMAT",
+                   help=f"attention's KV cache while decoding: {' or '.join(KV_CACHE_FORMATS)} "
+                   "(int8: per token; int4: KIVI, keys per channel, values per token, the newest "
+                   "tokens kept exact)")
     p.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION_TOKENS,
                    metavar="N_TOKENS", help="calibration tokens for wanda, sparsegpt and gptq "
                    f"(default {DEFAULT_CALIBRATION_TOKENS})")
@@ -110,10 +121,23 @@ def check_compress_request(args: argparse.Namespace) -> None:
         if args.method not in QUANTIZATION_METHODS:
             raise ValueError(f"--method {args.method}: allowed: "
                              f"{', '.join(QUANTIZATION_METHODS)}")
-    if args.weights is None and args.prune is None:
-        raise ValueError(f"give --weights ({', '.join(WEIGHT_FORMATS)}) and / or --prune "
-                         f"({', '.join(PRUNING_METHODS)})")
-    if args.weights is not None:
+    if args.weights is None and args.prune is None and args.kv is None:
+        raise ValueError(f"give --weights ({', '.join((*WEIGHT_FORMATS, *GGUF_FORMATS))}), "
+                         f"--prune ({', '.join(PRUNING_METHODS)}) and / or --kv "
+                         f"({', '.join(KV_CACHE_FORMATS)})")
+    if args.kv is not None and args.kv not in KV_CACHE_FORMATS:
+        raise ValueError(f"--kv {args.kv}: allowed: {', '.join(KV_CACHE_FORMATS)}")
+    if args.weights is not None and args.weights not in (*WEIGHT_FORMATS, *GGUF_FORMATS):
+        raise ValueError(f"--weights {args.weights}: allowed: "
+                         f"{', '.join((*WEIGHT_FORMATS, *GGUF_FORMATS))}")
+    if args.weights in GGUF_FORMATS:
+        if args.group_size is not None:
+            raise ValueError(f"--group-size {args.group_size}: --weights {args.weights} stores "
+                             "GGUF's blocks of 32; drop --group-size")
+        if args.method not in (None, "rtn"):
+            raise ValueError(f"--method {args.method}: --weights {args.weights} is gguf's own "
+                             "round to nearest; use int8 / int4 for gptq")
+    elif args.weights is not None:
         if args.weights == "int4" and args.group_size is None:
             args.group_size = DEFAULT_INT4_GROUP_SIZE
         try:
@@ -174,8 +198,12 @@ def run_compress_command(args: argparse.Namespace) -> int:
             print(f"  left dense: {name} ({why})")
     if args.weights is not None:
         try:
-            section = quantize_model(model, args.weights, args.group_size, args.skip,
-                                     method=method, calibration=calibration)
+            if args.weights in GGUF_FORMATS:
+                section = quantize_model_gguf(model, args.weights, args.skip)
+                method = "gguf"
+            else:
+                section = quantize_model(model, args.weights, args.group_size, args.skip,
+                                         method=method, calibration=calibration)
         except CompressionError as error:
             raise cli_error(error, QUANTIZE_FLAGS) from None
         print(f"quantised {len(section['modules'])} linear layers to {args.weights}"
@@ -184,6 +212,13 @@ def run_compress_command(args: argparse.Namespace) -> int:
         for name in section.get("rounded_to_nearest", []):
             print(f"  rounded to nearest: {name} (its forward never ran on the calibration "
                   "tokens)")
+    if args.kv is not None:
+        if not any(isinstance(m, Attention) for m in model.modules()):
+            raise ValueError(f"--kv {args.kv}: the model has no softmax-attention layer, so no "
+                             "KV cache")
+        model.config.kv_cache = args.kv
+        apply_kv_cache(model, args.kv)
+        print(f"KV cache: {args.kv}")
     model = model.to(getattr(torch, args.dtype))
     after = held_out_perplexity(model, corpus, args.eval_tokens, seq_len)
     write_model_folder(model, tokenizer, Path(args.out))

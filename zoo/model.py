@@ -20,6 +20,7 @@ from zoo.cache import LayerState, ZooCache
 from zoo.compression import apply_quantized_layout
 from zoo.config import ZooConfig
 from zoo.layers import build_ffn, build_mixer, build_norm
+from zoo.layers.attention import apply_kv_cache
 from zoo.layers.linear import Linear
 
 
@@ -47,6 +48,7 @@ class ZooBlock(nn.Module):
         mixer_spec, ffn_spec = config.layer_spec(index)
         self.mixer_norm = build_norm(config.norm, config.d_model, config.norm_eps)
         self.mixer = build_mixer(mixer_spec, config.d_model, index)
+        apply_kv_cache(self.mixer, config.kv_cache)  # what attention's KV cache holds
         # a mixer that reads what earlier layers computed in the same forward (RWKV-7's value
         # residual) declares it and gets the forward's context; the others keep (x, state)
         self.mixer_takes_context = self.mixer.takes_forward_context

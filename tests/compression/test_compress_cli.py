@@ -11,8 +11,13 @@ from zoo.app.cli import main
 from zoo.compression import QuantizedLinear
 
 BAD = [
-    ([], r"give --weights \(int8, int4\) and / or --prune \(magnitude, wanda, sparsegpt\)"),
-    (["--weights", "int3"], r"--weights int3: allowed: int8, int4"),
+    ([], r"give --weights \(int8, int4, q8_0, q4_0, q4_1\), --prune \(magnitude, wanda, "
+     r"sparsegpt\) and / or --kv \(float, int8, int4\)"),
+    (["--weights", "int3"], r"--weights int3: allowed: int8, int4, q8_0, q4_0, q4_1"),
+    (["--weights", "q4_1", "--group-size", "64"], r"--group-size 64: --weights q4_1 stores "
+     r"GGUF's blocks of 32"),
+    (["--weights", "q8_0", "--method", "gptq"], r"--method gptq: --weights q8_0 is gguf's own"),
+    (["--kv", "int2"], r"--kv int2: allowed: float, int8, int4"),
     (["--weights", "int4", "--group-size", "48"], r"--group-size 48: int4 takes 32, 64, 128"),
     (["--weights", "int8", "--group-size", "32"],
      r"--group-size 32: int8 is per output channel; group_size applies to int4"),
@@ -132,3 +137,23 @@ def test_sparsegpt_then_gptq_on_the_command_line(tmp_path, capsys, monkeypatch):
     assert ((in_proj.view(in_proj.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
     assert main(["info", str(out)]) == 0
     assert "int8 per output channel (gptq)" in capsys.readouterr().out
+
+
+def test_gguf_blocks_and_an_int8_kv_cache_from_the_command_line(tmp_path, capsys):
+    """--weights q4_1 stores gguf's own Q4_1 blocks, --kv int8 the KV cache format: the folder
+    loads with both, and generates."""
+    out = tmp_path / "q4_1-kv8"
+    assert main(["compress", "attention-tiny", str(out), "--weights", "q4_1", "--kv",
+                 "int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "KV cache: int8" in printed and "(gguf)" in printed
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.quantization["method"] == "gguf" and model.config.kv_cache == "int8"
+    assert model.model.layers[0].mixer.kv_cache == "int8"
+    assert isinstance(model.model.layers[0].mixer.q_proj, QuantizedLinear)
+    assert main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+
+
+def test_kv_on_a_model_without_attention_names_the_option(tmp_path, capsys):
+    assert main(["compress", "mamba-tiny", str(tmp_path / "out"), "--kv", "int8"]) == 2
+    assert "--kv int8: the model has no softmax-attention layer" in capsys.readouterr().err

@@ -221,8 +221,8 @@ def test_kv_cache_survives_save_and_load(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = ZooForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.kv_cache == "int8"
-    apply_kv_cache(model, "int8")
-    apply_kv_cache(loaded, loaded.config.kv_cache)
+    # the config alone sets every attention layer's cache format, built or loaded
+    assert model.model.layers[0].mixer.kv_cache == loaded.model.layers[0].mixer.kv_cache == "int8"
     prompt = torch.randint(0, 256, (1, 20))
     assert _greedy(loaded, prompt, 8) == _greedy(model, prompt, 8)
 
