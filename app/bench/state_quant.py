@@ -30,6 +30,7 @@ from zoo.infer.state_quant import (
     NOT_TOLERATED,
     STATE_DTYPES,
     STORED_FIELDS,
+    TOLERATED_ERROR,
     restore_cache,
     store_cache,
     stored_nbytes,
@@ -152,8 +153,39 @@ def run_state_quant(options: BenchOptions) -> list[dict]:
     return rows
 
 
+def tolerance_summary(rows: list[dict]) -> list[str]:
+    """Per family and format: the worst max error of its recurrent sums over the sizes run,
+    whether that is within TOLERATED_ERROR, and what the policy does (they should agree)."""
+    worst: dict[tuple[str, str], float] = {}
+    policy: dict[tuple[str, str], str] = {}
+    measured = [row for row in rows if "stopped" not in row]
+    # a family whose sums are all KEPT_FLOAT (RWKV-4) is judged on everything stored
+    stores_nothing = {row["family"] for row in measured if row["stored"] == "sums"
+                      and row["stored_state_bytes"] == row["float_state_bytes"]}
+    for row in measured:
+        if (row["stored"] == "sums") == (row["family"] in stores_nothing):
+            continue
+        key = (row["family"], row["state_dtype"])
+        worst[key] = max(worst.get(key, 0.0), row["rel_error_max"])
+        policy[key] = ("float (kept)" if row["stored"] == "everything"
+                       else "float" if row["policy_keeps_float"] else "stored")
+    lines = [f"Tolerated: the recurrent sums' logits error stays within {TOLERATED_ERROR:g} "
+             "(max over 256 steps, worst size).\n",
+             "| family | " + " | ".join(f"{d}: worst error, policy" for d in STATE_DTYPES) + " |",
+             "|---|" + "---|" * len(STATE_DTYPES)]
+    for family in dict.fromkeys(f for f, _ in worst):
+        cells = []
+        for state_dtype in STATE_DTYPES:
+            error = worst.get((family, state_dtype))
+            cells.append("" if error is None else
+                         f"{error:.1e} {'ok' if error <= TOLERATED_ERROR else 'too large'}, "
+                         f"{policy[family, state_dtype]}")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def state_quant_report(rows: list[dict]) -> str:
-    lines = [
+    lines = tolerance_summary(rows) + [
         "Logits' relative error after the last decode step (and its maximum over the steps) "
         "against the float32 state, fed the float run's greedy tokens; the first step whose "
         "greedy token differs (none: the same tokens throughout). Random weights, float32 "

@@ -1,6 +1,8 @@
 """Bounded states stored in bfloat16 / int8 between decode steps (zoo.infer.state_quant)."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from zoo.infer.prefill import prefill
 from zoo.infer.state_quant import (
     KEPT_FLOAT,
     NOT_TOLERATED,
+    STATE_DTYPES,
     STORED_FIELDS,
+    TOLERATED_ERROR,
     StoredState,
     quantize_int8,
     restore_cache,
@@ -159,3 +163,35 @@ def test_bad_state_dtype_is_named():
         generate(model, PROMPTS, max_new_tokens=2, state_dtype="float8")
     with pytest.raises(ValueError, match=r"state_dtype='int8'.*compile=False"):
         generate(model, PROMPTS, max_new_tokens=2, state_dtype="int8", compile=True)
+
+
+def test_policy_agrees_with_the_committed_measurement():
+    """benchmarks/results/cpu/state-quant.json: a family's sums are stored under a format
+    exactly when their measured error (max over steps, worst size) is within TOLERATED_ERROR."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks/results/cpu/state-quant.json"
+    worst: dict[tuple[str, str], float] = {}
+    kept: dict[tuple[str, str], bool] = {}
+    for row in json.loads(path.read_text())["rows"]:
+        if "stopped" in row or row["stored"] != "sums":
+            continue
+        if row["stored_state_bytes"] == row["float_state_bytes"]:
+            continue  # nothing of its sums is storable (RWKV-4: KEPT_FLOAT)
+        key = (row["family"], row["state_dtype"])
+        worst[key] = max(worst.get(key, 0.0), row["rel_error_max"])
+        kept[key] = row["policy_state_bytes"] == row["float_state_bytes"]
+    assert {dtype for _, dtype in worst} == set(STATE_DTYPES)
+    for key, error in worst.items():
+        assert kept[key] == (error > TOLERATED_ERROR), (key, error)
+
+
+def test_bench_quick_run_reports_each_format(tmp_path):
+    from zoo.app.bench import BenchOptions, load_entries, run_bench
+
+    load_entries()
+    record = run_bench("state-quant", BenchOptions(quick=True, only=("mamba",),
+                                                   out_dir=tmp_path))
+    rows = record["rows"]
+    assert {(r["state_dtype"], r["stored"]) for r in rows} == {
+        (d, s) for d in STATE_DTYPES for s in ("sums", "everything")}
+    assert all(r["stored_state_bytes"] < r["float_state_bytes"] for r in rows)
+    assert "| mamba |" in record["report"]
