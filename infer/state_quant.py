@@ -8,18 +8,19 @@ recurrent sums, whatever the model's dtype); between steps the policy keeps the 
 recurrent sums stored: "bfloat16" by a cast, "int8" symmetric with one float32 scale per vector
 along the last dimension. That layout gives one scale per (row, head, key channel) of a
 (B, H, K, V) state S = sum_t decay_t k_t v_t^T: a key channel's row has its own decay (RWKV-6/7,
-GLA, KDA decay per key channel, Mamba per (channel, state)) and its own key scale, so rows differ
-by orders of magnitude while the entries of one row do not; and a scale costs 4 bytes per row of
-V >= 16 codes.
+GLA and KDA decay per key channel) and its own key scale, so rows differ by orders of magnitude
+while the entries of one row do not; Mamba's (B, d_inner, N) state gets one per channel, which
+has its own dt and input. A scale costs 4 bytes per row of 16 or more codes.
 
 Which families tolerate it was measured (`zoo bench state-quant`, benchmarks/results/cpu/
-state-quant.md: logits' relative error over 256 greedy decode steps, random float32 tiny models,
-tolerated when it stays under TOLERATED_ERROR): Mamba's and Mamba-2's SSM states and RWKV-7's
-take both formats, RWKV-6's and LoLCATs' linear sums bfloat16 only; undecayed sums (linear
-attention, the bounded-memory Linformer), RetNet's near-1 decays and the delta rule (DeltaNet,
-Gated DeltaNet, KDA) stay float (NOT_TOLERATED says why). Short-convolution windows, token
-shifts, LoLCATs' softmax window and RWKV-4's log-domain triple always stay float (KEPT_FLOAT),
-as does every state that grows with the sequence (attention's KV cache has its own option).
+state-quant.md: logits' relative error over 256 greedy decode steps, random float32 models
+from tiny to 130M shapes, tolerated when it stays under TOLERATED_ERROR): Mamba's and Mamba-2's
+SSM states and RWKV-7's take both formats, RWKV-6's and LoLCATs' linear sums bfloat16 only;
+undecayed sums (linear attention, the bounded-memory Linformer), RetNet's near-1 decays and the
+delta rule (DeltaNet, Gated DeltaNet, KDA) stay float (NOT_TOLERATED says why).
+Short-convolution windows, token shifts, LoLCATs' softmax window and RWKV-4's log-domain triple
+always stay float (KEPT_FLOAT), as does every state that grows with the sequence (attention's KV
+cache has its own option).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ NOT_TOLERATED: dict[str, dict[type[MixerState], str]] = {
 NOT_TOLERATED["int8"] = {
     **NOT_TOLERATED["bfloat16"],
     Rwkv6State: "RWKV-6's per-channel decays near 1 leave rows that int8's per-row scale "
-                "resolves coarsely (1.3% logits error in 256 steps, bfloat16 0.4%)",
+                "resolves coarsely (1.7% logits error at worst in 256 steps; bfloat16 0.5%)",
     WindowLinearAttentionMixerState: _UNDECAYED,
 }
 
