@@ -512,7 +512,7 @@ def compress_rows(options: BenchOptions) -> list[dict]:
             SMOLLM2, SMOLLM2_VARIANTS, lambda: from_hf(SMOLLM2),
             lambda format: from_hf(gguf_files[format], quantized=True), corpus, batches,
             calibration, CONTEXTS, NEW_TOKENS, True, options.device)
-        float_ppl = next(f.row["ppl"] for f in figures if f.row["weights"] == "fp32")
+        float_ppl = next((f.row["ppl"] for f in figures if f.row["weights"] == "fp32"), None)
         skipped, llama_figures = llama_cpp_rows_or_figures(
             gguf_files, batches, CONTEXTS, NEW_TOKENS, tokenizer.vocab_size, float_ppl)
         rows = time_figures(figures + llama_figures, rounds, options.device) + skipped
