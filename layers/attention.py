@@ -701,11 +701,15 @@ class Attention(Mixer):
         allowed = key_index <= positions[:, None]
         if self.window is not None:
             allowed &= key_index > positions[:, None] - self.window
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=allowed[:, None, None, :],
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.o_proj(self._gated(rearrange(out, "b h t d -> b t (h d)"), x))
+        # one query per row, written out: SDPA with a mask takes its math path on the CPU,
+        # which repeats K and V per query head and ran several times slower at 16 rows; here
+        # the query heads of a KV head share its keys (B, H_kv, group, D) @ (B, H_kv, D, L)
+        queries = q[:, 0].reshape(B, H, self.n_heads // H, D)
+        scores = torch.matmul(queries, keys.transpose(2, 3)).float() * D**-0.5
+        scores.masked_fill_(~allowed[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(weights, values).reshape(B, 1, self.n_heads * D)
+        return self.o_proj(self._gated(out, x))
 
 
 class QwenAttention(Attention):
