@@ -37,7 +37,12 @@ import torch
 from torch import nn
 
 from .quantized_linear import QuantizedLinear, pack_int4
-from .targets import CompressionError, linear_targets, output_head, replace_module
+from .targets import (
+    CompressionError,
+    output_head,
+    quantization_targets,
+    replace_module,
+)
 
 BLOCK_SIZE = 32
 # format name (as `zoo compress --weights` spells it) -> (GGML type name, QuantizedLinear weights)
@@ -206,13 +211,8 @@ def quantize_model_gguf(model: nn.Module, format: str, skip: Iterable[str] = ()
     A layer whose input width is not a multiple of 32 is a CompressionError naming weights."""
     if format not in GGUF_FORMATS:
         raise CompressionError("weights", format, f"GGUF formats: {', '.join(GGUF_FORMATS)}")
+    targets = quantization_targets(model, skip, format)
     config = getattr(model, "config", None)
-    if getattr(config, "quantization", None):
-        raise CompressionError("weights", format, "the model is quantised already "
-                               f"({config.quantization['weights']}); quantise the float model")
-    targets = linear_targets(model, skip)
-    if not targets:
-        raise CompressionError("weights", format, "the model has no linear layer to quantise")
     for name, linear in targets:
         if linear.in_features % BLOCK_SIZE:
             raise CompressionError(

@@ -37,7 +37,12 @@ from .quantized_linear import (
     QuantizedLinear,
     check_weight_format,
 )
-from .targets import CompressionError, linear_targets, output_head, replace_module
+from .targets import (
+    CompressionError,
+    output_head,
+    quantization_targets,
+    replace_module,
+)
 
 QUANTIZATION_METHODS = ("rtn", "gptq", "gguf")
 SECTION_KEYS = ("weights", "group_size", "method", "modules", "rounded_to_nearest", "formats")
@@ -77,13 +82,8 @@ def quantize_model(model: nn.Module, weights: str = "int8", group_size: int | No
         raise CompressionError("method", method, f"allowed: {', '.join(QUANTIZATION_METHODS)}")
     if method == "gptq":
         check_calibration(calibration, method)
+    targets = quantization_targets(model, skip, weights)
     config = getattr(model, "config", None)
-    if getattr(config, "quantization", None):
-        raise CompressionError("weights", weights, "the model is quantised already "
-                               f"({config.quantization['weights']}); quantise the float model")
-    targets = linear_targets(model, skip)
-    if not targets:
-        raise CompressionError("weights", weights, "the model has no linear layer to quantise")
     for name, linear in targets:
         if group_size is not None and linear.in_features % group_size:
             raise CompressionError(

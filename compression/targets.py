@@ -74,6 +74,20 @@ def linear_targets(model: nn.Module, skip: Iterable[str] = (), include_head: boo
     return chosen
 
 
+def quantization_targets(model: nn.Module, skip: Iterable[str], weights: str
+                         ) -> list[tuple[str, nn.Linear]]:
+    """`linear_targets` for quantising to `weights`: a CompressionError naming the option when
+    the model is quantised already or has no linear layer to quantise."""
+    config = getattr(model, "config", None)
+    if getattr(config, "quantization", None):
+        raise CompressionError("weights", weights, "the model is quantised already "
+                               f"({config.quantization['weights']}); quantise the float model")
+    targets = linear_targets(model, skip)
+    if not targets:
+        raise CompressionError("weights", weights, "the model has no linear layer to quantise")
+    return targets
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule `name` is."""
     parent_name, _, child = name.rpartition(".")

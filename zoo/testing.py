@@ -21,3 +21,34 @@ def assert_close(name: str, reference: torch.Tensor, other: torch.Tensor, ratio:
     assert torch.isfinite(other).all(), f"{name}: non-finite values"
     err = relative_error(reference, other)
     assert err <= ratio, f"{name}: relative error {err:.3e} > {ratio:.1e}"
+
+
+def seeded_model(name: str = "attention-tiny", seed: int = 0):
+    """A shipped config's model in eval mode, its weights drawn after `torch.manual_seed(seed)`."""
+    from zoo.config import load_config
+    from zoo.model import ZooForCausalLM
+
+    torch.manual_seed(seed)
+    return ZooForCausalLM(load_config(name)).eval()
+
+
+def random_tokens(batch: int = 4, length: int = 48, seed: int = 1, vocab: int = 256
+                  ) -> torch.Tensor:
+    """(batch, length) token ids, uniform below `vocab`, from their own generator."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def linear_input_hessians(model, layers, tokens: torch.Tensor):
+    """The input Hessians (zoo.compression.calibration.InputHessians) of `layers`, a list of
+    (name, nn.Linear), from one plain forward pass of `model`'s backbone over `tokens`: the
+    statistics GPTQ and SparseGPT read, collected without their block-by-block machinery."""
+    from zoo.compression.calibration import InputHessians
+
+    hessians = InputHessians()
+    handles = [linear.register_forward_pre_hook(
+        lambda module, args, name=name: hessians.add(name, args[0].reshape(
+            -1, args[0].shape[-1]))) for name, linear in layers]
+    model.model(tokens)
+    for handle in handles:
+        handle.remove()
+    return hessians

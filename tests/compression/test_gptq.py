@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 import zoo
 from zoo.compression import (
     CompressionError,
-    InputHessians,
     QuantizedLinear,
     check_quantization_section,
     gptq_quantize,
@@ -25,7 +24,7 @@ from zoo.compression import (
 )
 from zoo.compression.gptq import quantized_linear_from_codes
 from zoo.compression.targets import replace_module
-from zoo.testing import assert_close
+from zoo.testing import assert_close, linear_input_hessians, random_tokens, seeded_model
 
 FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
 
@@ -161,28 +160,6 @@ def test_bad_arguments_name_what_is_wrong():
         gptq_quantize(_linear(8, 128, 0).weight, torch.eye(128), "int4", 64, block_size=48)
 
 
-def _model(name: str = "attention-tiny", seed: int = 0) -> zoo.ZooForCausalLM:
-    torch.manual_seed(seed)
-    return zoo.ZooForCausalLM(zoo.load_config(name)).eval()
-
-
-def _calibration(batch: int = 4, length: int = 48, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _block_hessians(model: zoo.ZooForCausalLM, layers: list[tuple[str, nn.Linear]],
-                    calibration: torch.Tensor) -> InputHessians:
-    """The Hessians of `layers`' inputs from one plain forward pass of the model."""
-    hessians = InputHessians()
-    handles = [linear.register_forward_pre_hook(
-        lambda module, args, name=name: hessians.add(name, args[0].reshape(
-            -1, args[0].shape[-1]))) for name, linear in layers]
-    model.model(calibration)
-    for handle in handles:
-        handle.remove()
-    return hessians
-
-
 @torch.no_grad()
 def _gptq_one_block_at_a_time(model: zoo.ZooForCausalLM, calibration: torch.Tensor) -> None:
     """The reference: for each block in turn, run the model (earlier blocks quantised already)
@@ -196,7 +173,7 @@ def _gptq_one_block_at_a_time(model: zoo.ZooForCausalLM, calibration: torch.Tens
 
     for index in range(len(model.model.layers)):
         mine = [(n, m) for n, m in targets if n.startswith(f"model.layers.{index}.")]
-        hessians = _block_hessians(model, mine, calibration)
+        hessians = linear_input_hessians(model, mine, calibration)
         for name, linear in mine:
             quantize(name, linear, hessians.pop(name))
     hidden = model.model(calibration)[0]
@@ -206,8 +183,8 @@ def _gptq_one_block_at_a_time(model: zoo.ZooForCausalLM, calibration: torch.Tens
 @pytest.mark.parametrize("name", ["attention-tiny", "rwkv7-tiny"])
 def test_gptq_quantises_each_block_on_the_quantised_blocks_outputs(name):
     """rwkv7: later layers read layer 0's values (the forward context)."""
-    calibration = _calibration()
-    model, reference = _model(name), _model(name)
+    calibration = random_tokens()
+    model, reference = seeded_model(name), seeded_model(name)
     section = quantize_model(model, "int4", 32, method="gptq", calibration=calibration)
     _gptq_one_block_at_a_time(reference, calibration)
     assert section["method"] == "gptq" and "rounded_to_nearest" not in section
@@ -221,8 +198,8 @@ def test_gptq_quantises_each_block_on_the_quantised_blocks_outputs(name):
 
 
 def test_gptq_model_logits_are_closer_to_float_than_round_to_nearest():
-    calibration = _calibration()
-    float_model, gptq, nearest = _model(), _model(), _model()
+    calibration = random_tokens()
+    float_model, gptq, nearest = seeded_model(), seeded_model(), seeded_model()
     quantize_model(gptq, "int4", 32, method="gptq", calibration=calibration)
     quantize_model(nearest, "int4", 32)
     with torch.no_grad():
@@ -233,8 +210,8 @@ def test_gptq_model_logits_are_closer_to_float_than_round_to_nearest():
 
 
 def test_gptq_folder_loads_back_bit_exact(tmp_path):
-    model = _model()
-    quantize_model(model, "int8", method="gptq", calibration=_calibration())
+    model = seeded_model()
+    quantize_model(model, "int8", method="gptq", calibration=random_tokens())
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.quantization["method"] == "gptq"
@@ -250,8 +227,8 @@ def test_gptq_folder_loads_back_bit_exact(tmp_path):
 
 def test_layers_gptq_cannot_calibrate_are_rounded_to_nearest_and_named():
     """Mamba reads dt_proj's weight directly: GPTQ sees no inputs for it."""
-    model, nearest = _model("mamba-tiny"), _model("mamba-tiny")
-    section = quantize_model(model, "int8", method="gptq", calibration=_calibration())
+    model, nearest = seeded_model("mamba-tiny"), seeded_model("mamba-tiny")
+    section = quantize_model(model, "int8", method="gptq", calibration=random_tokens())
     quantize_model(nearest, "int8")
     names = [f"model.layers.{i}.mixer.dt_proj" for i in range(len(model.model.layers))]
     assert section["rounded_to_nearest"] == names
@@ -266,13 +243,14 @@ def test_layers_gptq_cannot_calibrate_are_rounded_to_nearest_and_named():
 def test_quantize_model_errors_name_the_argument():
     with pytest.raises(CompressionError, match=r"calibration=None: gptq needs calibration token "
                        r"ids \(B, T\)"):
-        quantize_model(_model(), "int4", 32, method="gptq")
+        quantize_model(seeded_model(), "int4", 32, method="gptq")
     with pytest.raises(CompressionError, match=r"calibration=\(48,\): gptq needs calibration"):
-        quantize_model(_model(), "int4", 32, method="gptq", calibration=torch.zeros(48).long())
+        quantize_model(seeded_model(), "int4", 32, method="gptq",
+                       calibration=torch.zeros(48).long())
     with pytest.raises(CompressionError, match=r"method='awq': allowed: rtn, gptq"):
-        quantize_model(_model(), "int4", 32, method="awq")
-    model = _model()
+        quantize_model(seeded_model(), "int4", 32, method="awq")
+    model = seeded_model()
     with pytest.raises(CompressionError, match=r"group_size=128: does not divide the input width "
                        r"64 of model\.layers\.0\.mixer\.q_proj"):
-        quantize_model(model, "int4", 128, method="gptq", calibration=_calibration())
+        quantize_model(model, "int4", 128, method="gptq", calibration=random_tokens())
     assert not quantized_layers(model)  # checked before anything was replaced

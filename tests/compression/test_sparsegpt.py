@@ -9,7 +9,6 @@ from torch import nn
 import zoo
 from zoo.compression import (
     CompressionError,
-    InputHessians,
     Sparsity,
     keep_mask,
     linear_targets,
@@ -19,7 +18,7 @@ from zoo.compression import (
     sparsegpt_prune,
 )
 from zoo.compression.prune import pruning_scores
-from zoo.testing import assert_close
+from zoo.testing import assert_close, linear_input_hessians, random_tokens, seeded_model
 
 
 def _correlated_inputs(rows: int, width: int, seed: int) -> torch.Tensor:
@@ -126,28 +125,6 @@ def test_sparsegpt_keeps_the_dtype_and_names_a_wrong_hessian():
         sparsegpt_prune(weight, torch.eye(32), Sparsity(fraction=0.5))
 
 
-def _model(name: str = "attention-tiny", seed: int = 0) -> zoo.ZooForCausalLM:
-    torch.manual_seed(seed)
-    return zoo.ZooForCausalLM(zoo.load_config(name)).eval()
-
-
-def _calibration(batch: int = 4, length: int = 48, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _block_hessians(model: zoo.ZooForCausalLM, layers: list[tuple[str, nn.Linear]],
-                    calibration: torch.Tensor) -> InputHessians:
-    """The Hessians of `layers`' inputs from one plain forward pass of the model."""
-    hessians = InputHessians()
-    handles = [linear.register_forward_pre_hook(
-        lambda module, args, name=name: hessians.add(name, args[0].reshape(
-            -1, args[0].shape[-1]))) for name, linear in layers]
-    model.model(calibration)
-    for handle in handles:
-        handle.remove()
-    return hessians
-
-
 @torch.no_grad()
 def _sparsegpt_one_block_at_a_time(model: zoo.ZooForCausalLM, sparsity: Sparsity,
                                    calibration: torch.Tensor) -> None:
@@ -156,15 +133,15 @@ def _sparsegpt_one_block_at_a_time(model: zoo.ZooForCausalLM, sparsity: Sparsity
     targets = linear_targets(model, include_head=False)
     for index in range(len(model.model.layers)):
         mine = [(n, m) for n, m in targets if n.startswith(f"model.layers.{index}.")]
-        hessians = _block_hessians(model, mine, calibration)
+        hessians = linear_input_hessians(model, mine, calibration)
         for name, linear in mine:
             linear.weight.copy_(sparsegpt_prune(linear.weight, hessians.pop(name), sparsity))
 
 
 @pytest.mark.parametrize("name", ["attention-tiny", "moe-tiny"])
 def test_sparsegpt_prunes_each_block_on_the_pruned_blocks_outputs(name):
-    calibration = _calibration()
-    model, reference = _model(name), _model(name)
+    calibration = random_tokens()
+    model, reference = seeded_model(name), seeded_model(name)
     untouched = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = prune_model(model, "sparsegpt", "2:4", calibration)
     _sparsegpt_one_block_at_a_time(reference, Sparsity(n=2, m=4), calibration)
@@ -180,8 +157,8 @@ def test_sparsegpt_prunes_each_block_on_the_pruned_blocks_outputs(name):
 
 
 def test_sparsegpt_model_logits_are_closer_to_dense_than_wanda():
-    calibration = _calibration()
-    dense, sparsegpt, wanda = _model(), _model(), _model()
+    calibration = random_tokens()
+    dense, sparsegpt, wanda = seeded_model(), seeded_model(), seeded_model()
     prune_model(sparsegpt, "sparsegpt", "2:4", calibration)
     prune_model(wanda, "wanda", "2:4", calibration)
     with torch.no_grad():
@@ -193,18 +170,18 @@ def test_sparsegpt_model_logits_are_closer_to_dense_than_wanda():
 
 def test_layers_never_called_are_left_dense_and_named():
     """Mamba reads dt_proj's weight directly: SparseGPT has no inputs for it."""
-    model = _model("mamba-tiny")
-    result = prune_model(model, "sparsegpt", "0.5", _calibration())
+    model = seeded_model("mamba-tiny")
+    result = prune_model(model, "sparsegpt", "0.5", random_tokens())
     assert set(result.left_dense) == {f"model.layers.{i}.mixer.dt_proj"
                                       for i in range(len(model.model.layers))}
 
 
 def test_sparsegpt_then_gptq_keeps_the_pattern():
-    calibration = _calibration()
-    model = _model()
+    calibration = random_tokens()
+    model = seeded_model()
     prune_model(model, "sparsegpt", "2:4", calibration)
     quantize_model(model, "int4", 32, method="gptq", calibration=calibration)
-    for name, _ in linear_targets(_model(), include_head=False):
+    for name, _ in linear_targets(seeded_model(), include_head=False):
         weight = model.get_submodule(name).dequantize()
         assert ((weight.view(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
 
@@ -212,10 +189,10 @@ def test_sparsegpt_then_gptq_keeps_the_pattern():
 def test_sparsegpt_without_calibration_names_it():
     with pytest.raises(CompressionError, match=r"calibration=None: sparsegpt needs calibration "
                        r"token ids \(B, T\)"):
-        prune_model(_model(), "sparsegpt", "2:4")
+        prune_model(seeded_model(), "sparsegpt", "2:4")
     with pytest.raises(CompressionError, match=r"method='obs': allowed: magnitude, wanda, "
                        r"sparsegpt"):
-        prune_model(_model(), "obs", "2:4")
+        prune_model(seeded_model(), "obs", "2:4")
 
 
 def test_sparsegpt_on_a_linear_layer_alone():
