@@ -232,8 +232,9 @@ def run_compress_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def corpus_tokens(src: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(train tokens, held-out tokens) of the default corpus's first CORPUS_BYTES, tokenised
+def corpus_tokens(src: str, tokenizer, max_bytes: int = CORPUS_BYTES
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(train tokens, held-out tokens) of the default corpus's first `max_bytes`, tokenised
     with the model's tokenizer (cached on disk by zoo.train.data)."""
     from zoo.train.data import (
         build_token_cache,
@@ -242,7 +243,7 @@ def corpus_tokens(src: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         subset_by_size,
     )
 
-    files = subset_by_size(default_corpus_files(), CORPUS_BYTES)
+    files = subset_by_size(default_corpus_files(), max_bytes)
     cache = build_token_cache(files, corpus_tokenizer(src, tokenizer), VAL_FRACTION,
                               default_cache_dir(), progress=sys.stderr.isatty())
     return cache.train, cache.val

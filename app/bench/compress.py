@@ -47,6 +47,8 @@ QUICK_MODEL = "attention-tiny"
 CONTEXTS = (128, 2048)
 EVAL_TOKENS = 4096  # held-out tokens scored per variant: 8 windows of 512
 QUICK_EVAL_TOKENS = 1024
+# --quick tokenises a tenth of the corpus subset: enough for its held-out tokens
+QUICK_CORPUS_BYTES = 400_000
 NEW_TOKENS = 32  # decode steps per timed run (the median interval between them is the figure)
 QUICK_NEW_TOKENS = 8
 REAL_PREFILL = 128  # tokens prefilled for real; longer KV caches are grown (time_decode)
@@ -338,10 +340,10 @@ def llama_cpp_figure(path: Path, row: dict, context: int, new_tokens: int, threa
 
 # --- the bench ----------------------------------------------------------------------------------
 
-def _corpus(src: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    from zoo.app.compress import corpus_tokens
+def _corpus(src: str, tokenizer, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    from zoo.app.compress import CORPUS_BYTES, corpus_tokens
 
-    return corpus_tokens(src, tokenizer)
+    return corpus_tokens(src, tokenizer, max_bytes or CORPUS_BYTES)
 
 
 def _variant_row(model_name: str, variant: Variant, model, scores: dict, float_ppl: float | None,
@@ -487,7 +489,7 @@ def compress_rows(options: BenchOptions) -> list[dict]:
             torch.manual_seed(0)
             return ZooForCausalLM(load_config(QUICK_MODEL)).eval()
 
-        corpus = _corpus(QUICK_MODEL, ByteTokenizer())
+        corpus = _corpus(QUICK_MODEL, ByteTokenizer(), QUICK_CORPUS_BYTES)
         batches = held_out_batches(corpus[1], QUICK_EVAL_TOKENS, SEQ_LEN)
         figures = decode_figures(QUICK_MODEL, QUICK_VARIANTS, load_tiny, None, corpus, batches,
                                  None, (CONTEXTS[0],), QUICK_NEW_TOKENS, False, options.device)
