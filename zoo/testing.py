@@ -52,3 +52,14 @@ def linear_input_hessians(model, layers, tokens: torch.Tensor):
     for handle in handles:
         handle.remove()
     return hessians
+
+
+def correlated_inputs(rows: int, width: int, seed: int) -> torch.Tensor:
+    """(rows, width) float64 whose channels are mixed (correlated) and unevenly scaled: the
+    calibration inputs on which a Hessian-aware method (GPTQ, SparseGPT) should beat a
+    Hessian-blind one."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    mixing = torch.randn(width, width, generator=generator, dtype=torch.float64) / width ** 0.5
+    scales = torch.rand(width, generator=generator, dtype=torch.float64) + 0.2
+    return (z @ mixing + 0.3 * z) * scales

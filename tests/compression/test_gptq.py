@@ -24,18 +24,15 @@ from zoo.compression import (
 )
 from zoo.compression.gptq import quantized_linear_from_codes
 from zoo.compression.targets import replace_module
-from zoo.testing import assert_close, linear_input_hessians, random_tokens, seeded_model
+from zoo.testing import (
+    assert_close,
+    correlated_inputs,
+    linear_input_hessians,
+    random_tokens,
+    seeded_model,
+)
 
 FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
-
-
-def _correlated_inputs(rows: int, width: int, seed: int) -> torch.Tensor:
-    """(rows, width) float64 whose channels are mixed (correlated) and unevenly scaled."""
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(rows, width, generator=generator, dtype=torch.float64)
-    mixing = torch.randn(width, width, generator=generator, dtype=torch.float64) / width ** 0.5
-    scales = torch.rand(width, generator=generator, dtype=torch.float64) + 0.2
-    return (z @ mixing + 0.3 * z) * scales
 
 
 def _linear(out_features: int, in_features: int, seed: int) -> nn.Linear:
@@ -97,7 +94,7 @@ def test_gptq_equals_a_float64_restatement_of_the_algorithm(weights, group_size,
     """In 256 wide: two blocks of 128 (or eight of 32, whose groups of 64 and 128 start at a
     block's start)."""
     linear = _linear(12, 256, seed=3)
-    hessian = _hessian(_correlated_inputs(512, 256, seed=3))
+    hessian = _hessian(correlated_inputs(512, 256, seed=3))
     quantized = gptq_quantize(linear.weight, hessian, weights, group_size,
                               block_size=block_size)
     codes, expected = _reference_gptq(linear.weight, hessian, weights, group_size)
@@ -110,7 +107,7 @@ def test_gptq_equals_a_float64_restatement_of_the_algorithm(weights, group_size,
 def test_gptq_output_error_is_well_below_round_to_nearest(weights, group_size):
     ratios = []
     for seed in range(4):
-        x = _correlated_inputs(1024, 256, seed)
+        x = correlated_inputs(1024, 256, seed)
         linear = _linear(64, 256, seed)
         gptq = _dequantized(linear, weights, group_size, gptq_quantize(
             linear.weight, _hessian(x), weights, group_size))
@@ -140,7 +137,7 @@ def test_codes_stay_in_range_and_pruned_zeros_stay_zero(weights, group_size):
     with torch.no_grad():
         linear.weight.view(16, -1, 4)[..., :2] = 0  # a 2:4 pattern
         linear.weight.mul_(40)  # outliers that error feedback pushes past the grid's ends
-    codes, scale, zero = gptq_quantize(linear.weight, _hessian(_correlated_inputs(256, 128, 7)),
+    codes, scale, zero = gptq_quantize(linear.weight, _hessian(correlated_inputs(256, 128, 7)),
                                        weights, group_size)
     low, high = (-127, 127) if weights == "int8" else (0, 15)
     assert codes.min() >= low and codes.max() <= high

@@ -18,16 +18,13 @@ from zoo.compression import (
     sparsegpt_prune,
 )
 from zoo.compression.prune import pruning_scores
-from zoo.testing import assert_close, linear_input_hessians, random_tokens, seeded_model
-
-
-def _correlated_inputs(rows: int, width: int, seed: int) -> torch.Tensor:
-    """(rows, width) float64 whose channels are mixed (correlated) and unevenly scaled."""
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(rows, width, generator=generator, dtype=torch.float64)
-    mixing = torch.randn(width, width, generator=generator, dtype=torch.float64) / width ** 0.5
-    scales = torch.rand(width, generator=generator, dtype=torch.float64) + 0.2
-    return (z @ mixing + 0.3 * z) * scales
+from zoo.testing import (
+    assert_close,
+    correlated_inputs,
+    linear_input_hessians,
+    random_tokens,
+    seeded_model,
+)
 
 
 def _weight(out_features: int, in_features: int, seed: int) -> torch.Tensor:
@@ -52,7 +49,7 @@ def _pattern_holds(weight: torch.Tensor, sparsity: Sparsity) -> bool:
 def test_sparsegpt_hits_the_exact_pattern(sparsity, width):
     """384: three blocks of 128 (126 for M=3); 0.3 of 128 is no whole number per block."""
     pattern = parse_sparsity(sparsity)
-    pruned = sparsegpt_prune(_weight(24, width, 0), _hessian(_correlated_inputs(256, width, 0)),
+    pruned = sparsegpt_prune(_weight(24, width, 0), _hessian(correlated_inputs(256, width, 0)),
                              pattern)
     assert _pattern_holds(pruned, pattern)
 
@@ -66,7 +63,7 @@ def test_sparsegpt_output_error_is_below_wanda_and_magnitude(sparsity):
     pattern = parse_sparsity(sparsity)
     versus_wanda, versus_magnitude = [], []
     for seed in range(4):
-        x, weight = _correlated_inputs(1024, 256, seed), _weight(64, 256, seed)
+        x, weight = correlated_inputs(1024, 256, seed), _weight(64, 256, seed)
 
         sparsegpt = _output_error(x, weight, sparsegpt_prune(weight, _hessian(x), pattern))
         wanda = _output_error(x, weight, weight * keep_mask(pruning_scores(
@@ -109,7 +106,7 @@ def _reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, n: int, m:
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8)])
 def test_sparsegpt_equals_a_float64_restatement_of_obs_pruning(n, m):
-    weight, hessian = _weight(12, 256, 3), _hessian(_correlated_inputs(512, 256, 3))
+    weight, hessian = _weight(12, 256, 3), _hessian(correlated_inputs(512, 256, 3))
     expected = _reference_sparsegpt(weight, hessian, n, m)
     for block_size in (128, 32):
         pruned = sparsegpt_prune(weight, hessian, Sparsity(n=n, m=m), block_size=block_size)
