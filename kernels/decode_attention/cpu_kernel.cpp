@@ -67,6 +67,14 @@ at::Tensor merge_all(const std::vector<float>& partial, int64_t B, int64_t H_kv,
   return out;
 }
 
+// q (B, H, D) in float32, times the softmax scale once: what every block of keys is scored with
+static std::vector<float> scaled_queries(const at::Tensor& q, double scale) {
+  const at::Tensor q_in = q.to(at::kFloat).contiguous();
+  std::vector<float> out(q_in.data_ptr<float>(), q_in.data_ptr<float>() + q_in.numel());
+  for (float& x : out) x *= static_cast<float>(scale);
+  return out;
+}
+
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys_t,
                                 const at::Tensor& values, double scale) {
   TORCH_CHECK(q.dim() == 3 && keys_t.dim() == 4 && values.dim() == 4,
@@ -87,11 +95,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys_t,
               "decode_attention: keys_t and values need unit stride in their last dim");
   const int64_t groups = H / H_kv;
   const int64_t n_blocks = (L + kBlock - 1) / kBlock;
-  // the query scaled once, in float32; per (b, kv head, block, query head of the group): the
-  // block's max score, its sum of exps, then the D exp-weighted values
-  const at::Tensor q_in = q.to(at::kFloat).contiguous();
-  std::vector<float> q_scaled(q_in.data_ptr<float>(), q_in.data_ptr<float>() + B * H * D);
-  for (float& x : q_scaled) x *= static_cast<float>(scale);
+  // per (b, kv head, block, query head of the group): the block's max score, its sum of exps,
+  // then the D exp-weighted values
+  std::vector<float> q_scaled = scaled_queries(q, scale);
   std::vector<float> partial(B * H_kv * n_blocks * groups * (D + 2));
   float* p_ptr = partial.data();
   if (dtype == at::kFloat) {
@@ -134,9 +140,7 @@ at::Tensor decode_attention_int8_cpu(const at::Tensor& q, const at::Tensor& k_co
               "decode_attention_int8: codes and scales need unit stride in their last dim");
   const int64_t groups = H / H_kv;
   const int64_t n_blocks = (L + kBlock - 1) / kBlock;
-  const at::Tensor q_in = q.to(at::kFloat).contiguous();
-  std::vector<float> q_scaled(q_in.data_ptr<float>(), q_in.data_ptr<float>() + B * H * D);
-  for (float& x : q_scaled) x *= static_cast<float>(scale);
+  std::vector<float> q_scaled = scaled_queries(q, scale);
   std::vector<float> partial(B * H_kv * n_blocks * groups * (D + 2));
   attend_all<int8_t>(q_scaled.data(), k_codes_t, v_codes, groups, n_blocks, partial.data(),
                      k_scales, v_scales);
