@@ -1,10 +1,13 @@
-"""`zoo bench compress`: compressed weights against their float originals and against llama.cpp.
+"""`zoo bench compress`: compressed weights against their float originals, against llama.cpp, and
+zoo's integer kernels against torch's and torchao's own.
 
     zoo bench compress            SmolLM2-135M in fp32, bf16, int8, int4 g32 (RTN and GPTQ), the
                                   GGUF file's own Q4_1 and a Q8_0 file written from it (kept
                                   quantised), Wanda 2:4 and SparseGPT 2:4; llama.cpp on the
-                                  same GGUF files; every tiny config in int8 and int4
+                                  same GGUF files; int8 and int4 g32 on torch's aten kernels
+                                  and torchao's; every tiny config in int8 and int4
     zoo bench compress --quick    attention-tiny in fp32, int8 and int4 at 128 context, eager
+                                  (torch aten and torchao rows eager too)
 
 Per SmolLM2 variant: held-out perplexity (the same consecutive windows of the default corpus's
 held-out split for every variant, as `zoo compress --eval-tokens` takes them; float32
@@ -20,6 +23,18 @@ llama.cpp runs through llama-cpp-python (the optional `bench-llamacpp` extra, bu
 with as many threads as torch uses: ms/token as the wall clock of single-token evals after a
 real prefill, and perplexity from its logits on the same token ids. Without the package its
 rows are one `skipped` row naming why.
+
+Beside zoo's own step, the same int8 and int4 g32 RTN models run on torch's weight-only kernels
+(engine "torch aten": QuantizedLinear's eager forward calls `aten._weight_int8pack_mm` and
+`aten._weight_int4pack_mm_for_cpu`; steps "eager" and "inductor", the latter
+`generate(compile="inductor")`), and zoo's float model with torchao's weight-only quantisation
+applied to the same linear layers (engine "torchao", the optional `bench-torchao` extra:
+`Int8WeightOnlyConfig`, per output channel, and on the CPU `PrototypeInt4WeightOnlyConfig`, groups
+of 32, whose Int4OpaqueTensor runs the same aten int4 kernel; torchao 0.18's
+`Int4WeightOnlyConfig` layouts need CUDA kernels). torchao quantises each model in its own dtype:
+its perplexity is a float32 model's, its decode figure a bf16 model's, quantised from bf16 weights
+(its tensors do not follow `.to(dtype)`). The native C++ step is never given a torchao model: it
+would read the subclass weights as float.
 
 The tiny configs have random weights: their perplexity sits near the vocabulary size whatever
 the format, so its relative change (and the KL divergence beside it) measures how far
@@ -58,6 +73,13 @@ INT4_PPL_TARGET = 0.05  # calibrated int4 g32 within 5%
 INT8_SPEED_TARGET = 0.6  # int8 ms/token at most 0.6x bf16's
 BOUND_TARGET = 1.3  # every quantised path within 1.3x of its read bound
 LLAMA_CPP_INSTALL = "pip install 'zoo[bench-llamacpp]' (llama-cpp-python, built from source)"
+TORCHAO_INSTALL = "pip install zoo[bench-torchao]"
+# zoo's variants also timed on torch's own weight-only kernels, and the formats torchao takes
+ATEN_VARIANTS = ("int8", "int4 g32 rtn")
+# a step as the rows name it -> generate's compile argument (never the native step: see above)
+STEP_COMPILE = {"eager": False, "inductor": "inductor"}
+FULL_STEPS = ("eager", "inductor")
+QUICK_STEPS = ("eager",)  # --quick compiles nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +123,8 @@ QUICK_VARIANTS = (Variant("fp32", "fp32"), Variant("int8", "int8", method="rtn")
                   Variant("int4 g32 rtn", "int4", 32, "rtn"))
 FAMILY_VARIANTS = (Variant("int8", "int8", method="rtn"),
                    Variant("int4 g32 rtn", "int4", 32, "rtn"))
+TORCHAO_VARIANTS = (Variant("torchao int8", "int8", method="rtn"),
+                    Variant("torchao int4 g32", "int4", 32, "rtn"))
 
 
 # --- building a variant -------------------------------------------------------------------------
@@ -206,8 +230,10 @@ def time_figures(figures: list[Figure], rounds: int, device: str) -> list[dict]:
     return [figure.finished_row() for figure in figures]
 
 
-def zoo_figure(model, row: dict, context: int, new_tokens: int, compile: bool | str) -> Figure:
-    """A figure of zoo's decode loop on `model` (warmed up here: a compiled step compiles)."""
+def zoo_figure(model, row: dict, context: int, new_tokens: int, compile: bool | str,
+               read_bytes: int | None = None) -> Figure:
+    """A figure of zoo's decode loop on `model` (warmed up here: a compiled step compiles);
+    read_bytes: what a step reads of the weights, where `decode_read_bytes` cannot count them."""
     from zoo.compression import decode_read_bytes
 
     def measure() -> tuple[float, int]:
@@ -216,7 +242,7 @@ def zoo_figure(model, row: dict, context: int, new_tokens: int, compile: bool | 
         return timing.ms_per_token, timing.state_bytes
 
     time_decode(model, context, 4, compile=compile, real_prefill=REAL_PREFILL)
-    return Figure(row, decode_read_bytes(model), measure)
+    return Figure(row, decode_read_bytes(model) if read_bytes is None else read_bytes, measure)
 
 
 # --- llama.cpp ----------------------------------------------------------------------------------
@@ -364,9 +390,10 @@ def _variant_row(model_name: str, variant: Variant, model, scores: dict, float_p
 def decode_figures(model_name: str, variants: tuple[Variant, ...], load_float: Callable,
                    load_gguf: Callable[[str], object], corpus, batches, calibration,
                    contexts: tuple[int, ...], new_tokens: int, compile: bool | str,
-                   device: str) -> list[Figure]:
+                   device: str, aten_steps: tuple[str, ...] = ()) -> list[Figure]:
     """Per variant: build it, score it on the held-out batches (float32 activations, the bf16
-    row in bf16), cast it to its decode dtype and warm a figure up per context."""
+    row in bf16), cast it to its decode dtype and warm a figure up per context; the
+    ATEN_VARIANTS also once per `aten_steps` step as engine "torch aten" (the same model)."""
     from zoo.app.bench.decode import compiled_step_kind
 
     figures, float_ppl = [], None
@@ -388,6 +415,12 @@ def decode_figures(model_name: str, variants: tuple[Variant, ...], load_float: C
         for context in contexts:
             figures.append(zoo_figure(model, {**row, "context": context, "step": step},
                                       context, new_tokens, compile))
+        for aten_step in aten_steps if variant.label in ATEN_VARIANTS else ():
+            aten_row = {**row, "engine": "torch aten",
+                        "variant": f"{variant.label} aten {aten_step}", "step": aten_step}
+            for context in contexts:
+                figures.append(zoo_figure(model, {**aten_row, "context": context}, context,
+                                          new_tokens, STEP_COMPILE[aten_step]))
     return figures
 
 
@@ -419,6 +452,114 @@ def llama_cpp_rows_or_figures(gguf_files: dict[str, Path], batches, contexts, ne
         for context in contexts:
             figures.append(llama_cpp_figure(path, {**row, "context": context}, context,
                                             new_tokens, threads, sizes, vocab_size))
+    return [], figures
+
+
+# --- torchao -------------------------------------------------------------------------------------
+
+def torchao_missing() -> str | None:
+    """Why torchao cannot run here (the package is missing), or None."""
+    try:
+        import torchao  # noqa: F401
+    except ImportError as error:
+        return f"torchao not installed: {TORCHAO_INSTALL} ({error})"
+    return None
+
+
+def torchao_config(variant: Variant):
+    """torchao's weight-only config for a TORCHAO_VARIANTS entry (a CPU int4 layout for int4).
+    set_inductor_config=False: torchao would otherwise change inductor's process-wide options,
+    and its compiled step is to run under the options zoo's runs under."""
+    if variant.weights == "int8" and variant.group_size is None:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig(set_inductor_config=False)
+    if variant.weights == "int4" and variant.group_size is not None:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        return PrototypeInt4WeightOnlyConfig(group_size=variant.group_size,
+                                             set_inductor_config=False)
+    raise ValueError(f"variant {variant.label!r}: torchao runs int8 per channel or int4 with a "
+                     f"group_size, not weights={variant.weights!r} group_size="
+                     f"{variant.group_size!r}")
+
+
+@torch.no_grad()
+def torchao_quantize(model: torch.nn.Module, variant: Variant) -> list[str]:
+    """Quantise, in place and in the model's own dtype, the linear layers zoo's quantize_model
+    takes with torchao's weight-only config for `variant`; returns the layers left float."""
+    from torchao.quantization import quantize_
+
+    from zoo.compression import linear_targets
+
+    left_float = (ungroupable_layers(model, variant.group_size)
+                  if variant.group_size is not None else [])
+    targets = {name for name, _ in linear_targets(model)} - set(left_float)
+    quantize_(model, torchao_config(variant), filter_fn=lambda module, name: name in targets)
+    return left_float
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a tensor holds: a tensor subclass's (torchao's) inner tensors, summed."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names
+                   if getattr(tensor, name) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
+def torchao_sizes(model: torch.nn.Module) -> dict:
+    """A torchao-quantised model's weight bytes (every parameter once, its codes and scales as
+    stored) and what a decode step reads of them (an embedding table the head does not share
+    one row per token), as `decode_read_bytes` counts a zoo model's."""
+    total = sum(stored_bytes(p) for p in model.parameters())  # tied parameters once
+    table = model.get_input_embeddings().weight
+    read = total
+    if model.get_output_embeddings().weight is not table:
+        read -= stored_bytes(table) - stored_bytes(table[0])
+    return {"weight_bytes": total, "read_bytes": read}
+
+
+def torchao_rows_or_figures(model_name: str, load_float: Callable, batches,
+                            contexts: tuple[int, ...], new_tokens: int, float_ppl: float | None,
+                            steps: tuple[str, ...], device: str
+                            ) -> tuple[list[dict], list[Figure]]:
+    """([a skipped row naming why], []) without torchao; else ([], a figure per
+    TORCHAO_VARIANTS entry, step and context): perplexity of the float32 model quantised by
+    torchao, decode of the bf16 one (module doc)."""
+    missing = torchao_missing()
+    if missing is not None:
+        return [{"kind": "skipped", "engine": "torchao", "model": model_name,
+                 "reason": missing}], []
+    import torchao
+
+    from zoo.compression import logical_parameters
+
+    figures = []
+    for variant in TORCHAO_VARIANTS:
+        scored = load_float()
+        torchao_quantize(scored, variant)
+        scores = held_out_scores(scored, batches)
+        del scored
+        model = load_float().to(device=device, dtype=torch.bfloat16).eval()
+        left_float = torchao_quantize(model, variant)
+        sizes = torchao_sizes(model)
+        row = {"kind": "decode", "engine": "torchao", "model": model_name,
+               "weights": variant.weights, "group_size": variant.group_size,
+               "method": variant.method, "prune": None, "sparsity": None, "dtype": "bfloat16",
+               "ppl": scores["ppl"], "ppl_tokens": scores["tokens"],
+               "ppl_change": None if float_ppl is None else scores["ppl"] / float_ppl - 1,
+               "weight_bytes": sizes["weight_bytes"],
+               "bytes_per_weight": sizes["weight_bytes"] / logical_parameters(model),
+               "left_float": len(left_float), "threads": torch.get_num_threads(),
+               "torchao": torchao.__version__}
+        for step in steps:
+            step_row = {**row, "variant": f"{variant.label} {step}", "step": step}
+            for context in contexts:
+                figures.append(zoo_figure(model, {**step_row, "context": context}, context,
+                                          new_tokens, STEP_COMPILE[step], sizes["read_bytes"]))
     return [], figures
 
 
@@ -492,10 +633,16 @@ def compress_rows(options: BenchOptions) -> list[dict]:
         corpus = _corpus(QUICK_MODEL, ByteTokenizer(), QUICK_CORPUS_BYTES)
         batches = held_out_batches(corpus[1], QUICK_EVAL_TOKENS, SEQ_LEN)
         figures = decode_figures(QUICK_MODEL, QUICK_VARIANTS, load_tiny, None, corpus, batches,
-                                 None, (CONTEXTS[0],), QUICK_NEW_TOKENS, False, options.device)
-        rows = time_figures(figures, rounds, options.device)
+                                 None, (CONTEXTS[0],), QUICK_NEW_TOKENS, False, options.device,
+                                 QUICK_STEPS)
+        float_ppl = next((f.row["ppl"] for f in figures if f.row["weights"] == "fp32"), None)
+        torchao_skipped, torchao_figures = torchao_rows_or_figures(
+            QUICK_MODEL, load_tiny, batches, (CONTEXTS[0],), QUICK_NEW_TOKENS, float_ppl,
+            QUICK_STEPS, options.device)
+        rows = time_figures(figures + torchao_figures, rounds, options.device)
         rows.append({"kind": "skipped", "engine": "llama.cpp", "model": SMOLLM2,
                      "reason": "--quick runs neither SmolLM2 nor llama.cpp"})
+        rows += torchao_skipped
         return rows + family_rows([QUICK_MODEL], QUICK_EVAL_TOKENS, options.budget_s, corpus)
 
     from transformers import AutoTokenizer
@@ -513,11 +660,15 @@ def compress_rows(options: BenchOptions) -> list[dict]:
         figures = decode_figures(
             SMOLLM2, SMOLLM2_VARIANTS, lambda: from_hf(SMOLLM2),
             lambda format: from_hf(gguf_files[format], quantized=True), corpus, batches,
-            calibration, CONTEXTS, NEW_TOKENS, True, options.device)
+            calibration, CONTEXTS, NEW_TOKENS, True, options.device, FULL_STEPS)
         float_ppl = next((f.row["ppl"] for f in figures if f.row["weights"] == "fp32"), None)
         skipped, llama_figures = llama_cpp_rows_or_figures(
             gguf_files, batches, CONTEXTS, NEW_TOKENS, tokenizer.vocab_size, float_ppl)
-        rows = time_figures(figures + llama_figures, rounds, options.device) + skipped
+        torchao_skipped, torchao_figures = torchao_rows_or_figures(
+            SMOLLM2, lambda: from_hf(SMOLLM2), batches, CONTEXTS, NEW_TOKENS, float_ppl,
+            FULL_STEPS, options.device)
+        rows = (time_figures(figures + llama_figures + torchao_figures, rounds, options.device)
+                + skipped + torchao_skipped)
     return rows + family_rows(_tiny_names(), EVAL_TOKENS, options.budget_s)
 
 
@@ -592,6 +743,44 @@ def target_sentences(rows: list[dict]) -> list[str]:
     return lines
 
 
+def kernel_sentences(rows: list[dict]) -> list[str]:
+    """Per format and context, zoo's own step's ms/token beside torch's aten kernels' and
+    torchao's at each step (x: their ms/token over zoo's), and torchao's perplexity beside
+    zoo's; an engine without rows is said to be missing, with a skipped row's reason."""
+    lines = []
+    decode = [r for r in rows if r.get("kind") == "decode"]
+    contexts = sorted({r["context"] for r in decode})
+    for weights, zoo_variant in (("int8", "int8"), ("int4", "int4 g32 rtn")):
+        for context in contexts:
+            zoo_row = _find(rows, zoo_variant, context)
+            if zoo_row is None:
+                continue
+            parts = [f"zoo {zoo_row['ms_per_token']:.2f} ({zoo_row['step']})"]
+            if zoo_row["step"] == "eager":  # --quick: zoo's eager step is QuantizedLinear's
+                parts[0] += ", torch aten's kernels too"
+            for engine in ("torch aten", "torchao"):
+                found = [r for r in decode if r["engine"] == engine and r["weights"] == weights
+                         and r["context"] == context]
+                if not found:
+                    skipped = next((r for r in rows if r.get("kind") == "skipped"
+                                    and r.get("engine") == engine), None)
+                    parts.append(f"{engine} not measured"
+                                 + (f" ({skipped['reason']})" if skipped else ""))
+                    continue
+                parts.append(f"{engine} " + ", ".join(
+                    f"{r['ms_per_token']:.2f} ({r['step']}, "
+                    f"x{r['ms_per_token'] / zoo_row['ms_per_token']:.2f})" for r in found))
+            lines.append(f"{zoo_row['model']} {zoo_variant} at {context} context, ms/token: "
+                         + "; ".join(parts) + ".")
+        zoo_row = _find(rows, zoo_variant)
+        torchao = next((r for r in decode if r["engine"] == "torchao"
+                        and r["weights"] == weights), None)
+        if zoo_row is not None and torchao is not None:
+            lines.append(f"{zoo_row['model']} {zoo_variant} perplexity: zoo {zoo_row['ppl']:.3f}, "
+                         f"torchao {torchao['ppl']:.3f}.")
+    return lines
+
+
 REPORT_COLUMNS = ("engine", "variant", "context", "step", "ppl", "ppl_change", "weight_bytes",
                   "bytes_per_weight", "ms_per_token", "bound_ms", "x_bound", "read_GB_per_s")
 FAMILY_COLUMNS = ("model", "variant", "ppl", "ppl_change", "kl_nats", "weight_bytes",
@@ -619,12 +808,21 @@ def compress_report(rows: list[dict]) -> str:
     for r in rows:
         if r.get("kind") == "skipped":
             parts.append(f"Skipped {r['engine']} ({r['model']}): {r['reason']}.")
+    kernels = kernel_sentences(rows)
+    if kernels:
+        parts += ["", "## zoo's step beside torch's aten kernels and torchao's (same threads, "
+                  "same run; x: their ms/token over zoo's)", ""] + [f"- {line}" for line in kernels]
     parts += ["", "## The issue's targets", ""] + [f"- {line}" for line in target_sentences(rows)]
     return "\n".join(parts)
 
 
+# (marker, size, colour) per engine on the plot
+ENGINE_MARKERS = {"zoo": ("o", 40, "tab:blue"), "llama.cpp": ("*", 140, "tab:red"),
+                  "torch aten": ("^", 50, "tab:green"), "torchao": ("s", 40, "tab:orange")}
+
+
 def compress_plot(rows: list[dict], path: Path) -> None:
-    """ms/token against bytes per weight, one panel per context, llama.cpp's points marked."""
+    """ms/token against bytes per weight, one panel per context, each engine's points marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -637,15 +835,16 @@ def compress_plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.5), squeeze=False)
     for ax, context in zip(axes[0], contexts):
         for r in (r for r in decode if r["context"] == context):
-            llama = r["engine"] == "llama.cpp"
-            ax.scatter(r["bytes_per_weight"], r["ms_per_token"], marker="*" if llama else "o",
-                       s=140 if llama else 40, color="tab:red" if llama else "tab:blue")
+            marker, size, colour = ENGINE_MARKERS[r["engine"]]
+            ax.scatter(r["bytes_per_weight"], r["ms_per_token"], marker=marker, s=size,
+                       color=colour)
             ax.annotate(r["variant"], (r["bytes_per_weight"], r["ms_per_token"]), fontsize=7,
                         xytext=(4, 2), textcoords="offset points")
         ax.set_xlabel("bytes per weight (stored)")
         ax.set_ylabel("decode ms/token")
         ax.set_title(f"{', '.join(dict.fromkeys(r['model'] for r in decode))}, "
-                     f"{context} context (red stars: llama.cpp)", fontsize=9)
+                     f"{context} context (red stars: llama.cpp, green triangles: torch aten, "
+                     "orange squares: torchao)", fontsize=9)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -655,8 +854,8 @@ def compress_plot(rows: list[dict], path: Path) -> None:
 @register_bench(
     "compress",
     "SmolLM2-135M compressed (int8, int4 RTN/GPTQ, GGUF Q4_1/Q8_0, Wanda/SparseGPT 2:4): "
-    "perplexity, bytes, decode ms/token at 128 and 2k vs the read bound and llama.cpp; every "
-    "tiny config in int8 and int4",
+    "perplexity, bytes, decode ms/token at 128 and 2k vs the read bound, llama.cpp, torch's aten "
+    "int8/int4 kernels and torchao; every tiny config in int8 and int4",
     plot=compress_plot,
     report=compress_report,
 )

@@ -1,5 +1,7 @@
 """`zoo bench compress`: the quick run's rows, the targets its report checks, the read bound it
-pairs with each run, the Q8_0 file it writes for llama.cpp, and llama.cpp skipped with a reason."""
+pairs with each run, the Q8_0 file it writes for llama.cpp, llama.cpp skipped with a reason, and
+the rows of torch's aten kernels and of torchao (its test runs only where the optional
+`bench-torchao` extra is installed, which `make test` and CI do not install)."""
 
 import json
 import sys
@@ -27,7 +29,8 @@ def test_quick_run_writes_every_field_of_every_row(tmp_path):
     load_entries()
     record = run_bench("compress", BenchOptions(quick=True, out_dir=tmp_path))
     rows = json.loads((tmp_path / "compress.json").read_text())["rows"]
-    decode = [r for r in rows if r["kind"] == "decode"]
+    every_decode = [r for r in rows if r["kind"] == "decode"]
+    decode = [r for r in every_decode if r["engine"] == "zoo"]
     assert [r["variant"] for r in decode] == ["fp32", "int8", "int4 g32 rtn"]
     for row in decode:
         missing = [f for f in DECODE_FIELDS if row.get(f) is None]
@@ -53,7 +56,22 @@ def test_quick_run_writes_every_field_of_every_row(tmp_path):
     assert 0 < family[1]["kl_nats"] < family[2]["kl_nats"]  # int4 moves the logits more
     skipped = [r for r in rows if r["kind"] == "skipped"]
     assert skipped and skipped[0]["engine"] == "llama.cpp" and skipped[0]["reason"]
-    assert "## The issue's targets" in (tmp_path / "compress.md").read_text()
+    # the int8 and int4 models again, on torch's aten kernels: the same weights, eager
+    aten = [r for r in every_decode if r["engine"] == "torch aten"]
+    assert [r["variant"] for r in aten] == ["int8 aten eager", "int4 g32 rtn aten eager"]
+    for row, zoo_variant in zip(aten, ("int8", "int4 g32 rtn")):
+        missing = [f for f in DECODE_FIELDS if row.get(f) is None]
+        assert not missing, f"{row['variant']}: no {missing}"
+        assert row["step"] == "eager" and row["context"] == 128
+        for field in ("ppl", "weight_bytes", "bytes_per_weight", "weights"):
+            assert row[field] == by_variant[zoo_variant][field], field
+    # torchao: its rows where it is installed, else a skipped row saying how to install it
+    torchao = [r for r in every_decode if r["engine"] == "torchao"]
+    torchao_skipped = [r for r in skipped if r["engine"] == "torchao"]
+    assert len(torchao) == 2 or "pip install zoo[bench-torchao]" in torchao_skipped[0]["reason"]
+    report = (tmp_path / "compress.md").read_text()
+    assert "attention-tiny int8 at 128 context, ms/token: zoo " in report
+    assert "## The issue's targets" in report
     assert record.get("png") is None or (tmp_path / "compress.png").stat().st_size > 0
 
 
@@ -100,6 +118,117 @@ def test_llama_cpp_missing_is_a_skipped_row_and_the_targets_say_why(monkeypatch)
     assert "Skipped llama.cpp (smollm2-135m): llama-cpp-python is not installed" in report
     assert ("zoo faster than llama.cpp on the same Q4_1 file at 128 context: not measured "
             "(llama-cpp-python is not installed") in report
+
+
+def test_kernel_sentences_set_torch_and_torchao_beside_zoos_step():
+    rows = [_row("int8", 10.05, 4.0, x_bound=1.2),
+            _row("int8 aten eager", 10.05, 6.0, weights="int8", engine="torch aten"),
+            _row("int8 aten inductor", 10.05, 5.0, weights="int8", engine="torch aten"),
+            _row("torchao int8 inductor", 10.07, 8.0, weights="int8", engine="torchao"),
+            _row("int4 g32 rtn", 10.4, 2.0, weights="int4"),
+            _row("int4 g32 rtn aten eager", 10.4, 3.0, weights="int4", engine="torch aten")]
+    steps = {"int8": "native", "int8 aten eager": "eager", "int8 aten inductor": "inductor",
+             "torchao int8 inductor": "inductor", "int4 g32 rtn": "native",
+             "int4 g32 rtn aten eager": "eager"}
+    rows = [dict(r, step=steps[r["variant"]]) for r in rows]
+    rows.append({"kind": "skipped", "engine": "torchao", "model": "smollm2-135m",
+                 "reason": "torchao not installed: pip install zoo[bench-torchao]"})
+    assert bench.kernel_sentences(rows) == [
+        "smollm2-135m int8 at 128 context, ms/token: zoo 4.00 (native); torch aten 6.00 (eager, "
+        "x1.50), 5.00 (inductor, x1.25); torchao 8.00 (inductor, x2.00).",
+        "smollm2-135m int8 perplexity: zoo 10.050, torchao 10.070.",
+        "smollm2-135m int4 g32 rtn at 128 context, ms/token: zoo 2.00 (native); torch aten 3.00 "
+        "(eager, x1.50); torchao not measured (torchao not installed: pip install "
+        "zoo[bench-torchao])."]
+
+
+def test_aten_rows_run_eager_and_inductor_never_the_native_step(monkeypatch):
+    made = []
+    monkeypatch.setattr(bench, "zoo_figure", lambda model, row, context, new_tokens, compile:
+                        made.append((row["engine"], row["variant"], row["step"], compile)))
+
+    def load_tiny():
+        torch.manual_seed(0)
+        return zoo.ZooForCausalLM(zoo.load_config("attention-tiny")).eval()
+
+    batches = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))]
+    bench.decode_figures("attention-tiny", bench.QUICK_VARIANTS, load_tiny, None, None, batches,
+                         None, (128,), 4, False, "cpu", bench.FULL_STEPS)
+    aten = [m for m in made if m[0] == "torch aten"]
+    assert aten == [("torch aten", "int8 aten eager", "eager", False),
+                    ("torch aten", "int8 aten inductor", "inductor", "inductor"),
+                    ("torch aten", "int4 g32 rtn aten eager", "eager", False),
+                    ("torch aten", "int4 g32 rtn aten inductor", "inductor", "inductor")]
+    assert [m[1] for m in made if m[0] == "zoo"] == ["fp32", "int8", "int4 g32 rtn"]
+
+
+def test_torchao_missing_is_a_skipped_row_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` raises ImportError
+    skipped, figures = bench.torchao_rows_or_figures("attention-tiny", None, [], (128,), 4, None,
+                                                     bench.QUICK_STEPS, "cpu")
+    assert figures == []
+    assert skipped[0]["kind"] == "skipped" and skipped[0]["engine"] == "torchao"
+    assert skipped[0]["reason"].startswith("torchao not installed: pip install zoo[bench-torchao]")
+    report = bench.compress_report([dict(_row("int8", 10.0, 4.0, x_bound=1.2), step="native")]
+                                   + skipped)
+    assert "Skipped torchao (attention-tiny): torchao not installed: pip install" in report
+    assert "torchao not measured (torchao not installed: pip install zoo[bench-torchao]" in report
+
+
+def test_torchao_rows_quantise_zoos_linears_and_count_their_stored_bytes(monkeypatch):
+    pytest.importorskip("torchao")  # the optional bench-torchao extra: not in make test or CI
+    from zoo.compression import decode_read_bytes, linear_targets, weight_bytes
+
+    made = []
+
+    def record(model, row, context, new_tokens, compile, read_bytes=None):
+        made.append((model, row, compile, read_bytes))
+
+    monkeypatch.setattr(bench, "zoo_figure", record)
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    models = []
+
+    def load_tiny():
+        torch.manual_seed(0)
+        models.append(zoo.ZooForCausalLM(zoo.load_config("attention-tiny")).eval())
+        return models[-1]
+
+    batches = [torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))]
+    skipped, _ = bench.torchao_rows_or_figures("attention-tiny", load_tiny, batches, (128,), 4,
+                                               None, bench.FULL_STEPS, "cpu")
+    assert skipped == []
+    # torchao's quantize_ left inductor's process-wide options as zoo's compiled steps have them
+    assert inductor_config.coordinate_descent_tuning is False
+    assert [(row["variant"], row["step"], compile) for _, row, compile, _ in made] == [
+        ("torchao int8 eager", "eager", False), ("torchao int8 inductor", "inductor", "inductor"),
+        ("torchao int4 g32 eager", "eager", False),
+        ("torchao int4 g32 inductor", "inductor", "inductor")]
+    for (model, row, _, read_bytes), variant in zip(made[::2], bench.TORCHAO_VARIANTS):
+        missing = [f for f in ("ppl", "weight_bytes", "bytes_per_weight", "torchao")
+                   if row.get(f) is None]
+        assert not missing, f"{row['variant']}: no {missing}"
+        assert row["engine"] == "torchao" and row["dtype"] == "bfloat16"
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        # every linear zoo quantises holds torchao's codes; the embedding table stays float
+        quantised = [name for name, linear in linear_targets(model)
+                     if type(linear.weight).__name__ != "Parameter"]
+        assert quantised == [name for name, _ in linear_targets(model)]
+        # stored bytes: int8 codes about 1 byte a weight, int4 about half (float tensors beside)
+        zoo_model = load_tiny().to(torch.bfloat16)
+        bench.compress_variant(zoo_model, bench.Variant(variant.label, variant.weights,
+                                                        variant.group_size, "rtn"), None)
+        assert row["weight_bytes"] == pytest.approx(weight_bytes(zoo_model), rel=0.05)
+        assert read_bytes == pytest.approx(decode_read_bytes(zoo_model), rel=0.05)
+        # the same round-to-nearest grids as zoo's: perplexity within a rounding of zoo's
+        zoo_scored = load_tiny()
+        bench.compress_variant(zoo_scored, bench.Variant(variant.label, variant.weights,
+                                                         variant.group_size, "rtn"), None)
+        zoo_ppl = bench.held_out_scores(zoo_scored, batches)["ppl"]
+        assert row["ppl"] == pytest.approx(zoo_ppl, rel=1e-3)
+        assert row["ppl"] != pytest.approx(bench.held_out_scores(load_tiny(), batches)["ppl"],
+                                           rel=1e-7)  # the scored model was quantised
 
 
 def test_a_figure_sets_each_run_against_the_bandwidth_measured_before_it(monkeypatch):
