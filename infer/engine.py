@@ -38,9 +38,13 @@ import operator
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
+from zoo.kernels import causal_conv1d
+from zoo.kernels.linear_attention.torch_chunked import log_decay_floor
 from zoo.layers import MixerState
 from zoo.layers.attention import Attention, AttentionState
+from zoo.layers.mamba2 import Mamba2, Mamba2State
 from zoo.model import ZooForCausalLM
 
 from .generate import check_length_limit
@@ -134,17 +138,28 @@ class _SlotPool:
     tensors: dict[str, torch.Tensor]
     positioned: bool = False
 
-    def gather(self, slots: torch.Tensor, positions: torch.Tensor | int) -> MixerState:
-        changes = {name: t.index_select(0, slots) for name, t in self.tensors.items()}
+    def gather(self, slots: torch.Tensor, positions: torch.Tensor | int,
+               span: slice | None = None) -> MixerState:
+        """The rows' state. `span`: the rows' slots as one range of the pool, in order; the
+        state's tensors are then views of the pool, no copy, which a step writing its state in
+        place updates where it lives."""
+        if span is not None:
+            changes = {name: t[span] for name, t in self.tensors.items()}
+        else:
+            changes = {name: t.index_select(0, slots) for name, t in self.tensors.items()}
         if self.positioned:
             per_row = isinstance(positions, torch.Tensor)
             changes.update(position=0 if per_row else positions,
                            next_positions=positions if per_row else None)
         return dataclasses.replace(self.template, **changes)
 
-    def scatter(self, slots: torch.Tensor, state: MixerState) -> None:
+    def scatter(self, slots: torch.Tensor, state: MixerState, span: slice | None = None) -> None:
         for name, t in self.tensors.items():
-            t.index_copy_(0, slots, getattr(state, name))
+            new = getattr(state, name)
+            if span is None:
+                t.index_copy_(0, slots, new)
+            elif new.data_ptr() != t[span].data_ptr():  # not the pool's own rows, updated
+                t[span].copy_(new)
 
 
 @dataclasses.dataclass(eq=False)
@@ -449,6 +464,15 @@ class Engine:
         """ZooModel's forward over the engine's stores: ids (B, T) -> the last position's logits
         (B, V). `paged` is (positions, block tables) for a decode step (T = 1), None for a
         prefill chunk (one row)."""
+        order, span = _slot_order([s.slot for s in rows])
+        if order is not None:  # rows taken in slot order, so their states are one pool range
+            rows = [rows[i] for i in order]
+            index = torch.tensor(order, device=ids.device)
+            ids, slots = ids.index_select(0, index), slots.index_select(0, index)
+            if paged is not None:
+                paged = (paged[0].index_select(0, index), paged[1].index_select(0, index))
+            logits = self._forward(ids, rows, slots, paged)
+            return logits.index_select(0, torch.argsort(index))
         core = self.model.model
         x = core.embed_tokens(ids)
         if core.embed_norm is not None:
@@ -463,26 +487,30 @@ class Engine:
                 h = self._attention(i, block.mixer, h, rows, paged)
             else:
                 h = self._stateful(i, "mixer", mixer_kind, block.mixer, h, rows, slots,
-                                   positions, context)
+                                   positions, context, span)
             x = x + h
             if block.ffn is not None:
                 h = self._stateful(i, "ffn", ffn_kind, block.ffn, block.ffn_norm(x), rows, slots,
-                                   positions, None)
+                                   positions, None, span)
                 x = x + h
         return self.model.lm_head(core.norm(x[:, -1:])[:, 0])
 
     def _stateful(self, layer: int, which: str, kind: str, module: torch.nn.Module,
                   h: torch.Tensor, rows: list[_Sequence], slots: torch.Tensor,
-                  positions: torch.Tensor | int, context: dict | None) -> torch.Tensor:
+                  positions: torch.Tensor | int, context: dict | None,
+                  span: slice | None = None) -> torch.Tensor:
         extra = {"context": context} if getattr(module, "takes_forward_context", False) else {}
         if kind == _STATELESS:
             return module(h, None, **extra)[0]
         if kind == _SLOTS:
             pool = self._slot_pools[layer, which]
             # a request's first chunk starts from None, as generate's prefill does
-            state = None if rows[0].cached == 0 else pool.gather(slots, positions)
-            y, state = module(h, state, **extra)
-            pool.scatter(slots, state)
+            state = None if rows[0].cached == 0 else pool.gather(slots, positions, span)
+            if state is not None and h.shape[1] == 1 and type(module) is Mamba2:
+                y = mamba2_step_in_place(module, h, state)
+            else:
+                y, state = module(h, state, **extra)
+            pool.scatter(slots, state, span)
             return y
         outputs = []
         for row, s in enumerate(rows):
@@ -513,6 +541,50 @@ class Engine:
                       state.k_t[0, :, :, past: past + T].permute(2, 0, 1),
                       state.v[0, :, past: past + T].transpose(0, 1))
         return y
+
+
+def _slot_order(slots: list[int]) -> tuple[list[int] | None, slice | None]:
+    """(the order that sorts the rows by slot, None if sorted already; the slots as one range
+    of the pool, None if they are not one)."""
+    ordered = sorted(slots)
+    if ordered[-1] - ordered[0] != len(slots) - 1:
+        return None, None
+    order = None if ordered == slots else sorted(range(len(slots)), key=slots.__getitem__)
+    return order, slice(ordered[0], ordered[-1] + 1)
+
+
+def mamba2_step_in_place(mixer: Mamba2, x: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+    """`Mamba2.forward` of one token, x (B, 1, d_model) -> y (B, 1, d_model), with `state`
+    updated in place rather than returned anew: its ops are the mixer's T = 1 path
+    (causal_conv1d's step, linear_attention's recurrence), less the copies. At 16 rows of
+    mamba2-130m the SSM state is 13 MB a layer, and the recurrence's new state, its outer
+    product and the sum of both were each a fresh 13 MB tensor (fresh pages, page faults)
+    per layer and step; here the state is decayed and added to where it lives."""
+    z, xBC, dt = mixer.in_proj(x).split([mixer.d_inner, mixer.conv_dim, mixer.n_heads], dim=-1)
+    xBC, conv_state = causal_conv1d(
+        xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, activation="silu",
+        initial_state=state.conv_state, output_final_state=True)
+    state.conv_state.copy_(conv_state)
+    group_channels = mixer.n_groups * mixer.d_state
+    xs, B, C = xBC[:, 0].split([mixer.d_inner, group_channels, group_channels], dim=-1)
+    dt = F.softplus(dt[:, 0].float() + mixer.dt_bias.float())  # (B, H)
+    if mixer.dt_limit is not None:
+        dt = dt.clamp(*mixer.dt_limit)
+    ssm = state.ssm_state  # (B, H, N, P), float32 (float64 for float64)
+    dtype, rows, heads_per_group = ssm.dtype, x.shape[0], mixer.n_heads // mixer.n_groups
+    xs = xs.reshape(rows, mixer.n_heads, mixer.head_dim)
+    log_decay = (dt * -torch.exp(mixer.A_log.float())).to(dtype).clamp(min=log_decay_floor(dtype))
+    values = (xs * dt[..., None].to(xs.dtype)).to(dtype)
+    # heads grouped (B, G, H / G, N, P): each group's B and C serve its heads by broadcasting
+    grouped = ssm.view(rows, mixer.n_groups, heads_per_group, mixer.d_state, mixer.head_dim)
+    ssm.mul_(torch.exp(log_decay)[:, :, None, None])
+    keys = B.reshape(rows, mixer.n_groups, 1, mixer.d_state, 1).to(dtype)
+    grouped.addcmul_(keys, values.view(rows, mixer.n_groups, heads_per_group, 1, -1))
+    queries = C.reshape(rows, mixer.n_groups, 1, 1, mixer.d_state).to(dtype)
+    y = torch.matmul(queries, grouped).reshape(rows, mixer.n_heads, mixer.head_dim)
+    y = y.to(xs.dtype) + xs * mixer.D.to(xs.dtype)[:, None]
+    y = mixer.norm(y.reshape(rows, 1, mixer.d_inner), z)
+    return mixer.out_proj(y)
 
 
 def _store_for(module: torch.nn.Module | None, one: MixerState | None,
