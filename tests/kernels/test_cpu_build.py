@@ -39,10 +39,18 @@ def test_a_failed_build_warns_with_the_compilers_error_and_returns_false(tmp_pat
         assert cpu_build.build("zoo_test_kernel", [source], "the test kernel") is False
 
 
-def test_a_real_compiler_error_is_caught(tmp_path):
+def test_a_real_compiler_error_is_caught_and_quoted(tmp_path_factory, monkeypatch):
+    # a flag the compiler rejects (as an old one rejects -mavx512f) fails before any parsing,
+    # where an error in the source would first cost a parse of torch's headers (~20 s); the
+    # build folder's name holds no "error", which would put the command line in the warning
+    tmp_path = tmp_path_factory.mktemp("broken_kernel")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    capability = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(cpu_build, "_CAPABILITY_FLAGS", {capability: ["-mno-such-vector-unit"]})
     source = tmp_path / "kernel.cpp"
-    source.write_text("this is not C++\n")
-    with pytest.warns(RuntimeWarning, match="the broken kernel did not build"):
+    source.write_text("// the kernel\n")
+    with pytest.warns(RuntimeWarning, match=r"the broken kernel did not build \(RuntimeError: "
+                      r".*error: .*-mno-such-vector-unit"):
         assert cpu_build.build("zoo_test_broken_kernel", [source], "the broken kernel") is False
 
 
