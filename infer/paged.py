@@ -1,8 +1,11 @@
 """Attention's KV cache in a pool of fixed-size blocks, as vLLM's PagedAttention keeps it.
 
-Every attention layer owns two tensors (N, block_size, H_kv, D), keys and values, and a
-sequence owns a list of block ids (its block table): token t of the sequence lives in block
-table[t // block_size] at offset t % block_size, in every attention layer at once. A finished
+Every attention layer owns two tensors, keys (N, H_kv, D, block_size) (transposed) and values
+(N, H_kv, block_size, D), and a sequence owns a list of block ids (its block table): token t of
+the sequence lives in block table[t // block_size] at offset t % block_size, in every attention
+layer at once. A block's keys are laid out as the native step's attention reads them (each
+dimension's block_size scores one vector product, as zoo.kernels' contiguous k_t); the same
+layout with one block a row is the native step's contiguous cache. A finished
 sequence hands its blocks back and the next one reuses them: memory follows the tokens actually
 held, never a per-sequence maximum, and nothing is ever copied to grow a cache.
 """
@@ -33,9 +36,10 @@ class KVBlockPool:
             # left unwritten: a block is zeroed when first handed out (`allocate`), so the
             # memory of blocks never used is never touched, and the operating system commits
             # only what sequences actually use
-            shape = (num_blocks, block_size, heads, head_dim)
-            self.keys[layer] = torch.empty(shape, dtype=dtype, device=device)
-            self.values[layer] = torch.empty(shape, dtype=dtype, device=device)
+            self.keys[layer] = torch.empty((num_blocks, heads, head_dim, block_size),
+                                           dtype=dtype, device=device)
+            self.values[layer] = torch.empty((num_blocks, heads, block_size, head_dim),
+                                             dtype=dtype, device=device)
         self._never_used = torch.ones(num_blocks, dtype=torch.bool)
         # handed out from the end, so the lowest ids go first (easier to read in tests and logs)
         self._free = list(range(num_blocks - 1, -1, -1))
@@ -54,7 +58,8 @@ class KVBlockPool:
 
     def bytes_per_token(self) -> int:
         """KV bytes one token takes over all attention layers."""
-        return sum(2 * k[0, 0].numel() * k.element_size() for k in self.keys.values())
+        return sum(2 * k[0].numel() // self.block_size * k.element_size()
+                   for k in self.keys.values())
 
     def allocate(self, count: int) -> list[int]:
         """`count` free block ids; a ValueError when fewer are free (callers check first)."""
@@ -85,12 +90,11 @@ class KVBlockPool:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (T, H_kv, D) into the flat token `slots` (T,) of `layer`'s blocks."""
-        heads, head_dim = self.keys[layer].shape[2:]
-        self.keys[layer].view(-1, heads, head_dim).index_copy_(0, slots, k)
-        self.values[layer].view(-1, heads, head_dim).index_copy_(0, slots, v)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        self.keys[layer][blocks, :, :, offsets] = k.to(self.keys[layer].dtype)
+        self.values[layer][blocks, :, offsets] = v.to(self.values[layer].dtype)
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values at the flat token `slots` (T,) of `layer`: each (T, H_kv, D)."""
-        heads, head_dim = self.keys[layer].shape[2:]
-        return (self.keys[layer].view(-1, heads, head_dim).index_select(0, slots),
-                self.values[layer].view(-1, heads, head_dim).index_select(0, slots))
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        return self.keys[layer][blocks, :, :, offsets], self.values[layer][blocks, :, offsets]

@@ -682,21 +682,25 @@ class Attention(Mixer):
         d_model).
 
         positions (B,) long: each row's cached tokens, which is the new token's position.
-        key_blocks, value_blocks (N, block_size, H_kv, D): the new keys and values are written
-        into them in place. block_tables (B, M) long: each row's block ids in order, covering
-        its position; entries past it are read and masked out, so any valid id may fill them.
+        key_blocks (N, H_kv, D, block_size), keys transposed, and value_blocks (N, H_kv,
+        block_size, D) (zoo.infer.paged's layout): the new keys and values are written into
+        them in place. block_tables (B, M) long: each row's block ids in order, covering its
+        position; entries past it are read and masked out, so any valid id may fill them.
         """
-        B, H, D, block_size = x.shape[0], self.n_kv_heads, self.head_dim, key_blocks.shape[1]
+        B, H, D, block_size = x.shape[0], self.n_kv_heads, self.head_dim, key_blocks.shape[-1]
         q, k = self._queries_keys(x, positions=positions[:, None])
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=D)
-        slots = (block_tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size
-                 + positions % block_size)
-        key_blocks.view(-1, H, D).index_copy_(0, slots, k[:, 0])
-        value_blocks.view(-1, H, D).index_copy_(0, slots, v[:, 0])
+        written = block_tables.gather(1, (positions // block_size)[:, None])[:, 0]
+        offsets = positions % block_size
+        key_blocks[written, :, :, offsets] = k[:, 0].to(key_blocks.dtype)
+        value_blocks[written, :, offsets] = v[:, 0].to(value_blocks.dtype)
         # index_select, not key_blocks[block_tables]: the same gather, several times faster
-        blocks, length = block_tables.reshape(-1), block_tables.shape[1] * block_size
-        keys = key_blocks.index_select(0, blocks).view(B, length, H, D).transpose(1, 2)
-        values = value_blocks.index_select(0, blocks).view(B, length, H, D).transpose(1, 2)
+        blocks, width = block_tables.reshape(-1), block_tables.shape[1]
+        length = width * block_size
+        keys_t = (key_blocks.index_select(0, blocks).view(B, width, H, D, block_size)
+                  .permute(0, 2, 3, 1, 4).reshape(B, H, D, length))
+        values = (value_blocks.index_select(0, blocks).view(B, width, H, block_size, D)
+                  .transpose(1, 2).reshape(B, H, length, D))
         key_index = torch.arange(length, device=x.device)[None, :]
         allowed = key_index <= positions[:, None]
         if self.window is not None:
@@ -705,7 +709,7 @@ class Attention(Mixer):
         # which repeats K and V per query head and ran several times slower at 16 rows; here
         # the query heads of a KV head share its keys (B, H_kv, group, D) @ (B, H_kv, D, L)
         queries = q[:, 0].reshape(B, H, self.n_heads // H, D)
-        scores = torch.matmul(queries, keys.transpose(2, 3)).float() * D**-0.5
+        scores = torch.matmul(queries, keys_t).float() * D**-0.5
         scores.masked_fill_(~allowed[:, None, None, :], float("-inf"))
         weights = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(weights, values).reshape(B, 1, self.n_heads * D)

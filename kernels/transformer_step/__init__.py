@@ -40,9 +40,10 @@ def transformer_decode_step(
     layer_weights: list[torch.Tensor | None],
     globals_: list[torch.Tensor | None],
     kv: list[torch.Tensor],
-    lengths: list[int],
-    positions: list[int],
+    lengths: list[int] | torch.Tensor,
+    positions: list[int] | torch.Tensor,
     *,
+    block_tables: torch.Tensor | None = None,
     n_heads: int,
     n_kv_heads: int,
     head_dim: int,
@@ -62,9 +63,15 @@ def transformer_decode_step(
             fc_out). Weights (out, in) as nn.Linear keeps them.
         globals_: the entries of GLOBAL_FIELDS: embed (V_in, d), embed_norm (d,) or None,
             final_norm (d,), head (V, d), inv_freq (head_dim / 2,) float32 or None (no rotary).
-        kv: per layer its KV cache, k_t (B, H_kv, D, capacity) then v (B, H_kv, capacity, D).
-        lengths, positions: per layer, the filled slots (the token goes to slot `length`, which
-            must exist) and the token's rotary position.
+        kv: per layer its KV cache, keys then values. Contiguous (block_tables None): k_t (B,
+            H_kv, D, capacity) and v (B, H_kv, capacity, D). Paged: a pool of N blocks of S
+            tokens, keys (N, H_kv, D, S) and values (N, H_kv, S, D) (zoo.infer.paged's layout).
+        lengths, positions: the filled slots (the token goes to slot `length`, which must
+            exist) and the token's rotary position: per layer one int for every row (a list),
+            or int64 tensors (B,) (every layer the same) or (n_layers, B).
+        block_tables: None (a contiguous cache), or (B, W) int64: row b's token t lives in
+            block block_tables[b, t // S] at offset t % S; entries past a row's length are
+            never read.
         activation: "swiglu" or "gelu".
         greedy: return the argmax tokens (B,) (int64; ties to the lowest id) in place of the
             logits (B, V) in the weights' dtype.
@@ -94,12 +101,33 @@ def transformer_decode_step(
             "transformer_decode_step: scales and zeros must both be None or hold one entry per "
             f"layer weight and global ({n_entries})")
     backend = resolve_backend(backend, globals_[0], OP_BACKENDS)  # the embedding's dtype
-    args = (ids, layer_weights, globals_, kv, list(lengths), list(positions), n_heads,
+    if block_tables is None:  # a contiguous cache: one block a row
+        block_tables = _one_block_a_row(ids.shape[0])
+    args = (ids, layer_weights, globals_, kv, block_tables,
+            _per_layer_and_row(lengths, n_layers, ids.shape[0], "lengths"),
+            _per_layer_and_row(positions, n_layers, ids.shape[0], "positions"), n_heads,
             n_kv_heads, head_dim, float(eps), activation, greedy, list(scales or []),
             list(zeros or []))
     if backend == "reference":
         return transformer_decode_step_reference(*args)
     return torch.ops.zoo_cpu.transformer_decode_step(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _one_block_a_row(batch_size: int) -> torch.Tensor:
+    """The block table of a contiguous cache (B, ...): row b is block b."""
+    return torch.arange(batch_size).view(batch_size, 1)
+
+
+def _per_layer_and_row(values: list[int] | torch.Tensor, n_layers: int, batch_size: int,
+                       name: str) -> torch.Tensor:
+    """lengths or positions as the op takes them: (n_layers, B) or (B,) int64."""
+    if isinstance(values, torch.Tensor):
+        return values
+    if len(values) != n_layers:
+        raise ValueError(f"transformer_decode_step: {name} holds {len(values)} entries, one per "
+                         f"layer ({n_layers}) expected")
+    return torch.tensor(values, dtype=torch.long).view(n_layers, 1).expand(n_layers, batch_size)
 
 
 __all__ = [

@@ -12,9 +12,12 @@
 // The stack, as zoo.model.ZooBlock runs it: x = embed[ids] (then RMSNorm where the config has
 // embed_norm); per layer x += o(attention(rotary(q, k), v)) of rms(x), then, where the layer
 // has an FFN, x += down(silu(gate(h)) * up(h)) (SwiGLU) or fc_out(gelu(fc_in(h))) of h = rms(x);
-// logits = head(rms(x)). Attention appends the token's key and value to the layer's KV cache
-// (k_t (B, H_kv, D, capacity), v (B, H_kv, capacity, D), slot `length`) and attends over the
-// filled slots with attend.h's blocks. Weights, caches and logits share one dtype (float32,
+// logits = head(rms(x)). Attention appends each row's token to the layer's KV cache at slot
+// length[b] and attends over that row's slots 0..length[b] with attend.h's blocks. The cache is
+// a pool of blocks of S tokens, keys transposed as attend.h reads them: keys (N, H_kv, D, S),
+// values (N, H_kv, S, D), and a block table (B, W) names each row's blocks in order (vLLM's
+// PagedAttention, zoo.infer.paged); a contiguous cache k_t (B, H_kv, D, capacity) is the same
+// layout with one block a row (table [[0], [1], ...]), so both run this code. Weights, caches and logits share one dtype (float32,
 // bfloat16 or float16); activations and sums are float32 throughout. Any linear (q, k, v, o,
 // the FFN's, the head) may instead hold a QuantizedLinear's int8 or int4 codes with scales (and
 // zeros) of that dtype, turned into floats in registers as they are read (see Matrix below):
@@ -374,11 +377,27 @@ struct Shape {
   int64_t B, d, V, H, H_kv, D, groups, n_layers;
 };
 
+// In place: the partial softmaxes of `heads` query heads (each max m, sum of exp(score - m),
+// then `dim` exp-weighted values) joined with those of more tokens, `more`: both rescaled to
+// the larger max, as merge_blocks does.
+inline void combine_partials(float* into, const float* more, int64_t heads, int64_t dim) {
+  for (int64_t g = 0; g < heads; ++g) {
+    float* a = into + g * (dim + 2);
+    const float* c = more + g * (dim + 2);
+    const float m = std::max(a[0], c[0]);
+    const float wa = std::exp(a[0] - m), wc = std::exp(c[0] - m);
+    a[0] = m;
+    a[1] = a[1] * wa + c[1] * wc;
+    for (int64_t i = 2; i < dim + 2; ++i) a[i] = a[i] * wa + c[i] * wc;
+  }
+}
+
 template <typename W>
 at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tensor>>& layers,
                 const std::vector<std::optional<at::Tensor>>& globals,
-                const std::vector<at::Tensor>& kv, const std::vector<int64_t>& lengths,
-                const std::vector<int64_t>& positions, const Shape& s, float eps, bool swiglu,
+                const std::vector<at::Tensor>& kv, const int64_t* tables, int64_t table_width,
+                const std::vector<int64_t>& lengths, const std::vector<int64_t>& positions,
+                const Shape& s, float eps, bool swiglu,
                 bool greedy, const std::vector<std::optional<at::Tensor>>& scales,
                 const std::vector<std::optional<at::Tensor>>& zeros) {
   const int64_t B = s.B, d = s.d, V = s.V, H = s.H, H_kv = s.H_kv, D = s.D, G = s.groups;
@@ -386,20 +405,24 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t* token = ids.data_ptr<int64_t>();
 
-  // rotary: cos and sin of each layer's position (as zoo.layers.Rotary: float32 angles
-  // position * inv_freq, rounded to the weights' dtype), computed once per distinct position
+  // rotary: cos and sin of each layer's and row's position (lengths and positions are (layer,
+  // row) flat), as zoo.layers.Rotary: float32 angles position * inv_freq, rounded to the
+  // weights' dtype; a position equal to the previous layer's or row's is copied, not recomputed
   const bool rotary = globals[kInvFreq].has_value() && globals[kInvFreq]->defined();
-  std::vector<float> cos_sin(rotary ? s.n_layers * D : 0);
+  std::vector<float> cos_sin(rotary ? s.n_layers * B * D : 0);
   if (rotary) {
     const float* inv_freq = globals[kInvFreq]->data_ptr<float>();
-    for (int64_t l = 0; l < s.n_layers; ++l) {
-      float* cs = cos_sin.data() + l * D;
-      if (l > 0 && positions[l] == positions[l - 1]) {
-        std::copy(cs - D, cs, cs);
+    for (int64_t lb = 0; lb < s.n_layers * B; ++lb) {
+      float* cs = cos_sin.data() + lb * D;
+      const int64_t same = lb >= B && positions[lb] == positions[lb - B]   ? B
+                           : lb % B > 0 && positions[lb] == positions[lb - 1] ? 1
+                                                                              : 0;
+      if (same > 0) {
+        std::copy(cs - same * D, cs - same * D + D, cs);
         continue;
       }
       for (int64_t i = 0; i < D / 2; ++i) {
-        const float angle = static_cast<float>(positions[l]) * inv_freq[i];
+        const float angle = static_cast<float>(positions[lb]) * inv_freq[i];
         cs[i] = static_cast<float>(static_cast<W>(std::cos(angle)));
         cs[D / 2 + i] = static_cast<float>(static_cast<W>(std::sin(angle)));
       }
@@ -436,18 +459,35 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
     return matrices[l * kLayerFields + field];
   };
 
-  int64_t hidden = 0, max_blocks = 1;
+  // Attention's tasks: every (chunk of a row's tokens, KV head). A chunk is at most kBlock
+  // tokens: part of one cache block where blocks hold more, else whole blocks (joined inside
+  // the task, so the merge that every thread runs sees few partials). chunk_first[l][b] is row
+  // b's first chunk in layer l (B + 1 entries), chunk_row[l] the row of each chunk.
+  std::vector<std::vector<int64_t>> chunk_first(s.n_layers), chunk_row(s.n_layers);
+  int64_t hidden = 0, max_chunks = 1;
   for (int64_t l = 0; l < s.n_layers; ++l) {
     if (layers[l * kLayerFields + kGate].has_value() && layers[l * kLayerFields + kGate]->defined())
       hidden = std::max(hidden, layers[l * kLayerFields + kGate]->size(0));
-    max_blocks = std::max(max_blocks, (lengths[l] + 1 + kBlock - 1) / kBlock);
+    const int64_t S = kv[2 * l + 1].size(2);
+    const int64_t chunks_per_block = (S + kBlock - 1) / kBlock;
+    const int64_t chunk_tokens = S >= kBlock ? kBlock : kBlock / S * S;
+    chunk_first[l].assign(B + 1, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t L = lengths[l * B + b] + 1;
+      const int64_t n = S >= kBlock ? L / S * chunks_per_block + (L % S + kBlock - 1) / kBlock
+                                    : (L + chunk_tokens - 1) / chunk_tokens;
+      chunk_first[l][b + 1] = chunk_first[l][b] + n;
+      chunk_row[l].insert(chunk_row[l].end(), n, b);
+    }
+    max_chunks = std::max(max_chunks, chunk_first[l][B]);
   }
   const int threads_wanted = std::max(1, at::get_num_threads());
   // shared: the residual stream, the projections, the FFN's hidden rows, the attention
   // partials; per thread: its own normalised copy of x, attention output and score block
   std::vector<float> x(B * d), q(B * q_size), k(B * kv_size), v(B * kv_size);
   std::vector<float> gate(B * hidden), up(B * hidden);
-  std::vector<float> partial(B * H * max_blocks * (D + 2));
+  std::vector<float> partial(max_chunks * H * (D + 2));
+  std::vector<float> piece_partials(threads_wanted * G * (D + 2));
   std::vector<float> normed(threads_wanted * B * d), attended(threads_wanted * B * q_size);
   std::vector<float> scores(threads_wanted * std::min<int64_t>(G, 4) * kBlock);
   std::vector<std::pair<float, int64_t>> best(threads_wanted * B);
@@ -464,6 +504,7 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
     float* xn = normed.data() + tid * B * d;
     float* att = attended.data() + tid * B * q_size;
     float* my_scores = scores.data() + tid * std::min<int64_t>(G, 4) * kBlock;
+    float* my_piece = piece_partials.data() + tid * G * (D + 2);
     float* work = any_int4 ? int4_inputs.data() + tid * B * widest * 2 : nullptr;
 
 #pragma omp single
@@ -479,10 +520,10 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
 
     for (int64_t l = 0; l < s.n_layers; ++l) {
       const auto* f = layers.data() + l * kLayerFields;
-      const int64_t L = lengths[l] + 1;  // cached tokens once this one is in
+      const int64_t* length = lengths.data() + l * B;  // each row's cached tokens before this
       W* k_cache = kv[2 * l].data_ptr<W>();
       W* v_cache = kv[2 * l + 1].data_ptr<W>();
-      const int64_t capacity = kv[2 * l + 1].size(2);
+      const int64_t S = kv[2 * l + 1].size(2);  // tokens a cache block
 
       // q, k, v = projections of rms(x); every thread normalises x itself (d floats: cheaper
       // than a barrier)
@@ -501,12 +542,12 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
         });
       }
 #pragma omp barrier
-      // rotary on q (scaled for the scores) and k; k and v into the cache's slot L - 1
+      // rotary on q (scaled for the scores) and k; k and v into the row's slot length[b]
       {
-        const float* cs = rotary ? cos_sin.data() + l * D : nullptr;
         const auto [t0, t1] = share(B * (H + H_kv), tid, nt, 1);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t b = t / (H + H_kv), h = t % (H + H_kv);
+          const float* cs = rotary ? cos_sin.data() + (l * B + b) * D : nullptr;
           const bool is_query = h < H;
           float* head = is_query ? q.data() + b * q_size + h * D
                                  : k.data() + b * kv_size + (h - H) * D;
@@ -523,36 +564,51 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
             continue;
           }
           const int64_t kv_head = h - H;
-          W* k_slot = k_cache + ((b * H_kv + kv_head) * D) * capacity + (L - 1);
-          W* v_slot = v_cache + ((b * H_kv + kv_head) * capacity + (L - 1)) * D;
+          const int64_t block = tables[b * table_width + length[b] / S], offset = length[b] % S;
+          W* k_slot = k_cache + ((block * H_kv + kv_head) * D) * S + offset;
+          W* v_slot = v_cache + ((block * H_kv + kv_head) * S + offset) * D;
           const float* v_head = v.data() + b * kv_size + kv_head * D;
           for (int64_t i = 0; i < D; ++i) {
-            k_slot[i * capacity] = static_cast<W>(head[i]);
+            k_slot[i * S] = static_cast<W>(head[i]);
             v_slot[i] = static_cast<W>(v_head[i]);
           }
         }
       }
 #pragma omp barrier
-      // attention: every (batch row, KV head, block of tokens) is a task
-      const int64_t n_blocks = (L + kBlock - 1) / kBlock;
+      // attention: every (chunk of a row's tokens, KV head) is a task; a chunk's pieces (one
+      // per cache block it spans) are joined into its partial here
+      const std::vector<int64_t>& first = chunk_first[l];
       {
-        const auto [t0, t1] = share(B * H_kv * n_blocks, tid, nt, 1);
+        const int64_t chunks_per_block = (S + kBlock - 1) / kBlock;
+        const int64_t chunk_tokens = S >= kBlock ? kBlock : kBlock / S * S;
+        const auto [t0, t1] = share(first[B] * H_kv, tid, nt, 1);
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t bh = t / n_blocks, block = t % n_blocks;
-          const int64_t b = bh / H_kv, h = bh % H_kv;
-          const int64_t start = block * kBlock, n = std::min(kBlock, L - start);
-          attend_block(q.data() + (b * H + h * G) * D,
-                       k_cache + (b * H_kv + h) * D * capacity + start, capacity,
-                       v_cache + ((b * H_kv + h) * capacity + start) * D, D, n, G, D,
-                       my_scores, partial.data() + t * G * (D + 2));
+          const int64_t chunk = t / H_kv, h = t % H_kv, b = chunk_row[l][chunk];
+          const int64_t j = chunk - first[b], L = length[b] + 1;
+          int64_t token = S >= kBlock ? j / chunks_per_block * S + j % chunks_per_block * kBlock
+                                      : j * chunk_tokens;
+          int64_t left = std::min({chunk_tokens, L - token,
+                                   S >= kBlock ? S - token % S : chunk_tokens});
+          float* out = partial.data() + t * G * (D + 2);
+          for (bool first_piece = true; left > 0; first_piece = false) {
+            const int64_t block = tables[b * table_width + token / S], offset = token % S;
+            const int64_t n = std::min(left, S - offset);
+            attend_block(q.data() + (b * H + h * G) * D,
+                         k_cache + (block * H_kv + h) * D * S + offset, S,
+                         v_cache + ((block * H_kv + h) * S + offset) * D, D, n, G, D, my_scores,
+                         first_piece ? out : my_piece);
+            if (!first_piece) combine_partials(out, my_piece, G, D);
+            token += n;
+            left -= n;
+          }
         }
       }
 #pragma omp barrier
       // every thread merges all heads into its own copy (no barrier), then its rows of o
-      for (int64_t bh = 0; bh < B * H_kv; ++bh) {
-        for (int64_t g = 0; g < G; ++g) {
-          merge_blocks(partial.data() + (bh * n_blocks * G + g) * (D + 2), n_blocks,
-                       G * (D + 2), D, att + (bh * G + g) * D);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t hg = 0; hg < H; ++hg) {  // query head h * G + g of KV head h
+          merge_blocks(partial.data() + (first[b] * H + hg) * (D + 2), first[b + 1] - first[b],
+                       H * (D + 2), D, att + (b * H + hg) * D);
         }
       }
       {
@@ -638,7 +694,8 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
 at::Tensor transformer_decode_step(
     const at::Tensor& ids, const std::vector<std::optional<at::Tensor>>& layers,
     const std::vector<std::optional<at::Tensor>>& globals, const std::vector<at::Tensor>& kv,
-    c10::IntArrayRef lengths, c10::IntArrayRef positions, int64_t n_heads, int64_t n_kv_heads,
+    const at::Tensor& block_tables, const at::Tensor& lengths, const at::Tensor& positions,
+    int64_t n_heads, int64_t n_kv_heads,
     int64_t head_dim, double eps, c10::string_view activation, bool greedy,
     const std::vector<std::optional<at::Tensor>>& scales,
     const std::vector<std::optional<at::Tensor>>& zeros) {
@@ -649,9 +706,7 @@ at::Tensor transformer_decode_step(
   TORCH_CHECK(layers.size() % kLayerFields == 0, op, "layer_weights must hold ",
               int(kLayerFields), " entries per layer");
   const int64_t n_layers = layers.size() / kLayerFields;
-  TORCH_CHECK(kv.size() == 2 * n_layers && lengths.size() == n_layers &&
-                  positions.size() == n_layers,
-              op, "kv, lengths and positions must have 2, 1 and 1 entries per layer");
+  TORCH_CHECK(kv.size() == 2 * n_layers, op, "kv must hold 2 entries per layer");
   TORCH_CHECK(activation == "swiglu" || activation == "gelu", op,
               "activation must be 'swiglu' or 'gelu'");
   const bool swiglu = activation == "swiglu";
@@ -667,6 +722,29 @@ at::Tensor transformer_decode_step(
   TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim, op, "head_dim must be even and <= ",
               kMaxHeadDim);
   TORCH_CHECK(s.B > 0, op, "empty batch");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == s.B &&
+                  block_tables.size(1) > 0 && block_tables.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous(),
+              op, "block_tables must be a contiguous (B, W) int64 tensor with B = ", s.B,
+              " and W >= 1, got ", block_tables.sizes(), " ", block_tables.scalar_type());
+  // lengths and positions: (n_layers, B), or (B,) for every layer; read through their strides
+  auto per_layer_row = [&](const at::Tensor& t, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kLong &&
+                    ((t.dim() == 2 && t.size(0) == n_layers && t.size(1) == s.B) ||
+                     (t.dim() == 1 && t.size(0) == s.B)),
+                op, what, " must be an int64 tensor (n_layers, B) = (", n_layers, ", ", s.B,
+                ") or (B,), got ", t.sizes(), " ", t.scalar_type());
+    const int64_t layer_stride = t.dim() == 2 ? t.stride(0) : 0, row_stride = t.stride(-1);
+    const int64_t* data = t.data_ptr<int64_t>();
+    std::vector<int64_t> flat(n_layers * s.B);
+    for (int64_t l = 0; l < n_layers; ++l)
+      for (int64_t b = 0; b < s.B; ++b) flat[l * s.B + b] = data[l * layer_stride + b * row_stride];
+    return flat;
+  };
+  const std::vector<int64_t> lengths_v = per_layer_row(lengths, "lengths");
+  const std::vector<int64_t> positions_v = per_layer_row(positions, "positions");
+  const int64_t table_width = block_tables.size(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
 
   // checked every step: shapes compared in place, nothing allocated
   auto check_weight = [&](const std::optional<at::Tensor>& t, c10::IntArrayRef shape,
@@ -768,33 +846,43 @@ at::Tensor transformer_decode_step(
         check_bias(f[kUpBias], n, "up bias", l);
       }
     }
-    const int64_t capacity = kv[2 * l + 1].dim() == 4 ? kv[2 * l + 1].size(2) : 0;
+    // the cache: N blocks of S tokens, keys (N, H_kv, D, S) and values (N, H_kv, S, D)
+    const bool four = kv[2 * l + 1].dim() == 4;
+    const int64_t n_blocks = four ? kv[2 * l + 1].size(0) : 0;
+    const int64_t S = four ? kv[2 * l + 1].size(2) : 0;
     for (int which = 0; which < 2; ++which) {
       const at::Tensor& cache = kv[2 * l + which];
       const std::array<int64_t, 4> shape =
-          which == 0 ? std::array<int64_t, 4>{s.B, n_kv_heads, head_dim, capacity}
-                     : std::array<int64_t, 4>{s.B, n_kv_heads, capacity, head_dim};
-      TORCH_CHECK(cache.scalar_type() == dtype && cache.is_contiguous() &&
-                      cache.sizes() == c10::IntArrayRef(shape),
-                  op, which == 0 ? "k_t" : "v", " cache of layer ", l,
+          which == 0 ? std::array<int64_t, 4>{n_blocks, n_kv_heads, head_dim, S}
+                     : std::array<int64_t, 4>{n_blocks, n_kv_heads, S, head_dim};
+      TORCH_CHECK(cache.scalar_type() == dtype && cache.is_contiguous() && S > 0 &&
+                      n_blocks > 0 && cache.sizes() == c10::IntArrayRef(shape),
+                  op, which == 0 ? "key" : "value", " cache of layer ", l,
                   " must be contiguous, of the weights' dtype, shaped ", c10::IntArrayRef(shape),
-                  "; got ", cache.sizes());
+                  " (blocks, H_kv, ", which == 0 ? "D, S)" : "S, D)", "; got ", cache.sizes());
     }
-    TORCH_CHECK(lengths[l] >= 0 && lengths[l] < capacity, op, "layer ", l, "'s cache holds ",
-                lengths[l], " of ", capacity, " slots: no room for the new token (reserve first)");
+    for (int64_t b = 0; b < s.B; ++b) {
+      const int64_t length = lengths_v[l * s.B + b];
+      TORCH_CHECK(length >= 0 && length < table_width * S, op, "layer ", l, "'s cache holds ",
+                  length, " of ", table_width * S, " slots: no room for the new token (row ", b,
+                  "; reserve first)");
+      for (int64_t j = 0; j <= length / S; ++j) {
+        const int64_t block = tables[b * table_width + j];
+        TORCH_CHECK(block >= 0 && block < n_blocks, op, "block_tables[", b, ", ", j, "] = ",
+                    block, " is outside layer ", l, "'s ", n_blocks, " cache blocks");
+      }
+    }
   }
 
-  const std::vector<int64_t> lengths_v(lengths.begin(), lengths.end());
-  const std::vector<int64_t> positions_v(positions.begin(), positions.end());
   const float eps_f = static_cast<float>(eps);
   if (dtype == at::kFloat)
-    return step<float>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu, greedy,
-                       scales, zeros);
+    return step<float>(ids, layers, globals, kv, tables, table_width, lengths_v, positions_v, s,
+                       eps_f, swiglu, greedy, scales, zeros);
   if (dtype == at::kBFloat16)
-    return step<at::BFloat16>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu,
-                              greedy, scales, zeros);
-  return step<at::Half>(ids, layers, globals, kv, lengths_v, positions_v, s, eps_f, swiglu,
-                        greedy, scales, zeros);
+    return step<at::BFloat16>(ids, layers, globals, kv, tables, table_width, lengths_v,
+                              positions_v, s, eps_f, swiglu, greedy, scales, zeros);
+  return step<at::Half>(ids, layers, globals, kv, tables, table_width, lengths_v, positions_v, s,
+                        eps_f, swiglu, greedy, scales, zeros);
 }
 
 }  // namespace
@@ -802,7 +890,8 @@ at::Tensor transformer_decode_step(
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def(
       "transformer_decode_step(Tensor ids, Tensor?[] layer_weights, Tensor?[] globals, "
-      "Tensor(a!)[] kv, int[] lengths, int[] positions, int n_heads, int n_kv_heads, "
+      "Tensor(a!)[] kv, Tensor block_tables, Tensor lengths, Tensor positions, int n_heads, "
+      "int n_kv_heads, "
       "int head_dim, float eps, str activation, bool greedy, Tensor?[] scales, Tensor?[] zeros) "
       "-> Tensor");
 }

@@ -38,12 +38,15 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def transformer_decode_step_reference(
     ids: torch.Tensor, layer_weights: list[torch.Tensor | None],
-    globals_: list[torch.Tensor | None], kv: list[torch.Tensor], lengths: list[int],
-    positions: list[int], n_heads: int, n_kv_heads: int, head_dim: int, eps: float,
+    globals_: list[torch.Tensor | None], kv: list[torch.Tensor], block_tables: torch.Tensor,
+    lengths: torch.Tensor, positions: torch.Tensor, n_heads: int, n_kv_heads: int,
+    head_dim: int, eps: float,
     activation: str, greedy: bool, scales: list[torch.Tensor | None] | None = None,
     zeros: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """See `zoo.kernels.transformer_decode_step`; ids (B,) -> logits (B, V) or tokens (B,)."""
+    """See `zoo.kernels.transformer_decode_step`; ids (B,) -> logits (B, V) or tokens (B,).
+    kv holds block pools (keys (N, H_kv, D, S), values (N, H_kv, S, D)); lengths and positions
+    are (n_layers, B) or (B,)."""
     n_entries = len(layer_weights) + len(globals_)
     scales, zeros = scales or [None] * n_entries, zeros or [None] * n_entries
     g = dict(zip(GLOBAL_FIELDS, globals_))
@@ -52,10 +55,13 @@ def transformer_decode_step_reference(
     dtype = g["embed"].dtype
     compute = compute_dtype(dtype)
     B, D = ids.shape[0], head_dim
+    n_layers = len(kv) // 2
+    lengths = lengths.expand(n_layers, B).tolist()
+    positions = positions.expand(n_layers, B).tolist()
     x = g["embed"][ids].to(compute)  # (B, d)
     if g["embed_norm"] is not None:
         x = rms_norm_reference(x, g["embed_norm"], eps)
-    for layer in range(len(lengths)):
+    for layer in range(n_layers):
         f = dict(zip(LAYER_FIELDS, layer_weights[layer * 16 : (layer + 1) * 16]))
         fq = dict(zip(LAYER_FIELDS, zip(scales[layer * 16 : (layer + 1) * 16],
                                         zeros[layer * 16 : (layer + 1) * 16])))
@@ -65,16 +71,24 @@ def transformer_decode_step_reference(
         k = _linear(h, f["k"], f["k_bias"], *fq["k"]).view(B, n_kv_heads, D)
         v = _linear(h, f["v"], f["v_bias"], *fq["v"]).view(B, n_kv_heads, D)
         if g["inv_freq"] is not None:  # as zoo.layers.Rotary, cos and sin in the weights' dtype
-            angles = torch.tensor(float(positions[layer]), dtype=torch.float32) * g["inv_freq"]
-            cos = torch.cat([angles, angles]).cos().to(dtype).to(compute)
-            sin = torch.cat([angles, angles]).sin().to(dtype).to(compute)
+            angles = (torch.tensor(positions[layer], dtype=torch.float32)[:, None]
+                      * g["inv_freq"])[:, None, :]  # (B, 1, D / 2)
+            cos = torch.cat([angles, angles], -1).cos().to(dtype).to(compute)
+            sin = torch.cat([angles, angles], -1).sin().to(dtype).to(compute)
             q, k = (t * cos + torch.cat([-t[..., D // 2 :], t[..., : D // 2]], -1) * sin
                     for t in (q, k))
-        slot = lengths[layer]
-        k_t[:, :, :, slot] = k.to(dtype)
-        v_cache[:, :, slot] = v.to(dtype)
-        attended = decode_attention_reference(q, k_t[..., : slot + 1], v_cache[:, :, : slot + 1],
-                                              D**-0.5)
+        S = v_cache.shape[2]
+        rows = []
+        for b, slot in enumerate(lengths[layer]):
+            # the row's blocks in order, joined: (H_kv, D, blocks * S) and (H_kv, blocks * S, D)
+            blocks = block_tables[b, : slot // S + 1]
+            k_t[blocks[-1], :, :, slot % S] = k[b].to(dtype)
+            v_cache[blocks[-1], :, slot % S] = v[b].to(dtype)
+            keys = k_t[blocks].permute(1, 2, 0, 3).flatten(2)[..., : slot + 1]
+            values = v_cache[blocks].transpose(0, 1).flatten(1, 2)[:, : slot + 1]
+            rows.append(decode_attention_reference(q[b : b + 1], keys[None], values[None],
+                                                   D**-0.5))
+        attended = torch.cat(rows)
         x = x + _linear(attended.reshape(B, n_heads * D), f["o"], f["o_bias"], *fq["o"])
         if f["gate"] is None:
             continue
