@@ -301,7 +301,7 @@ def test_quantized_is_refused_for_a_file_with_no_quantised_linear(tmp_path):
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_smollm2_quantized_import_equals_its_dequantised_self():
+def test_smollm2_quantized_import_equals_its_dequantised_self(smollm2_read_once):
     """The real file. The import checks every kept layer against the float import bit for bit
     (and refuses otherwise; the tiny GGUF files above compare them in the test itself); here,
     what the quantised model computes equals the same model with its layers dequantised."""

@@ -206,8 +206,8 @@ def test_non_attention_layers_cannot_be_kept():
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_smollm2_keep_all_equals_teacher_and_hedgehog_student_builds():
-    """Slow (loads SmolLM2-135M, ~15-45 s): the real teacher through linearize."""
+def test_smollm2_keep_all_equals_teacher_and_hedgehog_student_builds(smollm2_read_once):
+    """Slow (SmolLM2-135M, read once per session): the real teacher through linearize."""
     teacher = zoo.from_hf("smollm2-135m")
     ids = torch.randint(0, 49152, (1, 12))
     expected = teacher(ids).logits

