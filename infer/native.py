@@ -9,6 +9,12 @@ are read as their codes, dequantised in the kernel's registers.
     support = native_support(model, layout, batch_size)   # truthy where the step applies
     step = native_decode_step(model, layout, greedy)        # else support.reason says why not
     logits_or_tokens, tensors, ints = step(ids, tensors, ints)
+
+The Engine's step (zoo.infer.engine, native="auto") runs the same kernel over its paged KV cache
+(zoo.infer.paged): rows at different lengths, each with its block table, in one call:
+
+    support = paged_native_support(model, pool_dtype)
+    logits = native_paged_step(model)(ids, kv, block_tables, positions)
 """
 
 from __future__ import annotations
@@ -220,5 +226,53 @@ def native_decode_step(model: ZooForCausalLM, layout: CacheLayout, greedy: bool)
         out = transformer_step.transformer_decode_step(
             ids.reshape(-1), layer_weights, globals_, tensors, ints[1::2], ints[2::2], **config)
         return out, tensors, [i + 1 for i in ints]
+
+    return step
+
+
+# The Engine's step: its paged KV cache (zoo.infer.paged) handed to the kernel as it is.
+PagedNativeStep = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor],
+                           torch.Tensor]
+
+
+def paged_native_support(model: ZooForCausalLM, pool_dtype: torch.dtype) -> NativeSupport:
+    """Whether `model` can decode through `native_paged_step` over a block pool of
+    `pool_dtype` (any number of rows: more than MAX_NATIVE_BATCH go in several calls)."""
+    weight = model.model.embed_tokens.weight
+    cache = model.new_cache()  # the layout of a cache holding one token: its states' kinds
+    with torch.inference_mode():
+        model.model(torch.zeros(1, 1, dtype=torch.long, device=weight.device), None, cache)
+    reason = _why_not_native(model, cache.flatten()[0], MAX_NATIVE_BATCH)
+    if reason is None and pool_dtype != weight.dtype:
+        reason = (f"its KV blocks are {pool_dtype} and its weights {weight.dtype}; the native "
+                  "step keeps both in one dtype")
+    return NativeSupport(ok=reason is None, reason=reason or "")
+
+
+def native_paged_step(model: ZooForCausalLM) -> PagedNativeStep:
+    """The native step over a paged KV cache (check `paged_native_support` first):
+
+        logits = step(ids (B,), kv, block_tables (B, W), positions (B,))
+
+    kv: per layer the pool's keys (N, H_kv, D, S) then values (N, H_kv, S, D); row b holds
+    positions[b] tokens in the blocks block_tables[b] names, takes the new token's key and value
+    at slot positions[b] (which its blocks must cover) and attends over slots 0..positions[b].
+    logits (B, V) in the weights' dtype. Rows beyond MAX_NATIVE_BATCH go in further calls."""
+    layer_weights, globals_, scales, zeros, activation = _weights(model)
+    attention = model.model.layers[0].mixer
+    config = dict(n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads,
+                  head_dim=attention.head_dim, eps=model.model.norm.eps,
+                  activation=activation, scales=scales, zeros=zeros, backend="cpu")
+
+    def step(ids: torch.Tensor, kv: list[torch.Tensor], block_tables: torch.Tensor,
+             positions: torch.Tensor) -> torch.Tensor:
+        block_tables, positions = block_tables.contiguous(), positions.contiguous()
+        outputs = []
+        for start in range(0, ids.shape[0], MAX_NATIVE_BATCH):
+            rows = slice(start, start + MAX_NATIVE_BATCH)
+            outputs.append(transformer_step.transformer_decode_step(
+                ids[rows], layer_weights, globals_, kv, positions[rows], positions[rows],
+                block_tables=block_tables[rows], **config))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     return step
