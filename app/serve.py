@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import collections
 import contextlib
 import dataclasses
 import json
@@ -260,13 +261,15 @@ class StopStrings:
 @dataclasses.dataclass
 class Submission:
     """One request on its way through the engine thread; `events` receives, in order, the
-    engine's TokenEvents, or an Exception when the engine failed it."""
+    engine's TokenEvents, or an Exception when the engine failed it. `stepped_at` holds, for
+    each TokenEvent in `events`, the perf_counter time its step ended."""
 
     request: Any  # zoo.infer.engine.Request
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     accepted: asyncio.Future  # the engine's request id, or the ValueError of Engine.add
     request_id: int | None = None
+    stepped_at: collections.deque = dataclasses.field(default_factory=collections.deque)
 
     def deliver(self, item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
@@ -285,6 +288,38 @@ class Submission:
             self.loop.call_soon_threadsafe(set_outcome)
 
 
+def _hand_over(batch: list[tuple[Submission, Any]], stepped_at: float) -> None:
+    """On the event loop: one step's events into their requests' queues."""
+    for submission, event in batch:
+        submission.stepped_at.append(stepped_at)
+        submission.events.put_nowait(event)
+
+
+@dataclasses.dataclass
+class ServeTiming:
+    """Where the server's time per token goes: the engine's steps on its thread, and on the
+    event loop the time from a step's end to its chunk handed to the connection."""
+
+    steps: int = 0
+    step_s: float = 0.0
+    chunks: int = 0
+    step_to_write_s: float = 0.0
+    engine_thread_cpu_s: float = 0.0  # the engine thread's own CPU time, read after each step
+
+    def as_dict(self) -> dict:
+        """Totals (a client differences two readings) and means; CPU seconds of the event loop
+        (read here: call it on the loop), the engine's thread, and the whole process (the
+        rest is torch's intra-op threads, spinning included)."""
+        return {"steps": self.steps, "step_ms_total": 1e3 * self.step_s,
+                "step_ms_mean": 1e3 * self.step_s / self.steps if self.steps else None,
+                "chunks": self.chunks, "step_to_write_ms_total": 1e3 * self.step_to_write_s,
+                "step_to_write_ms_mean": (1e3 * self.step_to_write_s / self.chunks
+                                          if self.chunks else None),
+                "cpu_s": {"event_loop": time.thread_time(),
+                          "engine_thread": self.engine_thread_cpu_s,
+                          "process": time.process_time()}}
+
+
 class EngineThread:
     """Owns the Engine: applies add / cancel commands between steps and steps while there is
     work; sleeps on the command queue when there is none."""
@@ -294,8 +329,8 @@ class EngineThread:
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.running: dict[int, Submission] = {}
         self.stats: dict = dict(engine.stats())
-        self.steps = 0
         self.failures = 0
+        self.timing = ServeTiming()
         self._thread = threading.Thread(target=self._run, name="zoo-serve-engine", daemon=True)
 
     def start(self) -> None:
@@ -310,6 +345,10 @@ class EngineThread:
 
     def cancel(self, submission: Submission) -> None:
         self.commands.put(("cancel", submission))
+
+    @property
+    def steps(self) -> int:
+        return self.timing.steps
 
     @property
     def alive(self) -> bool:
@@ -371,6 +410,7 @@ class EngineThread:
                 self.failures += 1
 
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             events = self.engine.step()
         except Exception as error:  # a bug in a step fails the requests in it, not the server
@@ -378,14 +418,23 @@ class EngineThread:
             self.failures += 1
             self._fail_all(RuntimeError(f"the engine failed: {type(error).__name__}: {error}"))
             return
-        self.steps += 1
+        ended = time.perf_counter()
+        self.timing.steps += 1
+        self.timing.step_s += ended - started
+        self.timing.engine_thread_cpu_s = time.thread_time()
+        # one wake-up of each event loop per step, not one per event: every
+        # call_soon_threadsafe writes to the loop's self-pipe and wakes it
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for event in events:
             submission = self.running.get(event.request_id)
             if submission is None:  # cancelled between the step's start and its events
                 continue
-            submission.deliver(event)
+            batches.setdefault(submission.loop, []).append((submission, event))
             if event.finish_reason is not None:
                 del self.running[event.request_id]
+        for loop, batch in batches.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
+                loop.call_soon_threadsafe(_hand_over, batch, ended)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, submission in list(self.running.items()):
@@ -570,6 +619,7 @@ class RunningRequest:
         self.detokenizer = IncrementalDetokenizer(served.tokenizer, prepared.prompt)
         self.stops = StopStrings(prepared.stops)
         self.done = Completion()
+        self.stepped_at = 0.0  # when the step of the latest token ended (perf_counter)
         self.watcher: asyncio.Task | None = None
         self.closed = False
 
@@ -582,6 +632,10 @@ class RunningRequest:
             raise engine_refusal(error, self.prompt_field) from None
         self.watcher = asyncio.create_task(_watch_disconnect(self.request, self.submission))
 
+    def ready(self) -> bool:
+        """Whether `next()` has an event waiting (it will not wait for the engine)."""
+        return not self.submission.events.empty()
+
     async def next(self) -> tuple[str, Completion] | None:
         """(new text, progress) for the next token; progress.finish_reason is set on the last."""
         event = await self.submission.events.get()
@@ -591,6 +645,7 @@ class RunningRequest:
         if isinstance(event, Exception):
             self.close()
             raise ApiError(500, str(event), None, "engine_error", "server_error")
+        self.stepped_at = self.submission.stepped_at.popleft()
         done, stop_ids = self.done, self.served.stop_token_ids
         done.completion_tokens += event.token is not None
         reason = event.finish_reason
@@ -670,20 +725,32 @@ async def respond(served: Served, request: Request, body: _Body, prepared: Prepa
             "usage": _usage(prepared, done)})
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
+    timing = served.engine.timing
 
     async def events() -> AsyncIterator[str]:
         try:
             if chat:
                 yield _sse(chunk(None, None, first=True))
             while run.done.finish_reason is None:
-                step = await run.next()
-                if step is None:
-                    return
-                piece, done = step
-                if piece:
-                    yield _sse(chunk(piece, None))
-                if done.finish_reason is not None:
-                    yield _sse(chunk(None if chat else "", done.finish_reason))
+                written, stepped_at = [], []
+                # every token already handed over goes out in one write (one send, one wake-up
+                # of the client) when the loop has fallen behind the engine
+                while not written or run.ready():
+                    step = await run.next()
+                    if step is None:
+                        return
+                    piece, done = step
+                    if piece:
+                        written.append(_sse(chunk(piece, None)))
+                        stepped_at.append(run.stepped_at)
+                    if done.finish_reason is not None:
+                        written.append(_sse(chunk(None if chat else "", done.finish_reason)))
+                        break
+                if written:
+                    yield "".join(written)
+                    now = time.perf_counter()
+                    timing.chunks += len(stepped_at)
+                    timing.step_to_write_s += sum(now - t for t in stepped_at)
             if include_usage:
                 yield _sse({"id": response_id, "object": chunk(None, None)["object"],
                             "created": created, "model": served.name, "choices": [],
@@ -740,7 +807,8 @@ def create_app(served: Served) -> FastAPI:
     async def health():
         engine = served.engine
         body = {"status": "ok" if engine.alive else "engine stopped", "model": served.name,
-                "engine": engine.stats, "steps": engine.steps, "engine_failures": engine.failures}
+                "engine": engine.stats, "steps": engine.steps, "engine_failures": engine.failures,
+                "timing": engine.timing.as_dict()}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     def model_card() -> dict:

@@ -188,6 +188,25 @@ def test_models_and_health(server):
     assert stats["max_batch"] == MAX_BATCH and stats["free_slots"] == MAX_BATCH
 
 
+def test_health_times_the_steps_and_the_chunks_a_stream_writes(server, client):
+    """/health's timing: the engine's steps and the time from a step's end to its chunk's write
+    (totals a client differences), and the CPU seconds of the loop, the engine and the process."""
+    before = wait_until_idle(server)["timing"]
+    chunks = list(client.completions.create(model=NAME, prompt="Hello", max_tokens=8,
+                                            temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    after = wait_until_idle(server)["timing"]
+    written = sum(bool(c.choices and c.choices[0].text) for c in chunks)
+    assert after["steps"] - before["steps"] >= 8
+    assert after["chunks"] - before["chunks"] == written >= 1
+    assert after["step_ms_total"] > before["step_ms_total"] and after["step_ms_mean"] > 0
+    assert after["step_to_write_ms_total"] > before["step_to_write_ms_total"]
+    assert 0 < after["step_to_write_ms_mean"] < 10_000
+    for thread in ("event_loop", "engine_thread", "process"):
+        assert after["cpu_s"][thread] > before["cpu_s"][thread]
+    assert after["cpu_s"]["process"] >= after["cpu_s"]["engine_thread"]
+
+
 def test_completion_greedy_equals_generate_alone(server, client, model, tokenizer):
     prompt = "The quick brown fox"
     want, reason = expected_text(model, tokenizer, tokenizer.encode(prompt), 24)
@@ -432,6 +451,129 @@ def test_an_engine_step_that_fails_fails_its_requests_and_the_thread_goes_on(mak
     assert len(failed) == 1 and "injected" in str(failed[0])
     assert [e.finish_reason for e in served] == [None, None, "length"]
     assert thread.failures == 1 and engine.stats()["free_slots"] == 2
+
+
+class RecordingLoop:
+    """An event loop's call_soon_threadsafe, recorded instead of run."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def call_soon_threadsafe(self, callback, *args):
+        self.calls.append((callback, args))
+
+    def run_recorded(self) -> int:
+        calls, self.calls = self.calls, []
+        for callback, args in calls:
+            callback(*args)
+        return len(calls)
+
+
+def test_one_steps_events_wake_the_event_loop_once(make_model):
+    """Every call_soon_threadsafe wakes the loop through its self-pipe: a step's events for
+    three requests go over in one call, each to its own queue, stamped with the step's end."""
+    import asyncio
+
+    from zoo.app.serve import EngineThread, Submission
+    from zoo.infer.engine import Engine, Request
+
+    loop = RecordingLoop()
+    thread = EngineThread(Engine(make_model("attention-tiny"), max_batch=3))
+    submissions = [Submission(Request(prompt=[1, 2, 3], max_new_tokens=4), loop,
+                              asyncio.Queue(), None) for _ in range(3)]
+    for submission in submissions:
+        thread._add(submission)
+    assert len(loop.calls) == 3
+    loop.calls.clear()  # the three `accepted` settlements (no future here to settle)
+    batch_sizes = []
+    while thread.running:
+        thread._step()
+        assert len(loop.calls) <= 1
+        batch_sizes += [len(args[0]) for _, args in loop.calls]
+        loop.run_recorded()
+    assert max(batch_sizes) == 3
+    for submission in submissions:
+        events = [submission.events.get_nowait() for _ in range(submission.events.qsize())]
+        assert [e.request_id for e in events] == [submission.request_id] * 4
+        assert events[-1].finish_reason == "length"
+        assert len(submission.stepped_at) == 4
+        assert list(submission.stepped_at) == sorted(submission.stepped_at)
+    assert thread.steps >= 4 and thread.timing.step_s > 0
+
+
+class OneStepEngine:
+    """An engine whose one step makes every token of its one request: the event loop gets them
+    all at once, as when it has fallen behind the engine."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.pending = tokens, None
+
+    def has_work(self) -> bool:
+        return self.pending is not None
+
+    def add(self, request) -> int:
+        self.pending = 7
+        return 7
+
+    def step(self):
+        from zoo.infer.engine import TokenEvent
+
+        request_id, self.pending = self.pending, None
+        last = len(self.tokens) - 1
+        return [TokenEvent(request_id, t, "length" if i == last else None)
+                for i, t in enumerate(self.tokens)]
+
+    def cancel(self, request_id: int) -> None:
+        self.pending = None
+
+    def stats(self) -> dict:
+        return {"active": int(self.pending is not None), "waiting": 0}
+
+
+def test_tokens_handed_over_together_go_out_in_one_write_each_its_own_event():
+    """A stream whose loop has fallen behind writes what is waiting in one send (one wake-up of
+    the client), and the client still reads one server-sent event per token."""
+    import asyncio
+
+    from zoo.app.serve import EngineThread, Served, create_app
+
+    text = "hello"
+    served = Served(name="fake", tokenizer=ByteTokenizer(), stop_token_ids=(), vocab_size=256,
+                    max_context=None, engine=EngineThread(OneStepEngine(list(text.encode()))))
+    app = create_app(served)
+    body = json.dumps({"model": "fake", "prompt": "hi", "max_tokens": 5, "stream": True})
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("test", 1), "server": ("test", 80),
+             "headers": [(b"content-type", b"application/json")]}
+
+    async def call() -> list[bytes]:
+        requested, writes = [], []
+
+        async def receive():
+            if not requested:
+                requested.append(True)
+                return {"type": "http.request", "body": body.encode(), "more_body": False}
+            await asyncio.Event().wait()  # the client never leaves
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                writes.append(message["body"])
+
+        await asyncio.wait_for(app(scope, receive, send), 30)
+        return writes
+
+    served.engine.start()
+    try:
+        writes = asyncio.run(call())
+    finally:
+        served.engine.stop()
+    events = [json.loads(line[len("data: "):]) for write in writes
+              for line in write.decode().split("\n\n") if line and line != "data: [DONE]"]
+    assert [e["choices"][0]["text"] for e in events] == list(text) + [""]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    token_writes = [w for w in writes if b'"text": "h"' in w]
+    assert len(token_writes) == 1 and token_writes[0].count(b"data: ") == len(text) + 1
 
 
 # ---------------------------------------------------------------------------------------------
