@@ -77,3 +77,57 @@ def test_mamba2_engine_with_rows_out_of_slot_order_equals_generate(options):
     engine = Engine(model, max_batch=4, prefill_chunk=4)
     tokens = _drive(engine, {0: requests[:3], 2: requests[3:5], 5: requests[5:]})
     assert [tokens[rid] for rid in sorted(tokens)] == [_alone(model, r) for r in requests]
+
+
+def _dynamo_without_inductor(monkeypatch) -> None:
+    """torch.compile as the engine calls it, with the eager backend: dynamo's tracing, guards
+    and graph counts unchanged, no code generation (tests/infer/test_generate.py's trick)."""
+    real_compile = torch.compile
+
+    def dynamo_only(fn, *, dynamic=None, options=None):
+        kept = {"guard_filter_fn": options["guard_filter_fn"]} if options else None
+        return real_compile(fn, backend="eager", dynamic=dynamic, options=kept)
+
+    monkeypatch.setattr(torch, "compile", dynamo_only)
+
+
+# a bounded mixer (Mamba-2), a hybrid (gated DeltaNet + paged attention, run eager between the
+# compiled segments), RWKV-6 (its channel-mix FFN state in slots too), Hyena (a per-request state)
+COMPILED_FAMILIES = {"mamba2-tiny": 1, "gated-deltanet-hybrid-tiny": 2, "rwkv6-tiny": 1,
+                     "hyena-tiny": 3}  # -> compiled segments in the step
+
+
+@pytest.mark.parametrize("name", COMPILED_FAMILIES)
+def test_compiled_engine_equals_eager_and_generate_without_recompiling(name, make_model,
+                                                                      monkeypatch):
+    """Requests join and leave a batch of four slots (buckets 1, 2 and 4, so steps of three rows
+    run one padding row on the spare slot): the compiled engine gives every request the eager
+    engine's tokens and generate's, and after warm_up (one graph per bucket and segment) no step
+    compiles again."""
+    from torch._dynamo.utils import counters
+
+    _dynamo_without_inductor(monkeypatch)
+    model = make_model(name)
+    prompts = _prompts([5, 2, 9, 4, 7, 3], seed=4)
+    requests = [Request(prompt=p, max_new_tokens=n) for p, n in zip(prompts, [6, 11, 3, 8, 5, 9])]
+    requests[1] = Request(prompt=prompts[1], max_new_tokens=11, temperature=0.8, seed=7)
+    joins = {0: requests[:3], 2: requests[3:5], 4: requests[5:]}
+    eager = _drive(Engine(model, max_batch=4, block_size=4, prefill_chunk=4), joins)
+
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, max_batch=4, block_size=4, prefill_chunk=4, compile=True)
+    assert engine.warm_up() > 0 and engine.compile_seconds > 0
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 3 * COMPILED_FAMILIES[name]
+    compiled = _drive(engine, joins)
+    assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled after warm-up"
+    assert compiled == eager
+    assert [compiled[rid] for rid in sorted(compiled)] == [_alone(model, r) for r in requests]
+
+
+def test_compile_setting_is_checked_and_warm_up_without_it_is_free(make_model):
+    model = make_model("mamba2-tiny")
+    with pytest.raises(ValueError, match="compile="):
+        Engine(model, compile="inductor")
+    assert Engine(model).warm_up() == 0.0
