@@ -192,7 +192,10 @@ class Engine:
     max_batch: requests running at once (the slots of the bounded-state pool). block_size:
     tokens per KV block. kv_blocks: blocks in the pool of every attention layer (default: room
     for max_batch sequences of 1024 tokens, or of the model's length limit when lower).
-    prefill_chunk: prompt tokens prefilled per step at most. compile: decode
+    prefill_chunk: prompt tokens prefilled per step at most. native: decode steps through zoo's
+    C++ step (zoo.infer.native) over the KV blocks, all rows in one call: True (an error naming
+    why where the model cannot), False, or "auto" (where it can: attention-only stacks with
+    RMSNorm and SwiGLU/MLP FFNs, float KV, on the CPU; not with compile=True). compile: decode
     steps through torch.compile, the batch padded to a bucket (1, 2, 4, ... max_batch), each
     bucket compiled when first reached or all by `warm_up()`; paged attention and per-request
     layers stay eager between the compiled segments. Off by default: it wins for the delta rules
@@ -202,7 +205,8 @@ class Engine:
     """
 
     def __init__(self, model: ZooForCausalLM, max_batch: int = 16, block_size: int = 16,
-                 kv_blocks: int | None = None, prefill_chunk: int = 64, compile: bool = False):
+                 kv_blocks: int | None = None, prefill_chunk: int = 64, compile: bool = False,
+                 native: bool | str = "auto"):
         for name, value in (("max_batch", max_batch), ("block_size", block_size),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -219,6 +223,9 @@ class Engine:
         with torch.inference_mode():
             # a compiled step's padding rows read and write one spare slot past the last
             self._plan(block_size, kv_blocks, spare_rows=int(compile))
+        # an explicit compile=True keeps its compiled step where native is left on "auto"
+        self._native_step = self._native_decoder(False if compile and native == "auto"
+                                                 else native)
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: collections.deque[tuple[int, Request]] = collections.deque()
         self._active: dict[int, _Sequence] = {}  # admission order
@@ -403,10 +410,33 @@ class Engine:
         positions = torch.tensor([s.cached for s in rows], device=self.device)
         width = self.kv.blocks_for(max(s.cached for s in rows) + 1)
         tables = self._block_tables.index_select(0, slots)[:, :width]
-        logits = self._forward(ids, rows, slots, (positions, tables))
+        if self._native_step is not None:
+            logits = self._native_step(ids[:, 0], self._native_kv, tables, positions)
+        else:
+            logits = self._forward(ids, rows, slots, (positions, tables))
         for s in rows:
             s.cached += 1
         return self._emit(rows, self._choose(logits, rows))
+
+    def _native_decoder(self, native: bool | str) -> Callable | None:
+        """The native step over the KV blocks where `native` asks for it and the model takes
+        it (keeping its pool list in `_native_kv`), else None; native=True and a model it
+        cannot run: a ValueError naming why."""
+        if native is not True and native is not False and native != "auto":
+            raise ValueError(f"native={native!r} must be True, False or 'auto'")
+        if native is False:
+            return None
+        from . import native as native_step
+
+        support = native_step.paged_native_support(self.model, self.kv.dtype)
+        if not support:
+            if native is True:
+                raise ValueError(f"native=True: the native step cannot run this model: "
+                                 f"{support.reason}")
+            return None
+        self._native_kv = [t for layer in sorted(self.kv.keys)
+                           for t in (self.kv.keys[layer], self.kv.values[layer])]
+        return native_step.native_paged_step(self.model)
 
     def _prefill(self) -> list[TokenEvent]:
         events, budget = [], self.prefill_chunk

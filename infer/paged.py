@@ -29,7 +29,7 @@ class KVBlockPool:
             raise ValueError(f"block_size={block_size} must be a positive number of tokens")
         if num_blocks < 0:
             raise ValueError(f"kv_blocks={num_blocks} must be >= 0")
-        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         for layer, (heads, head_dim) in layer_shapes.items():
