@@ -16,6 +16,7 @@ from .reference import GLOBAL_FIELDS, LAYER_FIELDS, transformer_decode_step_refe
 
 SOURCES = [
     Path(__file__).parent.parent / "decode_attention" / "attend.h",
+    Path(__file__).with_name("int8_dots.h"),
     Path(__file__).with_name("cpu_kernel.cpp"),
 ]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -28,6 +29,16 @@ INT8_GROUP_MULTIPLE, INT4_GROUP_MULTIPLE = 16, 32
 def load() -> bool:
     """Build and register the kernel (once per process); False, with a warning, if it cannot."""
     return build("zoo_cpu_transformer_step", SOURCES, "the CPU transformer decode step")
+
+
+def int8_dots(enabled: bool | None = None) -> bool:
+    """Whether the kernel's quantised products quantise their input to int8 blocks of 32 and
+    use AVX-512 VNNI's integer dot products (int8_dots.h); `enabled` turns that on (where the
+    build and CPU have it) or off (the float path) for this process, as ZOO_INT8_DOTS=0 does
+    from the start. Returns whether it was on; False where the kernel did not build."""
+    if not load():
+        return False
+    return bool(torch.ops.zoo_cpu.int8_dots(enabled))
 
 
 # the reference is its only PyTorch form
@@ -132,6 +143,7 @@ def _per_layer_and_row(values: list[int] | torch.Tensor, n_layers: int, batch_si
 
 __all__ = [
     "GLOBAL_FIELDS", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "LAYER_FIELDS",
+    "int8_dots",
     "transformer_decode_step",
     "transformer_decode_step_reference",
 ]

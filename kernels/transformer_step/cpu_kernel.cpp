@@ -316,8 +316,64 @@ inline void quantized_row_dots(const Matrix<W>& m, int64_t r, int64_t K, const f
   }
 }
 
-// rows_times for a matrix in any storage. `scratch` (this thread's own; B * K * 2 floats where m
-// is int4, else unused) takes the reordered inputs and their group sums.
+// rows_times for quantised m through int8_dots.h's integer products: x (B, K) quantised to int8
+// blocks in `scratch`, then each row's codes dotted with up to kMaxRows inputs at a time
+template <typename W, typename Emit>
+inline void rows_times_int8_dots(const Matrix<W>& m, int64_t K, const float* x, int64_t B,
+                                 int64_t begin, int64_t end, float* scratch, Emit&& emit) {
+#if defined(ZOO_INT8_DOTS)
+  const bool int4 = m.storage == Storage::kInt4;
+  const int64_t bytes = zoo_int8::layout_bytes(K), chunks = (K + 63) / 64;
+  const int64_t padded = chunks * 64 + 128;
+  int8_t* base = reinterpret_cast<int8_t*>(scratch);
+  base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+  std::array<zoo_int8::Input, zoo_int8::kMaxRows> inputs;
+  for (int64_t b0 = 0; b0 < B; b0 += zoo_int8::kMaxRows) {
+    const int64_t nb = std::min<int64_t>(zoo_int8::kMaxRows, B - b0);
+    for (int64_t i = 0; i < nb; ++i) {
+      int8_t* own = base + i * bytes;
+      inputs[i] = {own + padded, reinterpret_cast<float*>(own + 2 * padded),
+                   reinterpret_cast<int32_t*>(own + 2 * padded + chunks * 64),
+                   reinterpret_cast<float*>(own + 2 * padded + 2 * chunks * 64)};
+      zoo_int8::quantize(x + (b0 + i) * K, K, int4, m.group, own, inputs[i]);
+    }
+    const int64_t groups = K / m.group;
+    float dots[zoo_int8::kMaxRows];
+    for (int64_t r = begin; r < end; ++r) {
+      const W* scale = m.scale + r * groups;
+      if (int4) {
+        const uint8_t* row = static_cast<const uint8_t*>(m.data) + r * (K / 2);
+        const W* zero = m.zero + r * groups;
+        switch (nb) {
+          case 4: zoo_int8::int4_row_dots<4>(row, scale, zero, K, m.group, inputs.data(), dots); break;
+          case 3: zoo_int8::int4_row_dots<3>(row, scale, zero, K, m.group, inputs.data(), dots); break;
+          case 2: zoo_int8::int4_row_dots<2>(row, scale, zero, K, m.group, inputs.data(), dots); break;
+          default: zoo_int8::int4_row_dots<1>(row, scale, zero, K, m.group, inputs.data(), dots);
+        }
+      } else {
+        const int8_t* row = static_cast<const int8_t*>(m.data) + r * K;
+        switch (nb) {
+          case 4: zoo_int8::int8_row_dots<4>(row, scale, K, m.group, inputs.data(), dots); break;
+          case 3: zoo_int8::int8_row_dots<3>(row, scale, K, m.group, inputs.data(), dots); break;
+          case 2: zoo_int8::int8_row_dots<2>(row, scale, K, m.group, inputs.data(), dots); break;
+          default: zoo_int8::int8_row_dots<1>(row, scale, K, m.group, inputs.data(), dots);
+        }
+      }
+      for (int64_t i = 0; i < nb; ++i) emit(b0 + i, r, dots[i]);
+    }
+  }
+#endif
+}
+
+// Floats of scratch a thread needs for rows_times on quantised matrices of B inputs of up to
+// `widest` entries: the int4 float path's reordered inputs and group sums, or the integer
+// path's quantised inputs
+inline int64_t matrix_scratch_floats(int64_t B, int64_t widest) {
+  return std::max(B * widest * 2, zoo_int8::scratch_floats(B, widest));
+}
+
+// rows_times for a matrix in any storage. `scratch` (this thread's own, matrix_scratch_floats)
+// takes the quantised inputs, or for int4's float path the reordered inputs and group sums.
 template <typename W, typename Emit>
 inline void rows_times(const Matrix<W>& m, int64_t K, const float* x, int64_t B, int64_t begin,
                        int64_t end, float* scratch, Emit&& emit) {
@@ -326,6 +382,12 @@ inline void rows_times(const Matrix<W>& m, int64_t K, const float* x, int64_t B,
     return;
   }
   if (begin >= end) return;
+#if defined(ZOO_INT8_DOTS)
+  if (zoo_int8::takes(m.storage == Storage::kInt4, K, m.group) && zoo_int8::enabled()) {
+    rows_times_int8_dots(m, K, x, B, begin, end, scratch, emit);
+    return;
+  }
+#endif
   const float* input = x;
   const float* sums = nullptr;
   const int64_t groups = K / m.group;
@@ -344,6 +406,87 @@ inline void rows_times(const Matrix<W>& m, int64_t K, const float* x, int64_t B,
     }
   }
 }
+
+// x (B, K) float32 times a QuantizedLinear's codes, transposed: (B, N) float32, by the step's
+// own rows_times (one thread), so that tests can compare its products with their definition
+template <typename W>
+at::Tensor quantized_matmul_as(const at::Tensor& x, const at::Tensor& codes,
+                               const at::Tensor& scale, const std::optional<at::Tensor>& zero) {
+  const int64_t B = x.size(0), K = x.size(1), N = codes.size(0);
+  Matrix<W> m;
+  m.storage = codes.scalar_type() == at::kByte ? Storage::kInt4 : Storage::kInt8;
+  m.data = codes.data_ptr();
+  m.scale = scale.data_ptr<W>();
+  m.zero = zero.has_value() && zero->defined() ? zero->data_ptr<W>() : nullptr;
+  m.group = K / scale.size(1);
+  at::Tensor out = at::empty({B, N}, x.options());
+  float* o = out.data_ptr<float>();
+  std::vector<float> scratch(matrix_scratch_floats(B, K) + 16);
+  rows_times(m, K, x.data_ptr<float>(), B, 0, N, scratch.data(),
+             [&](int64_t b, int64_t r, float value) { o[b * N + r] = value; });
+  return out;
+}
+
+at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& zero) {
+  const char* op = "zoo_cpu::quantized_matmul: ";
+  const bool int4 = codes.scalar_type() == at::kByte;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
+              "x must be a contiguous float32 (B, K) tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t K = x.size(1);
+  TORCH_CHECK((int4 || codes.scalar_type() == at::kChar) && codes.dim() == 2 &&
+                  codes.is_contiguous() && codes.size(1) * (int4 ? 2 : 1) == K,
+              op, "codes must be contiguous int8 (N, ", K, ") or uint8 (N, ", K / 2,
+              "), got ", codes.sizes(), " ", codes.scalar_type());
+  TORCH_CHECK(scale.dim() == 2 && scale.is_contiguous() && scale.size(0) == codes.size(0) &&
+                  scale.size(1) > 0 && K % scale.size(1) == 0,
+              op, "scale must be contiguous (N, groups) with groups dividing ", K, ", got ",
+              scale.sizes());
+  const int64_t group = K / scale.size(1);
+  const int64_t quantum = (int4 ? 2 : 1) * Vec::size();
+  TORCH_CHECK(group % quantum == 0 || (!int4 && group == K), op, "groups of ", group,
+              " inputs; this build takes groups of a multiple of ", quantum);
+  TORCH_CHECK(int4 == (zero.has_value() && zero->defined()), op,
+              "int4 codes take a zero shaped as the scale, int8 codes none");
+  if (int4) {
+    TORCH_CHECK(zero->scalar_type() == scale.scalar_type() && zero->is_contiguous() &&
+                    zero->sizes() == scale.sizes(), op, "zero must be contiguous, shaped ",
+                scale.sizes(), " and of the scale's dtype");
+  }
+  if (scale.scalar_type() == at::kFloat) return quantized_matmul_as<float>(x, codes, scale, zero);
+  if (scale.scalar_type() == at::kBFloat16)
+    return quantized_matmul_as<at::BFloat16>(x, codes, scale, zero);
+  TORCH_CHECK(scale.scalar_type() == at::kHalf, op,
+              "scale must be float32, bfloat16 or float16, got ", scale.scalar_type());
+  return quantized_matmul_as<at::Half>(x, codes, scale, zero);
+}
+
+// Query (enabled None) or set whether quantised products take the integer path; returns whether
+// it was on (always false where the build or the CPU lacks AVX-512 VNNI)
+bool int8_dots(std::optional<bool> enabled) {
+#if defined(ZOO_INT8_DOTS)
+  return enabled.has_value() ? zoo_int8::set_enabled(*enabled) : zoo_int8::enabled();
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
+  m.def("quantized_matmul(Tensor x, Tensor codes, Tensor scale, Tensor? zero) -> Tensor");
+  m.def("int8_dots(bool? enabled) -> bool");
+}
+
+TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
+  m.impl("quantized_matmul", &quantized_matmul);
+}
+
+TORCH_LIBRARY_IMPL(zoo_cpu, CompositeExplicitAutograd, m) {
+  m.impl("int8_dots", &int8_dots);
+}
+
+namespace {
 
 template <typename W>
 inline float bias_at(const W* bias, int64_t i) {
@@ -492,7 +635,8 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
   std::vector<float> scores(threads_wanted * std::min<int64_t>(G, 4) * kBlock);
   std::vector<std::pair<float, int64_t>> best(threads_wanted * B);
   const int64_t widest = std::max({d, q_size, hidden});
-  std::vector<float> int4_inputs(any_int4 ? threads_wanted * B * widest * 2 : 0);
+  const int64_t scratch_floats = matrix_scratch_floats(B, widest);
+  std::vector<float> int4_inputs(scales.empty() ? 0 : threads_wanted * scratch_floats);
 
   at::Tensor out = greedy ? at::empty({B}, ids.options())
                           : at::empty({B, V}, globals[kEmbed]->options());
@@ -505,7 +649,7 @@ at::Tensor step(const at::Tensor& ids, const std::vector<std::optional<at::Tenso
     float* att = attended.data() + tid * B * q_size;
     float* my_scores = scores.data() + tid * std::min<int64_t>(G, 4) * kBlock;
     float* my_piece = piece_partials.data() + tid * G * (D + 2);
-    float* work = any_int4 ? int4_inputs.data() + tid * B * widest * 2 : nullptr;
+    float* work = scales.empty() ? nullptr : int4_inputs.data() + tid * scratch_floats;
 
 #pragma omp single
     {

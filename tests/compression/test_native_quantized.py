@@ -1,7 +1,10 @@
-"""The native C++ decode step on quantised models: it reads int8 and int4 codes (dequantised in
-registers) and decodes as the eager step on the same quantised model does, logits to summation
-order and greedy tokens identical; native_support takes what the kernel reads and names what
-it does not."""
+"""The native C++ decode step on quantised models: on its float path it reads int8 and int4 codes
+(dequantised in registers) and decodes as the eager step on the same quantised model does,
+logits to summation order and greedy tokens identical; on its integer path (int8_dots.h: inputs
+quantised to int8 blocks of 32, AVX-512 VNNI dot products) it equals the eager step whose
+quantised linears see the same quantised inputs, and keeps the eager tokens wherever their
+margin exceeds what that input quantisation moves the logits; native_support takes what the
+kernel reads and names what it does not."""
 
 import copy
 import importlib
@@ -18,6 +21,7 @@ from zoo.infer.native import MAX_NATIVE_BATCH, native_decode_step, native_suppor
 from zoo.kernels.transformer_step import (
     GLOBAL_FIELDS,
     LAYER_FIELDS,
+    int8_dots,
     transformer_decode_step,
 )
 from zoo.testing import assert_close
@@ -28,6 +32,16 @@ compiled = importlib.import_module("zoo.infer.compiled")
 # kernel sums a group's codes times inputs, then scales (and adds zero * the group's input sum)
 LOGITS_ATOL = 2e-5
 FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+ACTIVATION_BLOCK = 32  # inputs per scale of the integer path's int8 inputs
+
+
+@pytest.fixture(autouse=True)
+def float_products():
+    """Every test here runs the kernel's float path unless it turns the integer path on; the
+    process's setting comes back after it."""
+    before = int8_dots(False)
+    yield
+    int8_dots(before)
 
 
 def _smollm2_shaped(seed=0, **changes):
@@ -312,3 +326,54 @@ def test_kernel_refuses_quantised_arguments_it_cannot_read():
     with pytest.raises(RuntimeError, match="q_proj of layer 0: groups of 8 inputs"):
         transformer_decode_step(ids, layers, globals_, kv, scales=bad_scales, zeros=bad_zeros,
                                 backend="cpu", **config)
+
+
+def _quantized_inputs(module, args):
+    """A forward pre-hook: the linear's input as the integer path quantises it (blocks of 32
+    inputs, scale max|x| / 127, codes rounded half to even), dequantised, in float32."""
+    x = args[0]
+    blocks = x.float().reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inverse) * (amax / 127)).reshape(x.shape).to(x.dtype)
+
+
+# Native integer path vs the eager step with the same input quantisation: both compute
+# dequantise(W) . dequantise(quantise(x)), so they differ by summation order, plus the rare input
+# whose code rounds the other way after upstream float32 differences (one code step, max|x| / 127
+# of its block, times its weight: at most ~1e-3 of a logit here)
+INTEGER_LOGITS_ATOL = 2e-3
+
+
+@pytest.mark.parametrize(("weights", "group_size"), [("int8", None), ("int4", 32)])
+@torch.no_grad()
+def test_integer_products_decode_as_eager_with_quantised_inputs(weights, group_size):
+    int8_dots(True)
+    if not int8_dots(None):
+        pytest.skip("this build or CPU has no AVX-512 VNNI: the float path is the only one")
+    model = _quantized(weights, group_size)
+    mimic = copy.deepcopy(model)
+    for module in mimic.modules():
+        if isinstance(module, QuantizedLinear):
+            module.register_forward_pre_hook(_quantized_inputs)
+    prompts, steps = _prompts([5, 9, 3], seed=1), 16
+    start = prefill(model, prompts)
+    start.cache.reserve(steps + 1)
+    eager_cache, mimic_cache = copy.deepcopy(start.cache), copy.deepcopy(start.cache)
+    layout, tensors, ints = start.cache.flatten()
+    step = native_decode_step(model, layout, greedy=False)
+    tokens = start.logits.float().argmax(-1)
+    compared = 0
+    for _ in range(steps):
+        logits, tensors, ints = step(tokens[:, None], tensors, ints)
+        expected = decode_step(model, tokens[:, None], eager_cache)
+        mimicked = decode_step(mimic, tokens[:, None], mimic_cache)
+        torch.testing.assert_close(logits, mimicked, rtol=0, atol=INTEGER_LOGITS_ATOL)
+        # the input quantisation's own effect on each row's logits, as the eager model shows it
+        moved = (mimicked - expected).abs().amax(-1) + INTEGER_LOGITS_ATOL
+        top2 = expected.topk(2, dim=-1).values
+        clear = top2[:, 0] - top2[:, 1] > 2 * moved
+        assert torch.equal(logits.argmax(-1)[clear], expected.argmax(-1)[clear])
+        compared += int(clear.sum())
+        tokens = expected.argmax(-1)
+    assert compared >= steps  # most steps have a margin the quantisation cannot close
