@@ -251,9 +251,20 @@ PAGED_CASES = {
 }
 
 
+@pytest.fixture
+def float_products():
+    """The kernel's float products for quantised weights (the reference's arithmetic) while a
+    test runs, where the build also has the integer ones (transformer_step.int8_dots)."""
+    switch = getattr(transformer_step, "int8_dots", None)
+    before = switch(False) if switch is not None else None
+    yield
+    if switch is not None:
+        switch(before)
+
+
 @pytest.mark.parametrize("case", list(PAGED_CASES))
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_paged_cache_matches_the_float64_reference(case, int8):
+def test_paged_cache_matches_the_float64_reference(case, int8, float_products):
     """Rows at different lengths over shuffled blocks: the kernel's logits are the reference's,
     each row's new key and value land in its slot `length` and nothing else is written."""
     spec = PAGED_CASES[case]
@@ -327,3 +338,18 @@ def test_paged_arguments_are_checked():
     with pytest.raises(RuntimeError, match=r"lengths must be an int64 tensor \(n_layers, B\)"):
         transformer_decode_step(ids, layers, globals_, pools, backend="cpu",
                                 **dict(config, lengths=torch.tensor([5, 9, 1])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_logits_do_not_depend_on_the_batch_around_it(dtype):
+    """Six rows in one call (inputs four, then two, at a time through each weight row) give
+    each row the very logits it gets alone: the Engine's tokens are then generate's alone."""
+    torch.manual_seed(9)
+    ids, layers, globals_, kv, config = _stack(B=6, d=72, hidden=90, dtype=dtype)
+    batched = transformer_decode_step(ids, layers, globals_, [c.clone() for c in kv],
+                                      backend="cpu", **config)
+    for b in range(6):
+        alone = transformer_decode_step(ids[b: b + 1], layers, globals_,
+                                        [c[b: b + 1].clone() for c in kv], backend="cpu",
+                                        **config)
+        assert torch.equal(batched[b: b + 1], alone), f"row {b}"
