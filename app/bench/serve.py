@@ -6,7 +6,9 @@ request generates the tokens it asked for) and record, per request, the time to 
 and the time per output token after it. A level's tokens/s is every output token over the wall
 time from the first request sent to the last token received. While a level runs, /health is
 read every POLL_S seconds: the engine's KV bytes in use and bounded-state bytes, divided by the
-sequences active, give the memory per active sequence (its maximum over the level).
+sequences active, give the memory per active sequence (its maximum over the level), and its
+timing totals at the level's start and end give the server's own account: mean engine step ms,
+mean ms from a step's end to its chunk's write, event-loop CPU ms per chunk.
 
 Beside it, with the server stopped, transformers' batched `generate` on the same prompts: waves
 of `clients` prompts, left-padded, each wave generating its longest output (greedy, no EOS);
@@ -185,13 +187,35 @@ async def _run_level(server: Server, model: str, requests: list[tuple[list[int],
 
     limits = httpx.Limits(max_connections=clients + 2)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        # the readings before the first request and after the last bound the level's timing
+        samples.append((await client.get(f"{server.url}/health")).json())
         poller = asyncio.create_task(poll(client))
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         wall = time.perf_counter() - start
         done.set()
         await poller
+        samples.append((await client.get(f"{server.url}/health")).json())
     return timings, wall, samples
+
+
+def server_timing(samples: list[dict]) -> dict:
+    """The server's own account of a level, from its first and last /health readings: mean
+    engine step ms, mean ms from a step's end to its chunk's write, and the event loop's CPU ms
+    per chunk written (what serving a token costs beside the step)."""
+    timed = [health["timing"] for health in samples if "timing" in health]
+    if len(timed) < 2:
+        return {"server_step_ms": None, "step_to_write_ms": None, "loop_cpu_ms_per_chunk": None}
+    first, last = timed[0], timed[-1]
+    steps, chunks = last["steps"] - first["steps"], last["chunks"] - first["chunks"]
+    loop_cpu_s = last["cpu_s"]["event_loop"] - first["cpu_s"]["event_loop"]
+    return {
+        "server_step_ms": (last["step_ms_total"] - first["step_ms_total"]) / steps
+        if steps else None,
+        "step_to_write_ms": (last["step_to_write_ms_total"] - first["step_to_write_ms_total"])
+        / chunks if chunks else None,
+        "loop_cpu_ms_per_chunk": 1e3 * loop_cpu_s / chunks if chunks else None,
+    }
 
 
 def memory_per_sequence(samples: list[dict]) -> float | None:
@@ -219,6 +243,7 @@ def level_row(family: str, clients: int, timings: list[Timing], wall: float,
         "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p99_ms": percentile(ttft, 0.99),
         "ms_per_token_p50": percentile(tpot, 0.5), "ms_per_token_p99": percentile(tpot, 0.99),
         "MB_per_active_sequence": memory / 1e6 if memory is not None else None,
+        **server_timing(samples),
     }
 
 

@@ -11,6 +11,7 @@ from zoo.app.bench.serve import (
     memory_per_sequence,
     percentile,
     serve_report,
+    server_timing,
     workload,
 )
 from zoo.app.cli import main
@@ -53,6 +54,24 @@ def test_a_level_row_counts_tokens_over_the_wall_time_and_times_each_request():
     assert row["MB_per_active_sequence"] is None
 
 
+def test_server_timing_differences_the_levels_first_and_last_health_readings():
+    def reading(steps, step_ms, chunks, write_ms, loop_cpu_s):
+        return {"engine": {"active": 1}, "timing": {
+            "steps": steps, "step_ms_total": step_ms, "chunks": chunks,
+            "step_to_write_ms_total": write_ms, "cpu_s": {"event_loop": loop_cpu_s}}}
+
+    # 10 steps of 4 ms and 40 chunks 1.5 ms each after their step, 20 ms of loop CPU
+    samples = [reading(5, 100.0, 8, 20.0, 1.0), reading(9, 116.0, 30, 50.0, 1.01),
+               reading(15, 140.0, 48, 80.0, 1.02)]
+    timing = server_timing(samples)
+    assert timing["server_step_ms"] == pytest.approx(4.0)
+    assert timing["step_to_write_ms"] == pytest.approx(1.5)
+    assert timing["loop_cpu_ms_per_chunk"] == pytest.approx(0.5)
+    # a server without timing (an older zoo serve), or one reading: nothing claimed
+    assert set(server_timing([{"engine": {}}, {"engine": {}}]).values()) == {None}
+    assert set(server_timing(samples[:1]).values()) == {None}
+
+
 def test_the_report_gives_the_speed_up_over_one_stream():
     rows = [{"model": "m", "server": "zoo serve", "clients": c, "tokens_per_s": t,
              "MB_per_active_sequence": 1.5} for c, t in ((1, 10.0), (16, 85.0))]
@@ -70,3 +89,5 @@ def test_bench_serve_quick_streams_from_a_real_server(tmp_path):
         # every request ran to its max_tokens (ignore_eos): 2 requests of 4 to 8 tokens
         assert row["requests"] == 2 and 8 <= row["output_tokens"] <= 16
         assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0
+        assert row["server_step_ms"] > 0 and row["step_to_write_ms"] > 0
+        assert row["loop_cpu_ms_per_chunk"] > 0
