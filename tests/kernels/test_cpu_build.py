@@ -16,13 +16,39 @@ def test_sources_are_joined_in_order_with_the_machines_vector_flags(tmp_path, mo
     assert cpu_build.build("zoo_test_kernel", [header, kernel], "the test kernel")
     (name, kwargs), = calls
     capability = torch.backends.cpu.get_cpu_capability()
-    assert name == f"zoo_test_kernel_{capability.lower()}"
+    key = cpu_build._build_key(kwargs["cpp_sources"][0], kwargs["extra_cflags"])
+    assert name == f"zoo_test_kernel_{capability.lower()}_{key}"
     # one text, the header first: editing the header changes the text, so every kernel that
     # includes it is rebuilt
     assert kwargs["cpp_sources"] == ["// the shared header\n\n// the kernel\n"]
     assert "-fopenmp" in kwargs["extra_cflags"] and kwargs["extra_ldflags"] == ["-fopenmp"]
     if capability in ("AVX512", "AVX2"):
         assert f"-DCPU_CAPABILITY={capability}" in kwargs["extra_cflags"]
+
+
+def test_a_library_built_for_the_same_text_is_loaded_without_building(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    source = tmp_path / "kernel.cpp"
+    source.write_text("// the kernel\n")
+    built, loaded = [], []
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline",
+                        lambda name, **kwargs: built.append(name))
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    assert cpu_build.build("zoo_test_kernel", [source], "the test kernel")
+    (name,) = built
+    folder = tmp_path / "extensions" / name
+    (folder / f"{name}.so").write_bytes(b"")  # what the first build leaves
+    assert cpu_build.build("zoo_test_kernel", [source], "the test kernel")
+    assert built == [name] and loaded == [str(folder / f"{name}.so")]
+    # while another process builds it (its lock file), load_inline waits for that build
+    (folder / "lock").touch()
+    assert cpu_build.build("zoo_test_kernel", [source], "the test kernel")
+    assert built == [name, name]
+    (folder / "lock").unlink()
+    # another text is another library, in its own folder
+    source.write_text("// the kernel, edited\n")
+    assert cpu_build.build("zoo_test_kernel", [source], "the test kernel")
+    assert len(built) == 3 and built[2] != name and len(loaded) == 1
 
 
 def test_a_failed_build_warns_with_the_compilers_error_and_returns_false(tmp_path, monkeypatch):
