@@ -666,11 +666,9 @@ class Engine:
                 changes = {name: t.index_select(0, slots) for name, t in tensors.items()}
                 if positioned:
                     changes.update(position=0, next_positions=positions)
-                state = dataclasses.replace(template, **changes)
-                if type(module) is Mamba2:
-                    y = mamba2_step_in_place(module, h, state)
-                else:
-                    y, state = module(h, state, **extra)
+                # the mixer's own step, Mamba-2's too: inductor fuses it better than the in-place
+                # step (paired, 4 layers float32: 4.0 vs 8.6 ms at 1 row, 62 vs 91 at 16 rows)
+                y, state = module(h, dataclasses.replace(template, **changes), **extra)
                 for name, t in tensors.items():
                     t.index_copy_(0, slots, getattr(state, name))
                 x = x + y
