@@ -134,6 +134,10 @@ inline void rows_times(const W* w, int64_t K, const float* x, int64_t B, int64_t
 
 // ---- Quantised weights (compression/quantized_linear.py's layouts), dequantised in registers.
 //
+// Where the CPU has AVX-512 VNNI (and ZOO_INT8_DOTS is not 0), rows_times takes int8_dots.h's
+// integer products instead: the input quantised to int8 blocks of 32, codes times codes in int32.
+// What follows is the float path, for other builds, other groups, and that switch.
+//
 // A QuantizedLinear's codes are read as they are stored and turned into floats in vector
 // registers, never written back as a float matrix: int8 codes (N, K) with a scale per group of
 // `group` inputs of a row (group = K: per output channel), W = code * scale; int4 codes two to
