@@ -153,6 +153,10 @@ def _unreadable(linear: nn.Module) -> str | None:
     if not isinstance(linear, nn.Linear):
         return (f"is {type(linear).__name__}; the native step reads nn.Linear and "
                 "QuantizedLinear")
+    # a tensor subclass (torchao's quantised weights) keeps its data in its own layout
+    if type(linear.weight) not in (torch.Tensor, nn.Parameter):
+        return (f"holds a {type(linear.weight).__name__} weight; the native step reads plain "
+                "tensors and QuantizedLinear's codes")
     return None
 
 

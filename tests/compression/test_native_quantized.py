@@ -215,7 +215,20 @@ def _int4_group_16(linear):
     return module
 
 
+class _WrappedWeight(torch.Tensor):
+    """A tensor subclass, as torchao's quantised weights are: its data is not a plain matrix."""
+
+
+def _subclassed_weight(linear: nn.Module) -> nn.Linear:
+    plain = nn.Linear(linear.in_features, linear.out_features, bias=False)
+    plain.weight = nn.Parameter(torch.zeros_like(plain.weight).as_subclass(_WrappedWeight))
+    return plain
+
+
 @pytest.mark.parametrize(("change", "reason"), [
+    (lambda m: _with(m, "model.layers.0.mixer.q_proj",
+                     _subclassed_weight(m.model.layers[0].mixer.q_proj)),
+     "layer 0's q_proj holds a _WrappedWeight weight; the native step reads plain tensors"),
     (lambda m: _with(m, "model.layers.1.mixer.k_proj",
                      _int4_group_16(m.model.layers[1].mixer.k_proj)),
      "layer 1's k_proj is int4 in groups of 16; the native step takes int4 groups of a "
