@@ -39,14 +39,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from zoo.compression import prepare_kernels
-from zoo.kernels import causal_conv1d
-from zoo.kernels.linear_attention.torch_chunked import log_decay_floor
 from zoo.layers import MixerState
 from zoo.layers.attention import Attention, AttentionState
-from zoo.layers.mamba2 import Mamba2, Mamba2State
 from zoo.model import ZooForCausalLM
 
 from .generate import check_length_limit
@@ -550,8 +546,9 @@ class Engine:
             pool = self._slot_pools[layer, which]
             # a request's first chunk starts from None, as generate's prefill does
             state = None if rows[0].cached == 0 else pool.gather(slots, positions, span)
-            if state is not None and h.shape[1] == 1 and type(module) is Mamba2:
-                y = mamba2_step_in_place(module, h, state)
+            step_in_place = getattr(module, "step_in_place", None)
+            if state is not None and h.shape[1] == 1 and step_in_place is not None:
+                y = step_in_place(h, state)
             else:
                 y, state = module(h, state, **extra)
             pool.scatter(slots, state, span)
@@ -723,40 +720,6 @@ def _slot_order(slots: list[int]) -> tuple[list[int] | None, slice | None]:
         return None, None
     order = None if ordered == slots else sorted(range(len(slots)), key=slots.__getitem__)
     return order, slice(ordered[0], ordered[-1] + 1)
-
-
-def mamba2_step_in_place(mixer: Mamba2, x: torch.Tensor, state: Mamba2State) -> torch.Tensor:
-    """`Mamba2.forward` of one token, x (B, 1, d_model) -> y (B, 1, d_model), with `state`
-    updated in place rather than returned anew: its ops are the mixer's T = 1 path
-    (causal_conv1d's step, linear_attention's recurrence), less the copies. At 16 rows of
-    mamba2-130m the SSM state is 13 MB a layer, and the recurrence's new state, its outer
-    product and the sum of both were each a fresh 13 MB tensor (fresh pages, page faults)
-    per layer and step; here the state is decayed and added to where it lives."""
-    z, xBC, dt = mixer.in_proj(x).split([mixer.d_inner, mixer.conv_dim, mixer.n_heads], dim=-1)
-    xBC, conv_state = causal_conv1d(
-        xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, activation="silu",
-        initial_state=state.conv_state, output_final_state=True)
-    state.conv_state.copy_(conv_state)
-    group_channels = mixer.n_groups * mixer.d_state
-    xs, B, C = xBC[:, 0].split([mixer.d_inner, group_channels, group_channels], dim=-1)
-    dt = F.softplus(dt[:, 0].float() + mixer.dt_bias.float())  # (B, H)
-    if mixer.dt_limit is not None:
-        dt = dt.clamp(*mixer.dt_limit)
-    ssm = state.ssm_state  # (B, H, N, P), float32 (float64 for float64)
-    dtype, rows, heads_per_group = ssm.dtype, x.shape[0], mixer.n_heads // mixer.n_groups
-    xs = xs.reshape(rows, mixer.n_heads, mixer.head_dim)
-    log_decay = (dt * -torch.exp(mixer.A_log.float())).to(dtype).clamp(min=log_decay_floor(dtype))
-    values = (xs * dt[..., None].to(xs.dtype)).to(dtype)
-    # heads grouped (B, G, H / G, N, P): each group's B and C serve its heads by broadcasting
-    grouped = ssm.view(rows, mixer.n_groups, heads_per_group, mixer.d_state, mixer.head_dim)
-    ssm.mul_(torch.exp(log_decay)[:, :, None, None])
-    keys = B.reshape(rows, mixer.n_groups, 1, mixer.d_state, 1).to(dtype)
-    grouped.addcmul_(keys, values.view(rows, mixer.n_groups, heads_per_group, 1, -1))
-    queries = C.reshape(rows, mixer.n_groups, 1, 1, mixer.d_state).to(dtype)
-    y = torch.matmul(queries, grouped).reshape(rows, mixer.n_heads, mixer.head_dim)
-    y = y.to(xs.dtype) + xs * mixer.D.to(xs.dtype)[:, None]
-    y = mixer.norm(y.reshape(rows, 1, mixer.d_inner), z)
-    return mixer.out_proj(y)
 
 
 def _store_for(module: torch.nn.Module | None, one: MixerState | None,

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.kernels import causal_conv1d, linear_attention
+from zoo.kernels.linear_attention.torch_chunked import log_decay_floor
 
 from .base import Mixer, MixerState, fill_padding
 from .linear import Linear
@@ -171,6 +172,38 @@ class Mamba2(Mixer):
         y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z)
         new_state = Mamba2State(conv_state.detach(), ssm_state.detach())
         return fill_padding(self.out_proj(y), padding_mask), new_state
+
+    def step_in_place(self, x: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+        """`forward` of one unpadded token, x (B, 1, d_model) -> y (B, 1, d_model), with
+        `state` updated in place rather than returned anew (zoo.infer.Engine's slot pool holds
+        it): the same ops as the T = 1 path, less the fresh state-sized tensors a step would
+        otherwise allocate for the decayed state, the outer product and their sum."""
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xBC, conv_state = causal_conv1d(
+            xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
+            initial_state=state.conv_state, output_final_state=True)
+        state.conv_state.copy_(conv_state)
+        group_channels = self.n_groups * self.d_state
+        xs, B, C = xBC[:, 0].split([self.d_inner, group_channels, group_channels], dim=-1)
+        dt = F.softplus(dt[:, 0].float() + self.dt_bias.float())  # (B, H)
+        if self.dt_limit is not None:
+            dt = dt.clamp(*self.dt_limit)
+        ssm = state.ssm_state  # (B, H, N, P), float32 (float64 for float64)
+        dtype, rows, heads_per_group = ssm.dtype, x.shape[0], self.n_heads // self.n_groups
+        xs = xs.reshape(rows, self.n_heads, self.head_dim)
+        log_decay = (dt * -torch.exp(self.A_log.float())).to(dtype)
+        log_decay = log_decay.clamp(min=log_decay_floor(dtype))
+        values = (xs * dt[..., None].to(xs.dtype)).to(dtype)
+        # heads grouped (B, G, H / G, N, P): each group's B and C serve its heads by broadcasting
+        grouped = ssm.view(rows, self.n_groups, heads_per_group, self.d_state, self.head_dim)
+        ssm.mul_(torch.exp(log_decay)[:, :, None, None])
+        keys = B.reshape(rows, self.n_groups, 1, self.d_state, 1).to(dtype)
+        grouped.addcmul_(keys, values.view(rows, self.n_groups, heads_per_group, 1, -1))
+        queries = C.reshape(rows, self.n_groups, 1, 1, self.d_state).to(dtype)
+        y = torch.matmul(queries, grouped).reshape(rows, self.n_heads, self.head_dim)
+        y = y.to(xs.dtype) + xs * self.D.to(xs.dtype)[:, None]
+        y = self.norm(y.reshape(rows, 1, self.d_inner), z)
+        return self.out_proj(y)
 
 
 __all__ = ["GatedRMSNorm", "Mamba2", "Mamba2State"]

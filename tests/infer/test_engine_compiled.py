@@ -7,7 +7,7 @@ import torch
 
 import zoo
 from zoo.infer import generate
-from zoo.infer.engine import Engine, Request, mamba2_step_in_place
+from zoo.infer.engine import Engine, Request
 from zoo.layers.mamba2 import Mamba2
 
 
@@ -57,7 +57,7 @@ def test_mamba2_step_in_place_equals_the_mixers_own_step(options, dtype):
     _, state = mixer(x[:, :4])  # a state with history in both the convolution and the SSM
     expected, expected_state = mixer(x[:, 4:], state)
     ssm_storage = state.ssm_state.data_ptr()
-    y = mamba2_step_in_place(mixer, x[:, 4:], state)
+    y = mixer.step_in_place(x[:, 4:], state)
     tolerance = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(y, expected, **tolerance)
     torch.testing.assert_close(state.ssm_state, expected_state.ssm_state, **tolerance)
