@@ -4,7 +4,6 @@ TRITON_INTERPRET must be set before triton is first imported, so this runs at co
 before any test module imports zoo.
 """
 
-import functools
 import os
 
 import torch
@@ -33,22 +32,6 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _gguf_name_maps_built_once():
-    """transformers' GGUF loader asks gguf for the same tensor-name map once per submodule (397
-    times for SmolLM2, about 5 s each load and each quantized=True import); the map depends on
-    its two arguments only, so one per (architecture, layer count) serves them all. zoo's own
-    import could do the same (zoo/hf_import.py)."""
-    try:
-        import gguf
-    except ImportError:  # the GGUF tests skip themselves
-        yield
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
-        yield
 
 
 @pytest.fixture(scope="session")

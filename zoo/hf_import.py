@@ -8,6 +8,8 @@ the tokenizer along. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import re
 from collections.abc import Callable
@@ -514,12 +516,31 @@ def load_hf_model(src, dtype: torch.dtype):
         kwargs, folder = {}, path
         if any((path / name).is_file() for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)):
             check_weight_files(path)  # a truncated download, named, before transformers reads it
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    with gguf_name_maps_cached():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a weights-only directory
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def gguf_name_maps_cached():
+    """Inside: gguf's tensor-name map built once per (architecture, layer count).
+    transformers' GGUF loader asks for it once per submodule (~400 times for SmolLM2, seconds
+    in all), and the map depends on its two arguments alone."""
+    try:
+        import gguf
+    except ImportError:  # transformers names the missing package itself
+        yield
+        return
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.cache(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def gguf_source(src) -> Path | None:
@@ -673,7 +694,8 @@ def _gguf_row_sources(hf_model, names: list[tuple[str, str]], reader
     architecture = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(
         config=hf_model.config.to_dict())
-    hf_names = get_gguf_hf_weights_map(hf_model, processor)
+    with gguf_name_maps_cached():
+        hf_names = get_gguf_hf_weights_map(hf_model, processor)
     unpack = TENSOR_UNPACKS.get(hf_model.config.model_type)
     sources = {}
     for tensor in reader.tensors:

@@ -204,6 +204,22 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
+def test_import_builds_ggufs_name_map_once_per_architecture(tiny_gguf, monkeypatch):
+    # transformers' loader asks for the map once per submodule: seconds per SmolLM2 import
+    calls = []
+    build = gguf.get_tensor_name_map
+
+    def counted(*args):
+        calls.append(args)
+        return build(*args)
+
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counted)
+    zoo.from_hf(str(tiny_gguf), quantized=True)
+    # once for the weights' load and once for the blocks' row map, not once per submodule
+    assert 1 <= len(calls) <= 2
+    assert gguf.get_tensor_name_map is counted  # put back afterwards
+
+
 def test_quantized_import_keeps_every_block_and_equals_the_float_import(tiny_gguf):
     float_model = zoo.from_hf(str(tiny_gguf))
     model = zoo.from_hf(str(tiny_gguf), quantized=True)
