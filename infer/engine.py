@@ -194,8 +194,8 @@ class Engine:
     RMSNorm and SwiGLU/MLP FFNs, float KV, on the CPU; not with compile=True). compile: decode
     steps through torch.compile, the batch padded to a bucket (1, 2, 4, ... max_batch), each
     bucket compiled when first reached or all by `warm_up()`; paged attention and per-request
-    layers stay eager between the compiled segments. Off by default: it wins for the delta rules
-    (x1.4-1.5 at 1 and 16 rows) but loses to Mamba-2's eager in-place step at 16 rows (x0.7).
+    layers stay eager between the compiled segments. Off by default: it does not win for every
+    family (Mamba-2's eager in-place step is faster at 16 rows).
     The engine puts the model in eval mode. Not thread-safe: one thread calls add, cancel and
     step (zoo serve's engine thread).
     """
@@ -664,7 +664,7 @@ class Engine:
                 if positioned:
                     changes.update(position=0, next_positions=positions)
                 # the mixer's own step, Mamba-2's too: inductor fuses it better than the in-place
-                # step (paired, 4 layers float32: 4.0 vs 8.6 ms at 1 row, 62 vs 91 at 16 rows)
+                # step, whose state written in place would cost the graph one more copy
                 y, state = module(h, dataclasses.replace(template, **changes), **extra)
                 for name, t in tensors.items():
                     t.index_copy_(0, slots, getattr(state, name))
