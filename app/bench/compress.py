@@ -816,36 +816,46 @@ def compress_report(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-# (marker, size, colour) per engine on the plot
-ENGINE_MARKERS = {"zoo": ("o", 40, "tab:blue"), "llama.cpp": ("*", 140, "tab:red"),
-                  "torch aten": ("^", 50, "tab:green"), "torchao": ("s", 40, "tab:orange")}
+# each engine's bar colour on the plot
+ENGINE_COLOURS = {"zoo": "tab:blue", "llama.cpp": "tab:red", "torch aten": "tab:green",
+                  "torchao": "tab:orange"}
 
 
 def compress_plot(rows: list[dict], path: Path) -> None:
-    """ms/token against bytes per weight, one panel per context, each engine's points marked."""
+    """Decode ms/token of every variant as a bar, fastest first, coloured by engine, with each
+    one's read bound marked; one panel per context."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     decode = [r for r in rows if r.get("kind") == "decode"]
     contexts = sorted({r["context"] for r in decode})
     if not contexts:
         return
-    fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.5), squeeze=False)
+    height = 1.2 + 0.28 * max(sum(r["context"] == c for r in decode) for c in contexts)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(6.5 * len(contexts), height),
+                             squeeze=False)
     for ax, context in zip(axes[0], contexts):
-        for r in (r for r in decode if r["context"] == context):
-            marker, size, colour = ENGINE_MARKERS[r["engine"]]
-            ax.scatter(r["bytes_per_weight"], r["ms_per_token"], marker=marker, s=size,
-                       color=colour)
-            ax.annotate(r["variant"], (r["bytes_per_weight"], r["ms_per_token"]), fontsize=7,
-                        xytext=(4, 2), textcoords="offset points")
-        ax.set_xlabel("bytes per weight (stored)")
-        ax.set_ylabel("decode ms/token")
-        ax.set_title(f"{', '.join(dict.fromkeys(r['model'] for r in decode))}, "
-                     f"{context} context (red stars: llama.cpp, green triangles: torch aten, "
-                     "orange squares: torchao)", fontsize=9)
-        ax.grid(True, alpha=0.3)
+        shown = sorted((r for r in decode if r["context"] == context),
+                       key=lambda r: -r["ms_per_token"])
+        places = range(len(shown))
+        ax.barh(places, [r["ms_per_token"] for r in shown],
+                color=[ENGINE_COLOURS[r["engine"]] for r in shown])
+        ax.scatter([r["bound_ms"] for r in shown], places, marker="|", s=120, color="black",
+                   zorder=3)
+        ax.set_yticks(list(places), [
+            r["variant"] if r["variant"].startswith(r["engine"]) else
+            f"{r['engine']} {r['variant']}" + (f" ({r['step']})" if r["engine"] == "zoo" else "")
+            for r in shown], fontsize=7)
+        ax.set_xlabel("decode ms/token (black tick: the variant's read bound)")
+        models = ", ".join(dict.fromkeys(r["model"] for r in decode))
+        ax.set_title(f"{models}, {context}-token context", fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+    engines = dict.fromkeys(r["engine"] for r in decode)
+    axes[0][-1].legend(handles=[Patch(color=ENGINE_COLOURS[e], label=e) for e in engines],
+                       fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
